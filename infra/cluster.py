@@ -1,0 +1,148 @@
+"""The tiered Dask cluster, and the one place that routes work to a tier or device.
+
+Embedded: a ``distributed.SpecCluster`` on 127.0.0.1 with one ``Nanny`` worker per pool
+of the infrastructure spec, each advertising the Dask resources ``tier-<tier>``,
+``device-<device>`` and ``pool-<name>`` (one unit per machine the pool stands for).
+External: ``TieredCluster(spec, scheduler="tcp://host:port")`` connects to a running
+cluster and checks that its workers advertise the tiers and devices the spec needs.
+
+Routing: ``with on(tier="edge"): future = task.submit(...)`` — prefect-dask and plain
+Dask both honour the annotation, so the work runs on a worker with that resource.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+import dask
+from distributed import Client, Nanny, Scheduler, SpecCluster
+
+from infra.spec import InfraSpec, Pool
+
+MAX_THREADS_PER_WORKER = 4
+
+# Environment every embedded worker gets: one BLAS/torch thread per task thread, so a
+# pool's machines do not oversubscribe this host's cores; Prefect settings pass through.
+_FORWARDED_ENV = ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "GX_ANALYTICS_ENABLED")
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot run the spec (e.g. no worker advertises a needed resource)."""
+
+
+def routing_resources(tier: str | None = None, device: str | None = None, pool: str | None = None) -> dict[str, int]:
+    """The Dask resources a task asks for to land on that tier / device / pool."""
+    wanted = {"tier": tier, "device": device, "pool": pool}
+    resources = {f"{kind}-{name}": 1 for kind, name in wanted.items() if name}
+    if not resources:
+        raise ValueError("on() needs at least one of tier, device or pool")
+    return resources
+
+
+@contextmanager
+def on(tier: str | None = None, device: str | None = None, pool: str | None = None) -> Iterator[None]:
+    """Route everything submitted inside this block to a worker of that tier/device/pool."""
+    with dask.annotate(resources=routing_resources(tier, device, pool)):
+        yield
+
+
+def on_pool(pool: Pool) -> "contextmanager[None]":
+    """Route to the worker of one pool (by its tier and device, which external clusters advertise)."""
+    return on(tier=pool.tier, device=pool.device)
+
+
+def worker_env() -> dict[str, str]:
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    env.update({key: os.environ[key] for key in _FORWARDED_ENV if key in os.environ})
+    return env
+
+
+def embedded_cluster(spec: InfraSpec, *, host: str = "127.0.0.1", dashboard: bool = False) -> SpecCluster:
+    """Start one Nanny worker per pool, each advertising its pool's resources."""
+    workers = {
+        pool.name: {
+            "cls": Nanny,
+            "options": {
+                "name": pool.name,
+                "host": host,
+                "nthreads": min(pool.count, MAX_THREADS_PER_WORKER),
+                "resources": pool.resources(),
+                "env": worker_env(),
+                "memory_limit": 0,
+            },
+        }
+        for pool in spec.pools
+    }
+    scheduler = {
+        "cls": Scheduler,
+        "options": {"host": host, "port": 0, "dashboard_address": ":0" if dashboard else None},
+    }
+    return SpecCluster(workers=workers, scheduler=scheduler, name=spec.name, silence_logs=40)
+
+
+def missing_resources(spec: InfraSpec, client: Client) -> dict[str, list[str]]:
+    """For each pool, the tier/device resources no worker of the cluster advertises."""
+    advertised: set[str] = set()
+    for worker in client.scheduler_info(n_workers=-1)["workers"].values():
+        advertised.update(name for name, amount in (worker.get("resources") or {}).items() if amount > 0)
+    missing = {}
+    for pool in spec.pools:
+        needed = [f"tier-{pool.tier}", f"device-{pool.device}"]
+        absent = [name for name in needed if name not in advertised]
+        if absent:
+            missing[pool.name] = absent
+    return missing
+
+
+class TieredCluster:
+    """A Dask cluster fit for a spec: embedded by default, or an existing one by address.
+
+    Use as a context manager; ``address`` is what a Prefect ``DaskTaskRunner`` connects to.
+    """
+
+    def __init__(self, spec: InfraSpec, scheduler: str | None = None):
+        self.spec = spec
+        self.scheduler = scheduler
+        self.cluster: SpecCluster | None = None
+        self.client: Client | None = None
+
+    @property
+    def address(self) -> str:
+        return self.scheduler or self.cluster.scheduler_address
+
+    @property
+    def embedded(self) -> bool:
+        return self.scheduler is None
+
+    def __enter__(self) -> "TieredCluster":
+        if self.scheduler is None:
+            self.cluster = embedded_cluster(self.spec)
+            self.client = Client(self.cluster)
+        else:
+            try:
+                self.client = Client(self.scheduler, timeout="10s")
+            except OSError as exc:
+                raise ClusterError(f"cannot reach the Dask scheduler at {self.scheduler}: {exc}") from None
+            missing = missing_resources(self.spec, self.client)
+            if missing:
+                self.client.close()
+                lines = [f"  - pool {pool!r} needs {', '.join(names)}" for pool, names in missing.items()]
+                raise ClusterError(
+                    f"the Dask cluster at {self.scheduler} has no worker advertising these resources:\n"
+                    + "\n".join(lines)
+                    + "\nstart workers with e.g. `dask worker ADDR --resources \"tier-edge=1,device-t4=1\"`"
+                )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+    def worker_pools(self) -> dict[str, str]:
+        """Worker address → the resources it advertises, for reports."""
+        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        return {addr: ",".join(sorted(w.get("resources") or {})) for addr, w in info.items()}

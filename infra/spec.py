@@ -16,11 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from infra.catalog import TIERS, load_catalog
-from infra.errors import InputError
+from infra.errors import from_validation_error, load_yaml
 
 POOL_NAME = r"^[a-z0-9][a-z0-9_-]*$"
 
@@ -69,11 +69,16 @@ class InfraSpec(BaseModel):
 
     @model_validator(mode="after")
     def _unique_pool_names(self) -> "InfraSpec":
-        seen: set[str] = set()
-        for pool in self.pools:
-            if pool.name in seen:
-                raise ValueError(f"pool name {pool.name!r} is used twice")
-            seen.add(pool.name)
+        first_index: dict[str, int] = {}
+        for index, pool in enumerate(self.pools):
+            if pool.name in first_index:
+                # The index travels in the error context so the loader can point at pools[i].name.
+                raise PydanticCustomError(
+                    "duplicate_pool_name",
+                    "pool name '{name}' is used twice (first by pools[{first}])",
+                    {"name": pool.name, "index": index, "first": first_index[pool.name]},
+                )
+            first_index[pool.name] = index
         return self
 
     def pool(self, name: str) -> Pool:
@@ -91,41 +96,17 @@ class InfraSpec(BaseModel):
         return needed
 
 
-def _location(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _value_at(data: object, loc: tuple) -> object:
-    for part in loc:
-        try:
-            data = data[part]  # type: ignore[index]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return data
-
-
 def parse_infra_spec(data: object, source: str | Path = "<infra spec>") -> InfraSpec:
     """Validate an already-parsed spec; errors name the source, field and value."""
     try:
         return InfraSpec.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = tuple(err["loc"])
-        raise InputError(source, _location(loc) or "<root>", _value_at(data, loc), err["msg"]) from None
+        # A whole-spec check: point at the repeated name.
+        loc = ("pools", err["ctx"]["index"], "name") if err["type"] == "duplicate_pool_name" else None
+        raise from_validation_error(source, exc, data, loc) from None
 
 
 def load_infra_spec(path: str | Path) -> InfraSpec:
     """Read and validate an infrastructure spec YAML file."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise InputError(path, "<file>", str(path), "file not found") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "<file>"
-        raise InputError(path, where, getattr(exc, "problem", None), f"malformed YAML: {exc}") from None
-    return parse_infra_spec(data, path)
+    return parse_infra_spec(load_yaml(path), Path(path))

@@ -38,9 +38,12 @@ class InfeasibleError(ValueError):
     """The model has no solution; ``conflicting`` names the families that clash."""
 
     def __init__(self, what: str, conflicting: dict[str, str]):
-        self.conflicting = conflicting
+        self.what, self.conflicting = what, conflicting
         lines = [f"  - {name}: {meaning}" if meaning else f"  - {name}" for name, meaning in conflicting.items()]
         super().__init__(f"{what} is infeasible; these constraints cannot all hold:\n" + "\n".join(lines))
+
+    def __reduce__(self):  # survive pickling between Dask workers
+        return (type(self), (self.what, self.conflicting))
 
 
 class SolverError(RuntimeError):

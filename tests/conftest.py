@@ -8,21 +8,23 @@ from pathlib import Path
 
 import pytest
 
-# Before anything imports Prefect: a private home, no analytics, no stray server.
+from infra import prefect_server
+
+# Before anything imports Prefect: a private home, no analytics, and the API URL of the
+# server the `prefect_api` fixture starts (Prefect reads its settings once, at import).
 _HOME = Path(tempfile.mkdtemp(prefix="tierflow-tests-"))
+_PORT = prefect_server.free_port("127.0.0.1")
 os.environ["TIERFLOW_HOME"] = str(_HOME)
 os.environ["PREFECT_HOME"] = str(_HOME / "client")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["GX_ANALYTICS_ENABLED"] = "false"
-os.environ.pop("PREFECT_API_URL", None)
+os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{_PORT}/api"
 
 
 @pytest.fixture(scope="session")
 def prefect_api() -> str:
     """A real ``prefect server`` on 127.0.0.1, started once, stopped (SIGTERM) at the end."""
-    from infra import prefect_server
-
-    info = prefect_server.start(port=prefect_server.free_port("127.0.0.1"))
-    os.environ["PREFECT_API_URL"] = info.api_url
+    info = prefect_server.start(port=_PORT)
+    assert info.api_url == os.environ["PREFECT_API_URL"], "the port was taken before the server started"
     yield info.api_url
     prefect_server.stop()

@@ -68,7 +68,7 @@ def test_same_tier_links_cost_nothing(catalog):
 def test_data_leaving_the_cloud_for_the_internet_costs_aws_egress(catalog):
     assert catalog.link("cloud", "device").usd_per_gb == 0.09
     assert catalog.link("cloud", "hub").usd_per_gb == 0.09
-    assert catalog.link("device", "cloud").usd_per_gb == 0  # ingress is free
+    assert catalog.link("device", "cloud").usd_per_gb > 0  # AWS ingress is free, the carrier uplink is metered
 
 
 def test_h200_is_faster_than_t4_by_the_ratio_of_their_fp16_tflops(catalog):

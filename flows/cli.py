@@ -1,0 +1,319 @@
+"""The ``tierflow`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+app = typer.Typer(help="tierflow: ML-systems designs as Prefect flows on tier-tagged Dask workers.", no_args_is_help=True)
+server_app = typer.Typer(help="The local Prefect server tierflow runs against.", no_args_is_help=True)
+contracts_app = typer.Typer(help="Data contracts (Great Expectations).", no_args_is_help=True)
+cluster_app = typer.Typer(help="The tiered Dask cluster.", no_args_is_help=True)
+jellybean_app = typer.Typer(help="JellyBean: ML inference workflows on tiered infrastructure at least cost.", no_args_is_help=True)
+app.add_typer(server_app, name="server")
+app.add_typer(contracts_app, name="contracts")
+app.add_typer(cluster_app, name="cluster")
+app.add_typer(jellybean_app, name="jellybean")
+
+console = Console(stderr=True)
+SYSTEMS = {
+    "jellybean": "serve ML inference workflows across device/hub/edge/cloud tiers at least cost",
+}
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+def _quiet_logs() -> None:
+    for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker", "distributed.core"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _ensure_server() -> str:
+    from infra import prefect_server
+
+    configured = os.environ.get("PREFECT_API_URL")
+    with console.status("starting the Prefect server (first time: ~20 s)…"):
+        url = prefect_server.ensure_api()
+    if not configured:
+        console.print(f"Prefect API: {url}  (UI: {url.removesuffix('/api')})")
+    return url
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run_system(system: str, scale: str, config: Optional[Path], scheduler: Optional[str], results_dir: str,
+               store: Optional[str] = None) -> dict:
+    """Run one system's flow; returns its evaluation summary."""
+    from infra.errors import InputError
+
+    if system not in SYSTEMS:
+        _fail(f"unknown system {system!r}; landed systems: {', '.join(SYSTEMS)}")
+    params: dict = {}
+    if config is not None:
+        try:
+            params = yaml.safe_load(config.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            _fail(f"{config}: cannot read the run config: {exc}")
+        if not isinstance(params, dict):
+            _fail(f"{config}: expected a mapping of flow parameters, got {type(params).__name__}")
+        base = config.parent
+        for key in ("workflow", "infra"):
+            if key in params:
+                params[key] = str((base / params[key]).resolve())
+    _ensure_server()
+    _quiet_logs()
+    from flows.jellybean import jellybean
+
+    try:
+        return jellybean(scale=scale, scheduler=scheduler, results_dir=results_dir, store=store, **params)
+    except InputError as exc:
+        _fail(str(exc))
+    except TypeError as exc:
+        _fail(f"{config}: {exc}")
+
+
+@app.command("list")
+def list_systems() -> None:
+    """The systems tierflow runs."""
+    table = Table("system", "what it does")
+    for name, what in SYSTEMS.items():
+        table.add_row(name, what)
+    Console().print(table)
+
+
+@app.command()
+def run(
+    system: str = typer.Argument(..., help="a system from `tierflow list`"),
+    scale: str = typer.Option("small", help="small | medium | large"),
+    config: Optional[Path] = typer.Option(None, help="YAML of flow parameters (e.g. workflow, infra, rate)"),
+    scheduler: Optional[str] = typer.Option(None, help="address of an existing Dask scheduler (tcp://host:port)"),
+    results_dir: str = typer.Option("results", help="where results/<system>/<run-id>/ is written"),
+    store: Optional[str] = typer.Option(None, help="also copy results to an artifact store: a folder or s3://bucket/prefix"),
+    as_json: bool = typer.Option(False, "--json", help="print the evaluation summary as one JSON line, last"),
+) -> None:
+    """Run a system end to end: profile → optimize → deploy → evaluate."""
+    summary = run_system(system, scale, config, scheduler, results_dir, store)
+    if as_json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        _print_summary([summary])
+
+
+def _print_summary(summaries: list[dict]) -> None:
+    table = Table("system", "key figure", "system's value", "baseline", "baseline's value", "ratio (system/baseline)")
+    for s in summaries:
+        for name, value in s["baselines"].items():
+            table.add_row(s["system"], s["key_figure"], f"{s['milp']:.3f}", name, f"{value:.3f}", f"{s['milp'] / value:.3f}")
+    Console().print(table)
+    for s in summaries:
+        Console().print(f"{s['system']}: results in {s['results']}")
+
+
+@app.command()
+def demo(scale: str = typer.Option("small", help="small | medium | large")) -> None:
+    """Run every landed system at small scale and print the side-by-side summary."""
+    summaries = [run_system(system, scale, None, None, "results") for system in SYSTEMS]
+    _print_summary(summaries)
+    url = os.environ["PREFECT_API_URL"].removesuffix("/api")
+    Console().print(f"Browse the runs in the Prefect UI: {url}/runs")
+    Console().print("The Prefect server keeps running; stop it with `tierflow server stop`.")
+
+
+# ----------------------------------------------------------------------------- server
+
+
+@server_app.command("start")
+def server_start(port: int = typer.Option(4200, help="port on 127.0.0.1")) -> None:
+    """Start the local Prefect server (UI included) in the background."""
+    from infra import prefect_server
+
+    with console.status("starting the Prefect server…"):
+        info = prefect_server.start(port=port)
+    Console().print(f"Prefect server up: UI {info.ui_url}  API {info.api_url}  (pid {info.pid})")
+    Console().print(f"Use it from other shells with: export PREFECT_API_URL={info.api_url}")
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the Prefect server tierflow started."""
+    from infra import prefect_server
+
+    Console().print("stopped" if prefect_server.stop() else "no tierflow Prefect server is running")
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Whether the Prefect server is up, and where."""
+    from infra import prefect_server
+
+    info = prefect_server.running()
+    if info is None:
+        Console().print("not running")
+        raise typer.Exit(1)
+    Console().print(f"running: UI {info.ui_url}  API {info.api_url}  (pid {info.pid})")
+
+
+# ----------------------------------------------------------------------------- contracts
+
+
+@contracts_app.command("check")
+def contracts_check(root: Path = typer.Option(Path(__file__).resolve().parents[1], help="project root")) -> None:
+    """Validate every shipped dataset against its contract."""
+    from data_contracts.shipped import check_shipped
+
+    results = check_shipped(root)
+    table = Table("dataset", "contract", "result")
+    failed = 0
+    for path, product, failures in results:
+        table.add_row(str(path), product, "[green]ok[/green]" if not failures else "[red]" + "; ".join(failures) + "[/red]")
+        failed += bool(failures)
+    Console().print(table)
+    if failed:
+        _fail(f"{failed} of {len(results)} datasets break their contract")
+    Console().print(f"{len(results)} datasets meet their contracts")
+
+
+# ----------------------------------------------------------------------------- cluster
+
+
+@cluster_app.command("up")
+def cluster_up(infra: Path = typer.Option(..., help="infrastructure spec (YAML)")) -> None:
+    """Start the tiered cluster for a spec, print the scheduler address, serve until Ctrl-C."""
+    from infra.cluster import TieredCluster
+    from infra.errors import InputError
+    from infra.spec import load_infra_spec
+
+    try:
+        spec = load_infra_spec(infra)
+    except InputError as exc:
+        _fail(str(exc))
+    _quiet_logs()
+    with TieredCluster(spec) as cluster:
+        Console().print(f"scheduler: {cluster.address}")
+        for address, resources in cluster.worker_pools().items():
+            Console().print(f"  worker {address}: {resources}")
+        Console().print(f"use it with: tierflow run <system> --scheduler {cluster.address}")
+        sys.stdout.flush()
+        stop = []
+        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+        try:
+            while not stop:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+
+
+# ----------------------------------------------------------------------------- jellybean stages
+
+
+def _problem_from(inputs: Optional[Path], workflow: Optional[Path], infra: Optional[Path], profile: Optional[Path],
+                  rate: Optional[float], accuracy: Optional[float], profile_file: str):
+    from infra.catalog import load_catalog
+    from infra.spec import load_infra_spec
+    from tasks.jellybean.inputs import load_repository_inputs
+    from tasks.jellybean.workflow import build_problem, load_workflow
+    import pandas as pd
+
+    if inputs is not None:
+        return load_repository_inputs(inputs, profile_file=profile_file, rate=rate, accuracy_target=accuracy)
+    if workflow is None or infra is None or profile is None:
+        _fail("give --inputs DIR (the JellyBean repository's format), or --workflow, --infra and --profile")
+    from data_contracts import validate
+
+    frame = validate(pd.read_csv(profile).drop(columns=["worker"], errors="ignore"), "jellybean.profile", profile)
+    problem = build_problem(load_workflow(workflow, rate=rate), load_infra_spec(infra), frame, load_catalog())
+    if accuracy is not None:
+        problem.accuracy_target = accuracy
+    return problem
+
+
+@jellybean_app.command("optimize")
+def jellybean_optimize(
+    inputs: Optional[Path] = typer.Option(None, help="a JellyBean optimizer-input folder (the authors' format)"),
+    workflow: Optional[Path] = typer.Option(None, help="tierflow workflow spec (with --infra and --profile)"),
+    infra: Optional[Path] = typer.Option(None, help="infrastructure spec"),
+    profile: Optional[Path] = typer.Option(None, help="profile CSV from `tierflow jellybean profile`"),
+    strategy: str = typer.Option("milp", help="milp | " + " | ".join(["brute_force", "jellybean_heuristic", "infaas_style", "cloud_only"])),
+    rate: Optional[float] = typer.Option(None, help="override every source's rate (req/s)"),
+    accuracy: Optional[float] = typer.Option(None, help="override the accuracy target"),
+    profile_file: str = typer.Option("execution_profile.csv", help="with --inputs: which execution profile"),
+    out: Optional[Path] = typer.Option(None, help="write the plan JSON here"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+) -> None:
+    """Choose variants and workers at least cost (OPTIMIZE stage alone)."""
+    from infra.errors import InputError
+    from optimizers.jellybean import check_feasible_inputs, plan_milp
+    from optimizers.jellybean_baselines import STRATEGIES, plan_brute_force
+    from optimizers.solve import InfeasibleError
+
+    try:
+        problem = _problem_from(inputs, workflow, infra, profile, rate, accuracy, profile_file)
+        check_feasible_inputs(problem)
+        solver = {"milp": plan_milp, "brute_force": plan_brute_force, **STRATEGIES}.get(strategy)
+        if solver is None:
+            _fail(f"unknown strategy {strategy!r}")
+        plan = solver(problem)
+    except (InputError, InfeasibleError) as exc:
+        _fail(str(exc))
+    document = plan.to_dict()
+    text = json.dumps(document, indent=None if as_json else 2)
+    if out:
+        out.write_text(json.dumps(document, indent=2))
+    if as_json:
+        sys.stdout.write(text + "\n")
+    else:
+        table = Table("operator", "worker", "variant", "machines", "rate (req/s)")
+        for a in plan.assignment:
+            table.add_row(a.operator, a.worker, a.variant, str(a.machines), f"{a.rate:.2f}")
+        Console().print(table)
+        Console().print(f"compute {plan.compute_cost_per_hour:.4f} + network {plan.network_cost_per_hour:.4f} = "
+                        f"{plan.total_cost_per_hour:.4f} $/h, accuracy {plan.accuracy:.2f}, solved in {plan.solve_seconds:.2f} s")
+
+
+@jellybean_app.command("profile")
+def jellybean_profile(
+    workflow: Path = typer.Option(Path(__file__).resolve().parents[1] / "data" / "vqa.workflow.yaml"),
+    infra: Path = typer.Option(Path(__file__).resolve().parents[1] / "data" / "vqa.infra.yaml"),
+    scheduler: Optional[str] = typer.Option(None),
+    repeats: int = typer.Option(2),
+    out: Path = typer.Option(Path("profile.csv")),
+) -> None:
+    """Measure every variant on each pool's worker (PROFILE stage alone)."""
+    from prefect import flow
+    from prefect_dask import DaskTaskRunner
+
+    from flows.jellybean import profile as profile_stage
+    from infra.cluster import TieredCluster
+    from infra.spec import load_infra_spec
+    from tasks.jellybean.workflow import load_workflow
+
+    spec, infra_spec = load_workflow(workflow), load_infra_spec(infra)
+    _ensure_server()
+    _quiet_logs()
+    with TieredCluster(infra_spec, scheduler=scheduler) as cluster:
+        stage = flow(name="jellybean-profile")(profile_stage).with_options(task_runner=DaskTaskRunner(address=cluster.address))
+        frame = stage(spec, infra_spec, repeats)
+    frame.to_csv(out, index=False)
+    Console().print(f"wrote {len(frame)} rows to {out}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

@@ -1,0 +1,185 @@
+"""The tierflow JellyBean workflow spec (YAML), and the problem it makes with an infrastructure.
+
+::
+
+    name: vqa
+    sources:
+      ReadImage: {rate: 40, tier: device}
+    operators:
+      ExtractImageFeature: {inputs: [ReadImage], variants: [resnet18, resnet50]}
+    accuracy:
+      target: 56.0
+      profiles: jellybean-vqa/accuracy_profiles.json   # end-to-end table (relative paths: from this file)
+    messages: jellybean-vqa/message_sizes.csv           # KiB per request, the repository's format
+
+Latency comes from the PROFILE stage (measured on the tier workers, scaled to each
+pool's device by the catalog); prices and link costs come from the catalog.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from infra.catalog import Catalog, tier_rank
+from infra.errors import InputError, from_validation_error, load_yaml
+from infra.spec import InfraSpec
+from optimizers.jellybean import AccuracyProduct, AccuracyTable, JellyBeanProblem, Pool
+from tasks.jellybean.inputs import number, read_rows
+
+Tier = Annotated[str, Field(pattern=r"^(device|hub|edge|cloud)$")]
+
+
+class Source(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rate: Annotated[float, Field(gt=0)]
+    tier: Tier = "device"
+
+
+class Operator(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    inputs: Annotated[list[str], Field(min_length=1)]
+    variants: Annotated[list[str], Field(min_length=1)]
+    accuracy: dict[str, Annotated[float, Field(gt=0, le=100)]] | None = None  # per-variant (product model)
+
+
+class Accuracy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    target: Annotated[float, Field(gt=0, le=100)]
+    profiles: str | None = None  # accuracy_profiles.json with an end-to-end table
+
+
+class WorkflowSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "workflow"
+    sources: Annotated[dict[str, Source], Field(min_length=1)]
+    operators: Annotated[dict[str, Operator], Field(min_length=1)]
+    accuracy: Accuracy
+    messages: str | None = None
+    path: str = ""
+
+    def edges(self) -> list[tuple[str, str]]:
+        return [(u, op) for op, spec in self.operators.items() for u in spec.inputs]
+
+
+def load_workflow(path: str | Path, *, rate: float | None = None) -> WorkflowSpec:
+    """Read and check a workflow spec; errors name the file, the field and the value."""
+    path = Path(path)
+    data = load_yaml(path)
+    try:
+        spec = WorkflowSpec.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation_error(path, exc, data) from None
+    spec.path = str(path)
+    nodes = set(spec.sources) | set(spec.operators)
+    for op, op_spec in spec.operators.items():
+        for u in op_spec.inputs:
+            if u not in nodes:
+                raise InputError(path, f"operators.{op}.inputs", u, "unknown node (not a source or operator)")
+        if op_spec.accuracy:
+            for var in op_spec.accuracy:
+                if var not in op_spec.variants:
+                    raise InputError(path, f"operators.{op}.accuracy", var, "not one of the operator's variants")
+    for s in spec.sources:
+        if s in spec.operators:
+            raise InputError(path, "sources", s, "a node cannot be both a source and an operator")
+    if rate is not None:
+        for s in spec.sources.values():
+            s.rate = rate
+    from graphlib import CycleError, TopologicalSorter
+
+    try:
+        TopologicalSorter({op: set(o.inputs) for op, o in spec.operators.items()}).prepare()
+    except CycleError as exc:
+        raise InputError(path, "operators", " → ".join(exc.args[1]), "the workflow has a cycle") from None
+    return spec
+
+
+def _resolve(spec: WorkflowSpec, relative: str) -> Path:
+    return (Path(spec.path).parent / relative).resolve()
+
+
+def accuracy_model(spec: WorkflowSpec) -> AccuracyTable | AccuracyProduct:
+    """The end-to-end table named by the spec, else the product of per-variant accuracies."""
+    if spec.accuracy.profiles:
+        path = _resolve(spec, spec.accuracy.profiles)
+        try:
+            e2e = json.loads(path.read_text())["end_to_end_accuracy"]
+        except (OSError, KeyError, json.JSONDecodeError) as exc:
+            raise InputError(spec.path, "accuracy.profiles", str(path), f"cannot read an end-to-end table: {exc}") from None
+        ops = tuple(e2e["operators"])
+        for op in ops:
+            if op not in spec.operators:
+                raise InputError(path, "end_to_end_accuracy.operators", op, "not an operator of the workflow")
+        # Rows for variants the workflow does not offer are dropped: a workflow may offer a subset.
+        table = {
+            tuple(r["variants"]): float(r["accuracy"])
+            for r in e2e["table"]
+            if all(v in spec.operators[op].variants for op, v in zip(ops, r["variants"]))
+        }
+        if not table:
+            raise InputError(path, "end_to_end_accuracy.table", len(e2e["table"]), "no row uses only the workflow's variants")
+        return AccuracyTable(ops, table)
+    accuracies = {}
+    for op, op_spec in spec.operators.items():
+        for var in op_spec.variants:
+            if op_spec.accuracy is None or var not in op_spec.accuracy:
+                raise InputError(spec.path, f"operators.{op}.accuracy", var, "missing: give accuracy.profiles or every variant's accuracy")
+            accuracies[op, var] = op_spec.accuracy[var]
+    return AccuracyProduct(accuracies)
+
+
+def message_sizes(spec: WorkflowSpec) -> dict[tuple[str, str, str, str], float]:
+    if not spec.messages:
+        return {}
+    path = _resolve(spec, spec.messages)
+    edges = set(spec.edges())
+    sizes = {}
+    for line, row in read_rows(path, ["u", "v", "u_var", "v_var", "kib"]):
+        if (row["u"], row["v"]) not in edges:
+            raise InputError(path, f"row {line}", f"{row['u']},{row['v']}", "not an edge of the workflow")
+        sizes[row["u"], row["v"], row["u_var"], row["v_var"]] = number(path, line, "size_kib", row["kib"])
+    return sizes
+
+
+def build_problem(spec: WorkflowSpec, infra: InfraSpec, profile: pd.DataFrame, catalog: Catalog) -> JellyBeanProblem:
+    """The optimizer's input: the workflow on the infrastructure, timed by the profile.
+
+    ``profile`` has one row per (pool, operator, variant) with ``latency_ms`` on that
+    pool's device. A missing row is an error naming the triple.
+    """
+    latency = {(r.operator, r.pool, r.variant): float(r.latency_ms) for r in profile.itertuples()}
+    for pool in infra.pools:
+        for op, op_spec in spec.operators.items():
+            for var in op_spec.variants:
+                if (op, pool.name, var) not in latency:
+                    raise InputError("profile", "operator,pool,variant", f"{op},{pool.name},{var}", "missing profile")
+    pools = [
+        Pool(p.name, tier_rank(p.tier), catalog.device(p.device).usd_per_hour, p.count, device=p.device) for p in infra.pools
+    ]
+    places = {s: tier_rank(src.tier) for s, src in spec.sources.items()}
+    links = {}
+    tier_name = {p.name: p.tier for p in infra.pools}
+    tier_name.update({s: src.tier for s, src in spec.sources.items()})
+    for a in [*spec.sources, *(p.name for p in infra.pools)]:
+        for b in infra.pools:
+            links[a, b.name] = catalog.link(tier_name[a], b.tier).usd_per_gb
+    return JellyBeanProblem(
+        sources={s: src.rate for s, src in spec.sources.items()},
+        source_tier=places,
+        edges=spec.edges(),
+        ratios={},
+        variants={op: list(o.variants) for op, o in spec.operators.items()},
+        relative_cost={},
+        pools=pools,
+        latency_ms=latency,
+        message_kib=message_sizes(spec),
+        link_usd_per_gb=links,
+        accuracy=accuracy_model(spec),
+        accuracy_target=spec.accuracy.target,
+        name=spec.name,
+    )

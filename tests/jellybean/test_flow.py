@@ -1,0 +1,76 @@
+"""JellyBean end to end on the embedded tiered cluster: profile → optimize → deploy → evaluate."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def small_run(prefect_api, tmp_path_factory):
+    from flows.jellybean import jellybean
+
+    tmp = tmp_path_factory.mktemp("jellybean")
+    workflow = yaml.safe_load((ROOT / "data" / "vqa.workflow.yaml").read_text())
+    workflow["operators"]["ExtractImageFeature"]["variants"] = ["resnet18", "resnet34"]
+    workflow["accuracy"]["profiles"] = str(ROOT / "data" / "jellybean-vqa" / "accuracy_profiles.json")
+    workflow["messages"] = str(ROOT / "data" / "jellybean-vqa" / "message_sizes.csv")
+    (tmp / "wf.yaml").write_text(yaml.safe_dump(workflow))
+    infra = {"name": "two-tiers", "pools": [
+        {"name": "hub-cpu", "tier": "hub", "device": "cpu-small", "count": 4},
+        {"name": "cloud-t4", "tier": "cloud", "device": "t4", "count": 3},
+    ]}
+    (tmp / "infra.yaml").write_text(yaml.safe_dump(infra))
+    summary = jellybean(workflow=str(tmp / "wf.yaml"), infra=str(tmp / "infra.yaml"), scale="small", rate=10.0,
+                        results_dir=str(tmp / "results"), run_id="test")
+    return summary, tmp / "results" / "jellybean" / "test"
+
+
+def test_run_writes_plan_evaluation_report_and_plot(small_run):
+    summary, out = small_run
+    for name in ("plan.json", "plans.json", "evaluation.json", "report.md", "cost_by_strategy.png", "profile.csv"):
+        assert (out / name).is_file(), name
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert {row["strategy"] for row in evaluation["strategies"]} == {"milp", "jellybean_heuristic", "infaas_style", "cloud_only"}
+
+
+def test_milp_plan_is_never_dearer_than_a_baseline_and_meets_the_target(small_run):
+    summary, _ = small_run
+    assert summary["accuracy"] >= summary["accuracy_target"]
+    for name, cost in summary["baselines"].items():
+        assert summary["milp"] <= cost + 1e-6, name
+    assert summary["simulated"], "a result must say what was simulated"
+
+
+def test_deployed_stream_ran_on_the_planned_tier_workers(small_run):
+    _, out = small_run
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    plan = json.loads((out / "plan.json").read_text())
+    served = {(row["operator"], row["worker"]) for row in evaluation["deploy"] if row["strategy"] == "milp"}
+    planned = {(a["operator"], a["worker"]) for a in plan["assignment"] if a["rate"] > 1e-9}
+    assert served == planned
+    assert all(row["requests"] > 0 and row["measured_ms_per_request"] > 0 for row in evaluation["deploy"])
+
+
+def test_profile_was_measured_on_each_pools_own_worker(small_run):
+    import pandas as pd
+
+    _, out = small_run
+    profile = pd.read_csv(out / "profile.csv")
+    assert set(profile.pool) == {"hub-cpu", "cloud-t4"}
+    assert (profile.pool == profile.worker).all()
+    t4 = profile[profile.pool == "cloud-t4"].set_index(["operator", "variant"])
+    assert (t4.latency_ms < t4.measured_ms).all()  # a T4 is simulated faster than this host's core
+
+
+def test_request_stream_is_dealt_in_proportion_and_reaches_every_worker():
+    from tasks.jellybean.deploy import split_requests
+
+    dealt = split_requests(list(range(10)), {"a": 7.0, "b": 2.0, "c": 0.1})
+    assert sorted(i for ids in dealt.values() for i in ids) == list(range(10))
+    a, b, c = (len(dealt[w]) for w in "abc")
+    assert a > b > c == 1
+    assert split_requests([0, 1], {"a": 1.0, "b": 1.0, "c": 1.0}).keys() <= {"a", "b", "c"}

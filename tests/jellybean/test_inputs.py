@@ -1,0 +1,129 @@
+"""Bad JellyBean input is refused before any work starts, naming the file, field and value."""
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from infra.catalog import load_catalog
+from infra.errors import InputError
+from infra.spec import load_infra_spec
+from tasks.jellybean.inputs import load_repository_inputs
+from tasks.jellybean.workflow import build_problem, load_workflow
+
+ROOT = Path(__file__).resolve().parents[2]
+VQA = ROOT / "data" / "jellybean-vqa"
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    folder = tmp_path / "inputs"
+    shutil.copytree(VQA, folder)
+    return folder
+
+
+def append(path: Path, line: str) -> None:
+    path.write_text(path.read_text().rstrip("\n") + "\n" + line + "\n")
+
+
+def test_shipped_inputs_load_including_the_row_with_a_trailing_comma():
+    problem = load_repository_inputs(VQA)
+    assert problem.latency_ms["SpeechRecognition", "workflow-compute-cpu-3", "wav2vec2-base-960h"] == pytest.approx(107.50537608333333)
+    assert problem.operators == ["ExtractImageFeature", "SpeechRecognition", "VQA"]
+
+
+@pytest.mark.parametrize("file, line, field, value", [
+    ("execution_profile.csv", "VQA,workflow-compute-cpu-1,default,fast", "latency_ms", "fast"),
+    ("execution_profile.csv", "VQA,workflow-compute-cpu-9,default,3.0", "worker", "workflow-compute-cpu-9"),
+    ("input_injection_rates.csv", "ReadImage,-40", "rate", "-40"),
+    ("message_sizes.csv", "ExtractImageFeature,VQA,resnet999,default,2.0", "upstream_variant", "resnet999"),
+    ("workers_specs.csv", "workflow-compute-cpu-1,0.1,extra", "row", "workflow-compute-cpu-1,0.1,extra"),
+])
+def test_bad_csv_rows_name_file_row_field_and_value(inputs, file, line, field, value):
+    append(inputs / file, line)
+    with pytest.raises(InputError) as err:
+        load_repository_inputs(inputs)
+    assert err.value.source.endswith(file)
+    assert field in err.value.field
+    assert err.value.value == value
+
+
+def test_a_missing_profile_for_one_variant_on_a_worker_is_named(inputs):
+    path = inputs / "execution_profile.csv"
+    rows = [r for r in path.read_text().splitlines() if not r.startswith("ExtractImageFeature,workflow-compute-cpu-2,resnet50")]
+    path.write_text("\n".join(rows))
+    with pytest.raises(InputError) as err:
+        load_repository_inputs(inputs)
+    assert err.value.value == "ExtractImageFeature,workflow-compute-cpu-2,resnet50"
+    assert "missing profile" in str(err.value)
+
+
+def test_an_unknown_variant_in_the_accuracy_table_is_named(inputs):
+    path = inputs / "execution_profile.csv"
+    path.write_text("\n".join(r for r in path.read_text().splitlines() if ",resnet152," not in r))
+    with pytest.raises(InputError) as err:
+        load_repository_inputs(inputs)
+    assert err.value.value == "resnet152"
+
+
+def test_a_missing_file_is_named(inputs):
+    (inputs / "message_sizes.csv").unlink()
+    with pytest.raises(InputError, match="message_sizes.csv"):
+        load_repository_inputs(inputs)
+
+
+@pytest.fixture
+def workflow(tmp_path):
+    spec = yaml.safe_load((ROOT / "data" / "vqa.workflow.yaml").read_text())
+    spec["accuracy"]["profiles"] = str(VQA / "accuracy_profiles.json")
+    spec["messages"] = str(VQA / "message_sizes.csv")
+    return spec
+
+
+def write(tmp_path, spec) -> Path:
+    path = tmp_path / "wf.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_a_cyclic_workflow_is_refused(tmp_path, workflow):
+    workflow["operators"]["ExtractImageFeature"]["inputs"] = ["ReadImage", "VQA"]
+    with pytest.raises(InputError, match="cycle"):
+        load_workflow(write(tmp_path, workflow))
+
+
+def test_a_negative_rate_is_refused_with_its_field(tmp_path, workflow):
+    workflow["sources"]["ReadImage"]["rate"] = -5
+    with pytest.raises(InputError) as err:
+        load_workflow(write(tmp_path, workflow))
+    assert err.value.field == "sources.ReadImage.rate"
+    assert err.value.value == -5
+
+
+def test_an_unknown_input_node_is_named(tmp_path, workflow):
+    workflow["operators"]["VQA"]["inputs"] = ["ExtractImageFeature", "SpeechRecognitoin"]
+    with pytest.raises(InputError) as err:
+        load_workflow(write(tmp_path, workflow))
+    assert err.value.value == "SpeechRecognitoin"
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    path = tmp_path / "wf.yaml"
+    path.write_text("name: vqa\nsources:\n  ReadImage: {rate: 40\n")
+    with pytest.raises(InputError) as err:
+        load_workflow(path)
+    assert err.value.field.startswith("line ")
+
+
+def test_a_missing_profile_row_is_named_when_building_the_problem(tmp_path, workflow):
+    spec = load_workflow(write(tmp_path, workflow))
+    infra = load_infra_spec(ROOT / "data" / "vqa.infra.yaml")
+    rows = [{"pool": p.name, "operator": op, "variant": v, "latency_ms": 10.0}
+            for p in infra.pools for op, o in spec.operators.items() for v in o.variants]
+    profile = pd.DataFrame(rows[1:])
+    with pytest.raises(InputError) as err:
+        build_problem(spec, infra, profile, load_catalog())
+    first = rows[0]
+    assert err.value.value == f"{first['operator']},{first['pool']},{first['variant']}"

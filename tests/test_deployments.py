@@ -1,0 +1,137 @@
+"""deployments/prefect.yaml end to end: work pool → `prefect deploy` → process worker → flow run COMPLETED.
+
+Everything goes through the `prefect` command line against the session's real Prefect
+server, as an operator would do it (deployments/README.md); the run gets a tiny
+workflow and a two-pool infrastructure so the JellyBean flow itself stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+RUN_TIMEOUT_S = 480
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _prefect(args: list[str], env: dict, timeout: float = 300) -> str:
+    done = subprocess.run([PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"prefect {' '.join(args)} exited {done.returncode}:\n{output[-4000:]}"
+    return output
+
+
+def _tail(path: Path, chars: int = 6000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no worker log)"
+
+
+@contextmanager
+def _client(api_url: str):
+    """A sync Prefect client for ``api_url`` (Prefect read its settings when first imported)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        yield client
+
+
+def _inputs(tmp_path: Path) -> dict:
+    data = ROOT / "data"
+    workflow = yaml.safe_load((data / "vqa.workflow.yaml").read_text())
+    workflow["operators"]["ExtractImageFeature"]["variants"] = ["resnet18", "resnet34"]
+    workflow["operators"]["SpeechRecognition"]["variants"] = ["wav2vec2-base-960h", "wav2vec2-large-960h-lv60-self"]
+    workflow["accuracy"]["profiles"] = str(data / "jellybean-vqa" / "accuracy_profiles.json")
+    workflow["messages"] = str(data / "jellybean-vqa" / "message_sizes.csv")
+    infra = {"name": "two-tiers", "pools": [
+        {"name": "hub-cpu", "tier": "hub", "device": "cpu-small", "count": 2},
+        {"name": "cloud-gpu", "tier": "cloud", "device": "t4", "count": 3},
+    ]}
+    (tmp_path / "workflow.yaml").write_text(yaml.safe_dump(workflow, sort_keys=False))
+    (tmp_path / "infra.yaml").write_text(yaml.safe_dump(infra, sort_keys=False))
+    return {"workflow": str(tmp_path / "workflow.yaml"), "infra": str(tmp_path / "infra.yaml"),
+            # Small pools: at the workflow's 40 req/s the MILP is infeasible on them, and the cloud_only
+            # baseline needs a cloud machine for each of the three operators (one operator per machine).
+            "scale": "small", "rate": 5.0, "results_dir": str(tmp_path / "results")}
+
+
+def test_hourly_replan_deployment_runs_on_a_process_worker(prefect_api, tmp_path):
+    from prefect.states import Cancelling
+
+    # The worker resolves the pull step's {{ $TIERFLOW_ROOT }}; a short poll keeps the test quick.
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "TIERFLOW_ROOT": str(ROOT),
+           "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    params = _inputs(tmp_path)
+
+    _prefect(["work-pool", "create", "tierflow-process", "--type", "process", "--overwrite"], env, timeout=120)
+    _prefect(["--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"], env)
+
+    with _client(prefect_api) as client:
+        crons = {}
+        for name in ("jellybean/hourly-replan", "jellybean/nightly-profile"):
+            deployment = client.read_deployment_by_name(name)
+            assert deployment.work_pool_name == "tierflow-process", name
+            crons[name] = [s.schedule.cron for s in deployment.schedules]
+            # Pause the schedules (this also deletes their upcoming runs), so the worker below
+            # picks up only this test's run even if the test straddles the hour.
+            for schedule in deployment.schedules:
+                client.update_deployment_schedule(deployment.id, schedule.id, active=False)
+        assert crons == {"jellybean/hourly-replan": ["0 * * * *"], "jellybean/nightly-profile": ["0 2 * * *"]}
+
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "tierflow-process"], cwd=tmp_path, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    flow_run_id, state = None, None
+    try:
+        out = _prefect(["deployment", "run", "jellybean/hourly-replan", "--params", json.dumps(params)], env, timeout=120)
+        found = re.search(r"UUID:\s*(" + UUID.pattern + ")", out) or UUID.search(out)
+        assert found, f"no flow run id in the output of `prefect deployment run`:\n{out}"
+        flow_run_id = found.group(1)
+
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        with _client(prefect_api) as client:
+            while time.monotonic() < deadline:
+                state = client.read_flow_run(flow_run_id).state
+                if state is not None and state.is_final():
+                    break
+                assert worker.poll() is None, f"the worker exited with {worker.returncode}:\n{_tail(log_path)}"
+                time.sleep(3)
+            assert state is not None and state.is_completed(), (
+                f"flow run {flow_run_id} ended {state.type.value if state else None} "
+                f"({state.message if state else 'no state'}) within {RUN_TIMEOUT_S} s; worker log:\n{_tail(log_path)}")
+    finally:
+        if flow_run_id and not (state and state.is_final()):
+            # Leave nothing running on a shared machine: ask the worker to cancel the run first.
+            try:
+                with _client(prefect_api) as client:
+                    client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
+                    for _ in range(20):
+                        if client.read_flow_run(flow_run_id).state.is_final():
+                            break
+                        time.sleep(2)
+            except Exception:  # noqa: BLE001 - best effort cleanup
+                pass
+        try:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=60)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(timeout=10)
+
+    evaluations = list((tmp_path / "results" / "jellybean").glob("*/evaluation.json"))
+    assert len(evaluations) == 1, f"expected one results/jellybean/<run-id>/evaluation.json, found {evaluations}"
+    summary = json.loads(evaluations[0].read_text())["summary"]
+    assert summary["system"] == "jellybean" and summary["workflow"] == "vqa"

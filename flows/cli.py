@@ -78,6 +78,15 @@ def run_system(system: str, scale: str, config: Optional[Path], scheduler: Optio
         for key in ("workflow", "infra"):
             if key in params:
                 params[key] = str((base / params[key]).resolve())
+    try:  # bad input fails here, before a server or a cluster starts
+        from flows.jellybean import DEFAULT_INFRA, DEFAULT_WORKFLOW
+        from infra.spec import load_infra_spec
+        from tasks.jellybean.workflow import load_workflow
+
+        load_workflow(params.get("workflow", DEFAULT_WORKFLOW), rate=params.get("rate"))
+        load_infra_spec(params.get("infra", DEFAULT_INFRA))
+    except InputError as exc:
+        _fail(str(exc))
     _ensure_server()
     _quiet_logs()
     from flows.jellybean import jellybean
@@ -251,7 +260,7 @@ def jellybean_optimize(
     workflow: Optional[Path] = typer.Option(None, help="tierflow workflow spec (with --infra and --profile)"),
     infra: Optional[Path] = typer.Option(None, help="infrastructure spec"),
     profile: Optional[Path] = typer.Option(None, help="profile CSV from `tierflow jellybean profile`"),
-    strategy: str = typer.Option("milp", help="milp | " + " | ".join(["brute_force", "jellybean_heuristic", "infaas_style", "cloud_only"])),
+    strategy: str = typer.Option("milp", help="milp | brute_force | jellybean_heuristic | infaas_style | cloud_only | all"),
     rate: Optional[float] = typer.Option(None, help="override every source's rate (req/s)"),
     accuracy: Optional[float] = typer.Option(None, help="override the accuracy target"),
     profile_file: str = typer.Option("execution_profile.csv", help="with --inputs: which execution profile"),
@@ -267,20 +276,28 @@ def jellybean_optimize(
     try:
         problem = _problem_from(inputs, workflow, infra, profile, rate, accuracy, profile_file)
         check_feasible_inputs(problem)
-        solver = {"milp": plan_milp, "brute_force": plan_brute_force, **STRATEGIES}.get(strategy)
-        if solver is None:
-            _fail(f"unknown strategy {strategy!r}")
-        plan = solver(problem)
+        solvers = {"milp": plan_milp, "brute_force": plan_brute_force, **STRATEGIES}
+        if strategy == "all":
+            plans = {"milp": plan_milp(problem)}
+            for name, solver in STRATEGIES.items():
+                try:
+                    plans[name] = solver(problem)
+                except InfeasibleError as exc:
+                    console.print(f"[yellow]{name}[/yellow] cannot serve this workflow: {exc}")
+        elif strategy in solvers:
+            plans = {strategy: solvers[strategy](problem)}
+        else:
+            _fail(f"unknown strategy {strategy!r}; choose all or one of {', '.join(solvers)}")
     except (InputError, InfeasibleError) as exc:
         _fail(str(exc))
-    document = plan.to_dict()
-    text = json.dumps(document, indent=None if as_json else 2)
+    document = {n: p.to_dict() for n, p in plans.items()} if strategy == "all" else plans[strategy].to_dict()
     if out:
         out.write_text(json.dumps(document, indent=2))
     if as_json:
-        sys.stdout.write(text + "\n")
-    else:
-        table = Table("operator", "worker", "variant", "machines", "rate (req/s)")
+        sys.stdout.write(json.dumps(document) + "\n")
+        return
+    for plan in plans.values():
+        table = Table("operator", "worker", "variant", "machines", "rate (req/s)", title=plan.strategy)
         for a in plan.assignment:
             table.add_row(a.operator, a.worker, a.variant, str(a.machines), f"{a.rate:.2f}")
         Console().print(table)
@@ -313,6 +330,94 @@ def jellybean_profile(
         frame = stage(spec, infra_spec, repeats)
     frame.to_csv(out, index=False)
     Console().print(f"wrote {len(frame)} rows to {out}")
+
+
+def _read_plans(path: Path) -> dict:
+    from infra.errors import InputError
+    from optimizers.jellybean import Plan
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(path, "<file>", str(path), f"cannot read plans: {exc}") from None
+    if "assignment" in data:  # a single plan.json
+        data = {data["strategy"]: data}
+    try:
+        return {name: Plan.from_dict(plan) for name, plan in data.items()}
+    except (KeyError, TypeError) as exc:
+        raise InputError(path, "plan", str(exc), "not a tierflow JellyBean plan") from None
+
+
+@jellybean_app.command("deploy")
+def jellybean_deploy(
+    plans: Path = typer.Option(..., help="plans.json (every strategy) or plan.json from `optimize --out`"),
+    workflow: Path = typer.Option(Path(__file__).resolve().parents[1] / "data" / "vqa.workflow.yaml"),
+    infra: Path = typer.Option(Path(__file__).resolve().parents[1] / "data" / "vqa.infra.yaml"),
+    profile: Path = typer.Option(..., help="profile CSV the plans were made from"),
+    requests: int = typer.Option(4, help="requests pushed through each plan"),
+    scheduler: Optional[str] = typer.Option(None),
+    out: Path = typer.Option(Path("deploy"), help="folder for deploy.csv and tier_crossing.csv"),
+) -> None:
+    """Push a request stream through each plan on its tier workers (DEPLOY stage alone)."""
+    from prefect import flow
+    from prefect_dask import DaskTaskRunner
+
+    from flows.jellybean import deploy_all
+    from infra.cluster import TieredCluster
+    from infra.errors import InputError
+    from infra.spec import load_infra_spec
+
+    try:
+        problem = _problem_from(None, workflow, infra, profile, None, None, "")
+        decided = _read_plans(plans)
+        infra_spec = load_infra_spec(infra)
+    except InputError as exc:
+        _fail(str(exc))
+    _ensure_server()
+    _quiet_logs()
+    with TieredCluster(infra_spec, scheduler=scheduler) as cluster:
+        stage = flow(name="jellybean-deploy")(deploy_all).with_options(task_runner=DaskTaskRunner(address=cluster.address))
+        deployed, crossing = stage(problem, infra_spec, decided, requests)
+    out.mkdir(parents=True, exist_ok=True)
+    deployed.to_csv(out / "deploy.csv", index=False)
+    crossing.to_csv(out / "tier_crossing.csv", index=False)
+    Console().print(f"wrote {out / 'deploy.csv'} and {out / 'tier_crossing.csv'}")
+
+
+@jellybean_app.command("evaluate")
+def jellybean_evaluate(
+    plans: Path = typer.Option(..., help="plans.json from the optimize stage"),
+    deployed: Path = typer.Option(..., help="folder written by `tierflow jellybean deploy`"),
+    workflow: Path = typer.Option(Path(__file__).resolve().parents[1] / "data" / "vqa.workflow.yaml"),
+    infra: Path = typer.Option(Path(__file__).resolve().parents[1] / "data" / "vqa.infra.yaml"),
+    profile: Path = typer.Option(..., help="profile CSV the plans were made from"),
+    out: Path = typer.Option(Path("evaluation"), help="folder for evaluation.json, report.md and the plot"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON line, last"),
+) -> None:
+    """Compare the strategies' cost, accuracy and deployed throughput (EVALUATE stage alone)."""
+    import pandas as pd
+    from prefect import flow
+
+    from data_contracts import validate
+    from flows.jellybean import evaluate
+    from infra.errors import InputError
+
+    try:
+        problem = _problem_from(None, workflow, infra, profile, None, None, "")
+        decided = _read_plans(plans)
+        if "milp" not in decided:
+            raise InputError(plans, "milp", None, "the plans must include the MILP's")
+        frame = pd.read_csv(deployed / "deploy.csv")
+        validate(frame.drop(columns=["dask_worker"], errors="ignore"), "jellybean.deploy", deployed / "deploy.csv")
+        crossing = pd.read_csv(deployed / "tier_crossing.csv")
+    except (InputError, OSError) as exc:
+        _fail(str(exc))
+    _ensure_server()
+    summary = flow(name="jellybean-evaluate")(evaluate)(problem, decided, {}, frame, crossing, out, out.name)
+    if as_json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        _print_summary([summary])
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -37,7 +37,15 @@ STRATEGY_NAMES = ["milp", *STRATEGIES]
 PROFILE_CONCURRENCY = 2
 
 
-def profile(spec: WorkflowSpec, infra: InfraSpec, repeats: int) -> pd.DataFrame:
+SIMULATED = [
+    f"device speed: latency measured on this host's CPU ({runtime.HOST_DEVICE}), scaled to each pool's device "
+    "by the catalog (min of peak-compute and memory-bandwidth ratios)",
+    "prices ($/hour) and link costs ($/GB) come from the catalog, not a bill",
+    "model weights are random (architectures are real); accuracy comes from the authors' profiled table",
+]
+
+
+def profile(spec: WorkflowSpec, infra: InfraSpec, repeats: int, intervals: list | None = None) -> pd.DataFrame:
     """PROFILE: time every variant on each pool's worker; scale to the pool's device."""
     variants = [(op, var) for op, o in spec.operators.items() for var in o.variants]
     rows = []
@@ -48,22 +56,34 @@ def profile(spec: WorkflowSpec, infra: InfraSpec, repeats: int) -> pd.DataFrame:
         for pool in infra.pools[wave : wave + PROFILE_CONCURRENCY]:
             with on(tier=pool.tier, device=pool.device):
                 futures.append(profile_pool.submit(pool.name, pool.tier, pool.device, variants, repeats))
-        rows += [row for f in futures for row in f.result()]
+        for future in futures:
+            measured = future.result()
+            rows += measured["rows"]
+            if intervals is not None:
+                intervals.append(measured["interval"])
     frame = pd.DataFrame(rows)
     return validate(frame.drop(columns=["worker"]), "jellybean.profile", "profile stage").assign(worker=frame.worker)
 
 
-def optimize(problem: JellyBeanProblem) -> dict[str, Plan]:
-    """OPTIMIZE: the MILP and every baseline, on the same problem."""
+def optimize(problem: JellyBeanProblem, intervals: list | None = None) -> tuple[dict[str, Plan], dict[str, str]]:
+    """OPTIMIZE: the MILP and every baseline on the same problem; baselines that cannot serve it are listed."""
     futures = {name: plan_strategy.submit(problem, name) for name in STRATEGY_NAMES}
-    plans = {name: f.result() for name, f in futures.items()}
+    plans, infeasible = {}, {}
+    for name, future in futures.items():
+        outcome = future.result()
+        if intervals is not None:
+            intervals.append(outcome["interval"])
+        if outcome["plan"] is None:
+            infeasible[name] = outcome["infeasible"]
+        else:
+            plans[name] = outcome["plan"]
     table = report.assignment_table(plans)
     validate(table.assign(rate=table.rate.clip(lower=0.0), headroom=table.capacity - table.rate), "jellybean.plan", "optimize stage")
-    return plans
+    return plans, infeasible
 
 
 def deploy(problem: JellyBeanProblem, infra: InfraSpec, plan: Plan, requests: int, seed: int = 0) -> list:
-    """DEPLOY: push a request stream through the plan's variants on its tier workers."""
+    """DEPLOY one plan: push a request stream through its variants on its tier workers."""
     request_ids = list(range(requests))
     sources = {
         "ReadImage": runtime.request_inputs("ExtractImageFeature", "resnet18", requests, seed),
@@ -85,72 +105,93 @@ def deploy(problem: JellyBeanProblem, infra: InfraSpec, plan: Plan, requests: in
     return [f.result() for f in futures]
 
 
-@flow(name="jellybean-stages", log_prints=True)
-def jellybean_stages(workflow: str, infra: str, scale: str, rate: float | None, results_dir: str, run_id: str,
-                     store: str | None = None) -> dict:
-    logger = get_run_logger()
-    started = time.perf_counter()
-    spec, infra_spec = load_workflow(workflow, rate=rate), load_infra_spec(infra)
-    catalog = load_catalog()
-    settings = SCALES[scale]
-    out = Path(results_dir) / "jellybean" / run_id
-    out.mkdir(parents=True, exist_ok=True)
-
-    profiled = profile(spec, infra_spec, settings["repeats"])
-    problem = build_problem(spec, infra_spec, profiled, catalog)
-    plans = optimize(problem)
-    logger.info("MILP plan: %.3f $/h", plans["milp"].total_cost_per_hour)
-
-    speedup = {p.name: simulated_speedup(p.device) for p in infra_spec.pools}
+def deploy_all(problem: JellyBeanProblem, infra: InfraSpec, plans: dict[str, Plan], requests: int,
+               intervals: list | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """DEPLOY every strategy's plan; per-worker measurements and tier-crossing traffic."""
+    speedup = {p.name: simulated_speedup(p.device) for p in infra.pools}
     deployed, crossing = [], []
-    source_kib = {u: problem.message(u, v, "default", plans["milp"].variants[v]) for u, v in problem.edges if u in problem.sources}
     for name, plan in plans.items():
-        results = deploy(problem, infra_spec, plan, settings["requests"])
+        results = deploy(problem, infra, plan, requests)
+        if intervals is not None:
+            intervals.extend(r.interval for r in results)
         deployed.append(deploying.deployment_table(problem, plan, results, speedup))
+        source_kib = {u: problem.message(u, v, "default", plan.variants[v]) for u, v in problem.edges if u in problem.sources}
         planned = sum(f.kib_per_s for f in plan.flows if problem.tier_of(f.dst) > problem.tier_of(f.src))
         crossing.append({"strategy": name, "planned_kib_per_request": planned / max(problem.sources.values()),
                          "measured_kib_per_request": deploying.tier_crossing_kib_per_request(problem, results, source_kib)})
-    deploy_frame = validate(pd.concat(deployed, ignore_index=True).drop(columns=["dask_worker"]), "jellybean.deploy", "deploy stage")
-    crossing_frame = pd.DataFrame(crossing)
+    frame = pd.concat(deployed, ignore_index=True)
+    validate(frame.drop(columns=["dask_worker"]), "jellybean.deploy", "deploy stage")
+    return frame, pd.DataFrame(crossing)
 
+
+def evaluate(problem: JellyBeanProblem, plans: dict[str, Plan], infeasible: dict[str, str], deployed: pd.DataFrame,
+             crossing: pd.DataFrame, out: Path, run_id: str) -> dict:
+    """EVALUATE: cost, accuracy and achieved throughput of every strategy; files and Prefect artifacts."""
+    out.mkdir(parents=True, exist_ok=True)
     evaluation = validate(report.evaluation_table(problem, plans), "jellybean.evaluation", "evaluate stage")
-    simulated = [
-        f"device speed: latency measured on this host's CPU ({runtime.HOST_DEVICE}), scaled to each pool's device "
-        "by the catalog (min of peak-compute and memory-bandwidth ratios)",
-        "prices ($/hour) and link costs ($/GB) come from the catalog, not a bill",
-        "model weights are random (architectures are real); accuracy comes from the authors' profiled table",
-    ]
     plot = report.cost_plot(evaluation, out / "cost_by_strategy.png", f"JellyBean on {problem.name}: cost by strategy")
     (out / "plan.json").write_text(json.dumps(plans["milp"].to_dict(), indent=2))
     (out / "plans.json").write_text(json.dumps({n: p.to_dict() for n, p in plans.items()}, indent=2))
-    profiled.to_csv(out / "profile.csv", index=False)
-    markdown = report.markdown_report(problem, evaluation, deploy_frame, crossing_frame, simulated, plot.name)
+    markdown = report.markdown_report(problem, evaluation, deployed, crossing, infeasible, SIMULATED, plot.name)
     (out / "report.md").write_text(markdown)
     create_table_artifact(evaluation.round(4).to_dict("records"), key="jellybean-evaluation", description="cost by strategy")
-    create_table_artifact(deploy_frame.round(3).to_dict("records"), key="jellybean-deploy", description="deployed request stream")
+    create_table_artifact(deployed.round(3).to_dict("records"), key="jellybean-deploy", description="deployed request stream")
     create_markdown_artifact(markdown, key="jellybean-report", description="JellyBean report")
 
     by = evaluation.set_index("strategy")
-    achieved = deploy_frame[deploy_frame.strategy == "milp"].groupby("operator").achieved_rate.sum()
+    achieved = deployed[deployed.strategy == "milp"].groupby("operator").achieved_rate.sum()
+    baselines = [n for n in STRATEGIES if n in plans]
     summary = {
         "system": "jellybean",
         "run_id": run_id,
         "workflow": problem.name,
         "key_figure": "total_cost_per_hour",
         "milp": round(float(by.loc["milp", "total_cost_per_hour"]), 4),
-        "baselines": {n: round(float(by.loc[n, "total_cost_per_hour"]), 4) for n in STRATEGIES},
-        "savings": {n: round(float(by.loc[n, "savings"]), 4) for n in STRATEGIES},
+        "baselines": {n: round(float(by.loc[n, "total_cost_per_hour"]), 4) for n in baselines},
+        "savings": {n: round(float(by.loc[n, "savings"]), 4) for n in baselines},
+        "infeasible_baselines": infeasible,
         "accuracy": round(float(by.loc["milp", "accuracy"]), 3),
         "accuracy_target": problem.accuracy_target,
         "throughput_met": {op: bool(achieved.get(op, 0.0) >= problem.required_rate[op] - 1e-6) for op in problem.operators},
         "solve_seconds": round(plans["milp"].solve_seconds, 3),
         "results": str(out),
-        "simulated": simulated,
-        "stage_seconds": round(time.perf_counter() - started, 2),
+        "simulated": SIMULATED,
     }
-    evaluation_doc = {"summary": summary, "strategies": evaluation.to_dict("records"),
-                      "deploy": deploy_frame.to_dict("records"), "tier_crossing": crossing_frame.to_dict("records")}
-    (out / "evaluation.json").write_text(json.dumps(evaluation_doc, indent=2, default=str))
+    document = {"summary": summary, "strategies": evaluation.to_dict("records"), "infeasible": infeasible,
+                "deploy": deployed.to_dict("records"), "tier_crossing": crossing.to_dict("records")}
+    (out / "evaluation.json").write_text(json.dumps(document, indent=2, default=str))
+    return summary
+
+
+def busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Wall-clock time during which at least one task was doing its own work."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+@flow(name="jellybean-stages", log_prints=True)
+def jellybean_stages(workflow: str, infra: str, scale: str, rate: float | None, results_dir: str, run_id: str,
+                     store: str | None = None) -> dict:
+    logger = get_run_logger()
+    spec, infra_spec = load_workflow(workflow, rate=rate), load_infra_spec(infra)
+    settings = SCALES[scale]
+    intervals: list[tuple[float, float]] = []
+    out = Path(results_dir) / "jellybean" / run_id
+    out.mkdir(parents=True, exist_ok=True)
+
+    profiled = profile(spec, infra_spec, settings["repeats"], intervals)
+    profiled.to_csv(out / "profile.csv", index=False)
+    problem = build_problem(spec, infra_spec, profiled, load_catalog())
+    plans, infeasible = optimize(problem, intervals)
+    logger.info("MILP plan: %.3f $/h; infeasible baselines: %s", plans["milp"].total_cost_per_hour, list(infeasible) or "none")
+    deployed, crossing = deploy_all(problem, infra_spec, plans, settings["requests"], intervals)
+    deployed.to_csv(out / "deploy.csv", index=False)
+    summary = evaluate(problem, plans, infeasible, deployed, crossing, out, run_id)
+    summary["task_seconds"] = round(busy_seconds(intervals), 2)
     if store:
         summary["store"] = publish(out, store, f"jellybean/{run_id}")
     return summary
@@ -200,4 +241,10 @@ def jellybean(
         stages = jellybean_stages.with_options(task_runner=DaskTaskRunner(address=cluster.address))
         summary = stages(workflow, infra, scale, rate, results_dir, run_id, store)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
+    # Platform overhead: the share of the run's wall time no task was doing its own work.
+    summary["overhead_share"] = round(1.0 - summary["task_seconds"] / summary["wall_seconds"], 3)
+    out = Path(summary["results"]) / "evaluation.json"
+    document = json.loads(out.read_text())
+    document["summary"] = summary
+    out.write_text(json.dumps(document, indent=2, default=str))
     return summary

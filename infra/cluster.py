@@ -77,7 +77,8 @@ def embedded_cluster(spec: InfraSpec, *, host: str = "127.0.0.1", dashboard: boo
     }
     scheduler = {
         "cls": Scheduler,
-        "options": {"host": host, "port": 0, "dashboard_address": ":0" if dashboard else None},
+        # The dashboard always listens somewhere; keep it on a free port of this host only.
+        "options": {"host": host, "port": 0, "dashboard_address": f"{host}:0", "dashboard": dashboard},
     }
     return SpecCluster(workers=workers, scheduler=scheduler, name=spec.name, silence_logs=40)
 
@@ -119,7 +120,11 @@ class TieredCluster:
     def __enter__(self) -> "TieredCluster":
         if self.scheduler is None:
             self.cluster = embedded_cluster(self.spec)
-            self.client = Client(self.cluster)
+            try:
+                self.client = Client(self.cluster)
+            except Exception:
+                self.cluster.close()
+                raise
         else:
             try:
                 self.client = Client(self.scheduler, timeout="10s")

@@ -201,6 +201,14 @@ class Plan:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        """The inverse of :meth:`to_dict` (a plan read back from plan.json)."""
+        fields = dict(data)
+        fields["assignment"] = [Assignment(**a) for a in data["assignment"]]
+        fields["flows"] = [Flow(**f) for f in data["flows"]]
+        return cls(**fields)
+
     def loads(self) -> dict[tuple[str, str], float]:
         return {(a.operator, a.worker): a.rate for a in self.assignment}
 

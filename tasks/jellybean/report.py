@@ -59,7 +59,7 @@ def cost_plot(evaluation: pd.DataFrame, path: Path, title: str) -> Path:
 
 
 def markdown_report(problem: JellyBeanProblem, evaluation: pd.DataFrame, deploy: pd.DataFrame,
-                    crossing: pd.DataFrame, simulated: list[str], plot_name: str) -> str:
+                    crossing: pd.DataFrame, infeasible: dict[str, str], simulated: list[str], plot_name: str) -> str:
     milp = evaluation.set_index("strategy").loc["milp"]
     lines = [
         f"# JellyBean — {problem.name}",
@@ -73,6 +73,8 @@ def markdown_report(problem: JellyBeanProblem, evaluation: pd.DataFrame, deploy:
         "## Strategies (same cost model, same run)",
         "",
         evaluation.to_markdown(index=False, floatfmt=".4f"),
+        "",
+        *[f"- `{name}` cannot serve this workflow: {why.splitlines()[-1].strip(' -')}" for name, why in infeasible.items()],
         "",
         f"![cost by strategy]({plot_name})",
         "",

@@ -92,6 +92,7 @@ class BatchResult:
     outputs: dict[int, object] = field(repr=False)
     out_bytes: dict[int, int]
     ms_per_request: float
+    interval: tuple[float, float] = (0.0, 0.0)  # wall-clock start and end of the work
 
 
 def serve(operator: str, variant: str, pool: str, request_ids: list[int], inputs: dict[str, dict[int, object]],
@@ -105,6 +106,7 @@ def serve(operator: str, variant: str, pool: str, request_ids: list[int], inputs
     torch.set_num_threads(1)
     model = load_model(operator, variant, image_variant if operator == "VQA" else "resnet18")
     outputs, out_bytes = {}, {}
+    wall_start = time.time()
     start = time.perf_counter()
     with torch.inference_mode():
         for rid in request_ids:
@@ -130,7 +132,7 @@ def serve(operator: str, variant: str, pool: str, request_ids: list[int], inputs
     except ValueError:
         worker = "local"
     return BatchResult(operator, variant, pool, str(worker), list(request_ids), outputs, out_bytes,
-                       elapsed / max(len(request_ids), 1))
+                       elapsed / max(len(request_ids), 1), (wall_start, time.time()))
 
 
 def _single(inputs: dict[str, dict[int, object]], rid: int):

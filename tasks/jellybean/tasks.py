@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from infra.catalog import load_catalog
-from optimizers.jellybean import JellyBeanProblem, Plan, check_feasible_inputs, plan_milp
+from optimizers.jellybean import JellyBeanProblem, check_feasible_inputs, plan_milp
 from optimizers.jellybean_baselines import STRATEGIES
+from optimizers.solve import InfeasibleError
 from tasks.jellybean import runtime
 
 
@@ -22,10 +25,14 @@ def simulated_speedup(device: str) -> float:
 
 
 @task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE, task_run_name="profile {pool}")
-def profile_pool(pool: str, tier: str, device: str, variants: list[tuple[str, str]], repeats: int = 2) -> list[dict]:
-    """Measure every (operator, variant) on this worker and scale it to the pool's device."""
+def profile_pool(pool: str, tier: str, device: str, variants: list[tuple[str, str]], repeats: int = 2) -> dict:
+    """Measure every (operator, variant) on this worker and scale it to the pool's device.
+
+    Returns the profile rows and the interval (wall-clock start, end) the work took.
+    """
     from distributed import get_worker
 
+    started = time.time()
     speedup = simulated_speedup(device)
     rows = []
     for operator, variant in variants:
@@ -35,16 +42,25 @@ def profile_pool(pool: str, tier: str, device: str, variants: list[tuple[str, st
             "measured_ms": measured, "latency_ms": measured / speedup, "simulated": device != runtime.HOST_DEVICE,
             "worker": str(get_worker().name),
         })
-    return rows
+    return {"rows": rows, "interval": (started, time.time())}
 
 
 @task(cache_policy=NO_CACHE, task_run_name="plan {strategy}")
-def plan_strategy(problem: JellyBeanProblem, strategy: str) -> Plan:
-    """One strategy's plan: the MILP, or a named baseline."""
+def plan_strategy(problem: JellyBeanProblem, strategy: str) -> dict:
+    """One strategy's plan: the MILP (whose infeasibility fails the run), or a named baseline.
+
+    Returns {"plan": Plan | None, "infeasible": why | None, "interval": (start, end)}: a
+    baseline that cannot serve the workflow is recorded as such, not a failure.
+    """
+    started = time.time()
     if strategy == "milp":
         check_feasible_inputs(problem)
-        return plan_milp(problem)
-    return STRATEGIES[strategy](problem)
+        return {"plan": plan_milp(problem), "infeasible": None, "interval": (started, time.time())}
+    try:
+        plan, why = STRATEGIES[strategy](problem), None
+    except InfeasibleError as exc:
+        plan, why = None, str(exc)
+    return {"plan": plan, "infeasible": why, "interval": (started, time.time())}
 
 
 @task(retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE, task_run_name="serve {operator} on {pool}")

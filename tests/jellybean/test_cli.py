@@ -1,0 +1,77 @@
+"""The tierflow command line, as a user runs it: each stage alone with files between them, and `run --json`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+TIERFLOW = str(Path(sys.executable).with_name("tierflow"))
+
+
+def tierflow(*args, cwd, check=True):
+    result = subprocess.run([TIERFLOW, *map(str, args)], cwd=cwd, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"tierflow {' '.join(map(str, args))} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    workflow = yaml.safe_load((ROOT / "data" / "vqa.workflow.yaml").read_text())
+    workflow["operators"]["ExtractImageFeature"]["variants"] = ["resnet18", "resnet34"]
+    workflow["sources"] = {s: {"rate": 5, "tier": "device"} for s in workflow["sources"]}
+    workflow["accuracy"]["profiles"] = str(ROOT / "data" / "jellybean-vqa" / "accuracy_profiles.json")
+    workflow["messages"] = str(ROOT / "data" / "jellybean-vqa" / "message_sizes.csv")
+    (tmp / "wf.yaml").write_text(yaml.safe_dump(workflow))
+    (tmp / "infra.yaml").write_text(yaml.safe_dump({"name": "cli", "pools": [
+        {"name": "hub-cpu", "tier": "hub", "device": "cpu-small", "count": 2},
+        {"name": "cloud-t4", "tier": "cloud", "device": "t4", "count": 2},
+    ]}))
+    return tmp
+
+
+def test_stages_run_alone_with_files_between_them(prefect_api, small):
+    common = ["--workflow", small / "wf.yaml", "--infra", small / "infra.yaml"]
+    tierflow("jellybean", "profile", *common, "--repeats", 1, "--out", small / "profile.csv", cwd=small)
+    tierflow("jellybean", "optimize", *common, "--profile", small / "profile.csv", "--strategy", "all",
+             "--out", small / "plans.json", cwd=small)
+    plans = json.loads((small / "plans.json").read_text())
+    assert "milp" in plans and "jellybean_heuristic" in plans
+    tierflow("jellybean", "deploy", *common, "--profile", small / "profile.csv", "--plans", small / "plans.json",
+             "--requests", 2, "--out", small / "deploy", cwd=small)
+    result = tierflow("jellybean", "evaluate", *common, "--profile", small / "profile.csv", "--plans", small / "plans.json",
+                      "--deployed", small / "deploy", "--out", small / "evaluation", "--json", cwd=small)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["milp"] == pytest.approx(plans["milp"]["total_cost_per_hour"], abs=1e-4)
+    assert (small / "evaluation" / "report.md").is_file()
+
+
+def test_run_json_prints_the_summary_as_the_last_stdout_line(prefect_api, small):
+    (small / "run.yaml").write_text(yaml.safe_dump({"workflow": "wf.yaml", "infra": "infra.yaml"}))
+    result = tierflow("run", "jellybean", "--config", small / "run.yaml", "--results-dir", small / "results", "--json", cwd=small)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["system"] == "jellybean"
+    assert 0 <= summary["overhead_share"] < 1
+    assert set(summary["savings"]) | set(summary["infeasible_baselines"]) == {"jellybean_heuristic", "infaas_style", "cloud_only"}
+
+
+def test_bad_input_exits_with_a_message_naming_the_field(small):
+    bad = yaml.safe_load((small / "wf.yaml").read_text())
+    bad["sources"]["ReadImage"]["rate"] = -1
+    (small / "bad.yaml").write_text(yaml.safe_dump(bad))
+    (small / "bad-run.yaml").write_text(yaml.safe_dump({"workflow": "bad.yaml", "infra": "infra.yaml"}))
+    result = tierflow("run", "jellybean", "--config", small / "bad-run.yaml", cwd=small, check=False)
+    assert result.returncode == 2
+    assert "sources.ReadImage.rate" in result.stderr and "-1" in result.stderr
+
+
+def test_unknown_system_is_refused(small):
+    result = tierflow("run", "nosuch", cwd=small, check=False)
+    assert result.returncode == 2
+    assert "jellybean" in result.stderr

@@ -48,12 +48,23 @@ Reader = Callable[[Path], pd.DataFrame]
 
 
 class UnreadableDataset(ValueError):
-    """A shipped file cannot be read as a table; the message names the file and what is wrong."""
+    """A shipped file cannot be read as a table; the message names the file and what is wrong.
+
+    For a bad CSV row, ``line``, ``text`` and ``reason`` say which row, what it holds and why.
+    """
+
+    def __init__(self, message: str, *, line: int | None = None, text: str | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.line, self.text, self.reason = line, text, reason
 
 
 def read_headerless_csv(path: Path, columns: list[str], numeric: list[str] = ()) -> pd.DataFrame:
-    """A headerless CSV as a frame with ``columns``; ``numeric`` columns parsed where they parse."""
-    rows = []
+    """A headerless CSV as a frame with ``columns``, indexed by line number.
+
+    ``numeric`` columns are parsed where they parse. A trailing empty field is allowed
+    (the JellyBean repository's files have one).
+    """
+    rows, lines = [], []
     with open(path, newline="") as fh:
         for line_no, raw in enumerate(csv.reader(fh), start=1):
             if not raw or all(not cell.strip() for cell in raw):
@@ -61,11 +72,12 @@ def read_headerless_csv(path: Path, columns: list[str], numeric: list[str] = ())
             while len(raw) > len(columns) and not raw[-1].strip():
                 raw = raw[:-1]
             if len(raw) != len(columns):
-                raise UnreadableDataset(
-                    f"{path}: row {line_no} has {len(raw)} fields, expected {len(columns)} ({', '.join(columns)}): {','.join(raw)!r}"
-                )
+                reason = f"expected {len(columns)} fields ({', '.join(columns)}), got {len(raw)}"
+                raise UnreadableDataset(f"{path}: row {line_no}: {','.join(raw)!r}: {reason}",
+                                        line=line_no, text=",".join(raw), reason=reason)
             rows.append([cell.strip() for cell in raw])
-    frame = pd.DataFrame(rows, columns=columns, dtype=object)
+            lines.append(line_no)
+    frame = pd.DataFrame(rows, columns=columns, dtype=object, index=pd.Index(lines, name="line"))
     for column in numeric:
         frame[column] = _numbers(frame[column])
     return frame

@@ -269,8 +269,8 @@ def jellybean_optimize(
 ) -> None:
     """Choose variants and workers at least cost (OPTIMIZE stage alone)."""
     from infra.errors import InputError
-    from optimizers.jellybean import check_feasible_inputs, plan_milp
-    from optimizers.jellybean_baselines import STRATEGIES, plan_brute_force
+    from optimizers.jellybean import check_feasible_inputs
+    from optimizers.jellybean_baselines import STRATEGIES, plan_brute_force, plan_milp_seeded as plan_milp
     from optimizers.solve import InfeasibleError
 
     try:

@@ -47,7 +47,7 @@ import cvxpy as cp
 import numpy as np
 import scipy.sparse as sp
 
-from optimizers.solve import DEFAULT_TIME_LIMIT_S, Family, InfeasibleError, solve_milp
+from optimizers.solve import DEFAULT_TIME_LIMIT_S, Family, InfeasibleError, SolverError, solve_milp
 
 KIB_PER_S_TO_GB_PER_HOUR = 3600 / 1024**2
 DEFAULT = "default"
@@ -197,6 +197,7 @@ class Plan:
     solve_seconds: float
     optimal: bool | None = None
     notes: list[str] = field(default_factory=list)
+    gap: float | None = None  # relative MIP gap when the solver stopped at its time limit
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -359,8 +360,14 @@ def plan_milp(
     time_limit: float = DEFAULT_TIME_LIMIT_S,
     allowed_pools: set[str] | None = None,
     strategy: str = "milp",
+    incumbent: Plan | None = None,
 ) -> Plan:
-    """The exact joint MILP (variants, machines, loads and flows); see the module docstring."""
+    """The exact joint MILP (variants, machines, loads and flows); see the module docstring.
+
+    ``incumbent`` (a feasible plan, e.g. the heuristic's) caps the objective: the solver
+    prunes with it, and if the time limit passes before anything cheaper is found the
+    incumbent is returned, marked not optimal. The plan is never dearer than it.
+    """
     start = time.perf_counter()
     ops, pools = problem.operators, [p for p in problem.pools if allowed_pools is None or p.name in allowed_pools]
     # Index the variable blocks: y (variant choice), n (machines), l (load), f (flows), c (accuracy combos).
@@ -426,15 +433,28 @@ def plan_milp(
     chosen = family("machines run the chosen variant", "a machine runs an operator only with its chosen variant")
     capacity = family("capacity", "a pool serves at most its machines' throughput")
     for (o, pn, v), i in n_idx.items():
-        chosen.add({"n": [(i, 1.0)], "y": [(y_idx[o, v], -float(problem.pool_by_name[pn].count))]}, "<=", 0.0)
+        # More machines of one pool than its share needs never pay (traffic is priced per pool),
+        # so ceil(R/μ) bounds n as tightly as the pool size does, and far tighter in the relaxation.
+        useful = min(problem.pool_by_name[pn].count, math.ceil(problem.required_rate[o] / problem.capacity(o, pn, v) - 1e-9))
+        chosen.add({"n": [(i, 1.0)], "y": [(y_idx[o, v], -float(useful))]}, "<=", 0.0)
         capacity.add({"l": [(i, 1.0)], "n": [(i, -problem.capacity(o, pn, v))]}, "<=", 0.0)
+    tiers = sorted({p.tier for p in pools})
     for o in ops:
-        tiers = sorted({p.tier for p in pools})
         fam = family(
             f"throughput of {o}",
             f"{o} must serve {problem.required_rate[o]:g} req/s with the workers of tiers {tiers[0]}–{tiers[-1]} that can run it",
         )
-        fam.add({"l": [(n_idx[k], 1.0) for k in n_idx if k[0] == o]}, "==", problem.required_rate[o])
+        rate = problem.required_rate[o]
+        for v in problem.node_variants(o):
+            keys = [n_idx[k] for k in n_idx if k[0] == o and k[2] == v]
+            # the whole rate, on the chosen variant only: Σ_p ℓ[o,p,v] = R(o)·y[o,v]
+            fam.add({"l": [(i, 1.0) for i in keys], "y": [(y_idx[o, v], -rate)]}, "==", 0.0)
+            # and at least as many machines as the fastest pool would need: a valid cut
+            fastest = max((problem.capacity(o, k[1], v) for k in n_idx if k[0] == o and k[2] == v), default=0.0)
+            if fastest > 0:
+                fam.add({"n": [(i, -1.0) for i in keys], "y": [(y_idx[o, v], math.ceil(rate / fastest - 1e-9))]}, "<=", 0.0)
+            else:
+                fam.add({"y": [(y_idx[o, v], 1.0)]}, "<=", 0.0)  # no worker can run this variant
 
     traffic = family("traffic follows the load", "inputs leave where the upstream ran and arrive where the downstream runs")
     out_of: dict[tuple, list[tuple[int, float]]] = {}
@@ -471,7 +491,20 @@ def plan_milp(
     objective = cp.Minimize(price @ variables["n"] + f_cost @ variables["f"])
     cp_families = {name: Family(rows.constraints(variables), meanings[name]) for name, rows in families.items()}
     cp_families["bounds"] = Family([variables["n"] >= 0], "machine counts are non-negative")
-    solution = solve_milp(objective, cp_families, what=f"the JellyBean plan for {problem.name}", time_limit=time_limit)
+    if incumbent is not None:
+        bound = incumbent.total_cost_per_hour * (1 + 1e-7) + 1e-9
+        cp_families["no dearer than the incumbent"] = Family(
+            [objective.args[0] <= bound], f"cost at most the {incumbent.strategy} plan's {incumbent.total_cost_per_hour:.4f} $/h"
+        )
+    try:
+        solution = solve_milp(objective, cp_families, what=f"the JellyBean plan for {problem.name}", time_limit=time_limit)
+    except SolverError:
+        if incumbent is None:
+            raise
+        kept = price_plan(problem, strategy, incumbent.variants, incumbent.assignment, incumbent.flows,
+                          solve_seconds=time.perf_counter() - start, optimal=False,
+                          notes=[f"nothing cheaper than the {incumbent.strategy} plan found within {time_limit:.0f} s"])
+        return kept
 
     y = variables["y"].value
     variants = {o: max(problem.node_variants(o), key=lambda v: y[y_idx[o, v]]) for o in ops}
@@ -486,10 +519,12 @@ def plan_milp(
         if f_val[i] > 1e-9:
             kib = problem.message(u, v, uvar, vvar if vvar != "*" else DEFAULT)
             flows.append(_flow_cost(problem, u, v, src, dst, float(f_val[i]), kib))
-    return price_plan(
+    plan = price_plan(
         problem, strategy, variants, assignment, flows,
         solve_seconds=time.perf_counter() - start, optimal=solution.optimal,
     )
+    plan.gap = 0.0 if solution.optimal else solution.gap
+    return plan
 
 
 def _size_depends_on_downstream_variant(problem: JellyBeanProblem, u: str, v: str) -> bool:

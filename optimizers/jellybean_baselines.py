@@ -355,6 +355,15 @@ def plan_cloud_only(problem: JellyBeanProblem) -> Plan:
     return plan
 
 
+def plan_milp_seeded(problem: JellyBeanProblem, time_limit: float = 60.0) -> Plan:
+    """The MILP, capped by the paper's heuristic plan: optimal when it finishes, never dearer than the heuristic."""
+    try:
+        incumbent = plan_jellybean_heuristic(problem)
+    except InfeasibleError:
+        incumbent = None
+    return plan_milp(problem, time_limit=time_limit, incumbent=incumbent)
+
+
 STRATEGIES = {
     "jellybean_heuristic": plan_jellybean_heuristic,
     "infaas_style": plan_infaas_style,

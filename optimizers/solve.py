@@ -13,11 +13,13 @@ import logging
 import os
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import cvxpy as cp
+import numpy as np
 
 DEFAULT_TIME_LIMIT_S = 60.0
 DEFAULT_MIP_GAP = 1e-6
@@ -85,7 +87,9 @@ def _quiet_first_highs() -> Iterator[None]:
 
 
 def _solve(problem: cp.Problem, time_limit: float, mip_gap: float) -> None:
-    with _quiet_first_highs():
+    # At the time limit cvxpy warns "Solution may be inaccurate"; Solution.optimal and .gap say it instead.
+    with _quiet_first_highs(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Solution may be inaccurate")
         problem.solve(
             solver=cp.HIGHS, verbose=False, output_flag=False, log_to_console=False,
             time_limit=float(time_limit), mip_rel_gap=mip_gap,
@@ -148,13 +152,45 @@ def solve_milp(
         raise InfeasibleError(what, conflicting_families(families, time_limit))
     if problem.status in (cp.UNBOUNDED, cp.UNBOUNDED_INACCURATE):
         raise SolverError(f"{what} is unbounded: a constraint family is missing")
-    if problem.value is None or problem.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE, cp.USER_LIMIT):
+    if (
+        problem.value is None
+        or problem.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE, cp.USER_LIMIT)
+        or (problem.status != cp.OPTIMAL and not _satisfies(constraints))
+    ):
         raise SolverError(f"HiGHS found no solution for {what} within {time_limit:.0f} s (status {problem.status})")
     stats = problem.solver_stats
+    gap = _mip_gap(stats)
     return Solution(
         objective=float(problem.value),
         status=problem.status,
         seconds=seconds,
         optimal=problem.status == cp.OPTIMAL,
+        gap=gap,
         stats={"solve_time": getattr(stats, "solve_time", None), "num_iters": getattr(stats, "num_iters", None)},
     )
+
+
+def _satisfies(constraints: list[cp.Constraint], tol: float = 1e-6) -> bool:
+    """Whether the values left in the variables meet every constraint (a stopped solve may leave junk)."""
+    for constraint in constraints:
+        try:
+            violation = float(np.max(np.atleast_1d(constraint.violation())))
+            scale = max(1.0, float(np.max(np.abs(np.atleast_1d(constraint.args[0].value)))))
+        except (ValueError, TypeError):
+            return False
+        if violation > tol * scale:
+            return False
+    return True
+
+
+def _mip_gap(stats) -> float | None:
+    """HiGHS's relative MIP gap at the end of the solve (0 when proven optimal), if it reports one."""
+    extra = getattr(stats, "extra_stats", None)
+    for source in (extra, getattr(extra, "info", None)):
+        value = getattr(source, "mip_gap", None)
+        if value is not None:
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                return None
+    return None

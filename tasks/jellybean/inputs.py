@@ -8,11 +8,11 @@ Every value is checked before any work starts; a bad one raises
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
 
+from data_contracts.shipped import UnreadableDataset, read_headerless_csv
 from infra.errors import InputError
 from optimizers.jellybean import DEFAULT, AccuracyTable, JellyBeanProblem, Pool
 
@@ -35,19 +35,11 @@ REQUIRED_FILES = (
 
 def read_rows(path: Path, columns: list[str]) -> list[tuple[int, dict[str, str]]]:
     """Rows of a headerless CSV as (line number, {column: text}); a trailing empty field is allowed."""
-    rows = []
-    with open(path, newline="") as fh:
-        for line_no, raw in enumerate(csv.reader(fh), start=1):
-            if not raw or all(not cell.strip() for cell in raw):
-                continue
-            while len(raw) > len(columns) and not raw[-1].strip():
-                raw = raw[:-1]
-            if len(raw) != len(columns):
-                raise InputError(
-                    path, f"row {line_no}", ",".join(raw), f"expected {len(columns)} fields ({', '.join(columns)}), got {len(raw)}"
-                )
-            rows.append((line_no, {c: cell.strip() for c, cell in zip(columns, raw)}))
-    return rows
+    try:
+        frame = read_headerless_csv(path, columns)
+    except UnreadableDataset as exc:
+        raise InputError(path, f"row {exc.line}", exc.text, exc.reason) from None
+    return [(int(line), row.to_dict()) for line, row in frame.iterrows()]
 
 
 def number(path: Path, line_no: int, column: str, text: str, *, positive: bool = False, nonneg: bool = True) -> float:

@@ -8,8 +8,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from infra.catalog import load_catalog
-from optimizers.jellybean import JellyBeanProblem, check_feasible_inputs, plan_milp
-from optimizers.jellybean_baselines import STRATEGIES
+from optimizers.jellybean import JellyBeanProblem, check_feasible_inputs
+from optimizers.jellybean_baselines import STRATEGIES, plan_milp_seeded
 from optimizers.solve import InfeasibleError
 from tasks.jellybean import runtime
 
@@ -55,7 +55,7 @@ def plan_strategy(problem: JellyBeanProblem, strategy: str) -> dict:
     started = time.time()
     if strategy == "milp":
         check_feasible_inputs(problem)
-        return {"plan": plan_milp(problem), "infeasible": None, "interval": (started, time.time())}
+        return {"plan": plan_milp_seeded(problem), "infeasible": None, "interval": (started, time.time())}
     try:
         plan, why = STRATEGIES[strategy](problem), None
     except InfeasibleError as exc:

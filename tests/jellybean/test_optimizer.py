@@ -103,3 +103,22 @@ def test_infeasible_milp_names_the_throughput_family():
         plan_milp(problem)
     assert "one operator per machine" in err.value.conflicting
     assert any(name.startswith("throughput of") for name in err.value.conflicting)
+
+
+def test_milp_seeded_with_the_heuristic_is_never_dearer_even_when_stopped_early():
+    from optimizers.jellybean import plan_milp
+
+    problem = generate_problem(7, operators=8, machines=100, pools=20, tiers=4, variants=3)
+    heuristic = plan_jellybean_heuristic(problem)
+    rushed = plan_milp(problem, time_limit=0.05, incumbent=heuristic)
+    assert plan_violations(problem, rushed) == []
+    assert rushed.total_cost_per_hour <= heuristic.total_cost_per_hour + 1e-6
+
+
+def test_medium_instance_solves_to_optimality_with_a_reported_gap_of_zero():
+    from optimizers.jellybean import plan_milp
+
+    problem = generate_problem(0, operators=8, machines=100, pools=20, tiers=4, variants=3)
+    plan = plan_milp(problem, time_limit=120)
+    assert plan.optimal and plan.gap == 0.0
+    assert plan_violations(problem, plan) == []

@@ -139,6 +139,18 @@ def graph_suite() -> list:
     ]
 
 
+@contract("jellybean.workflow")
+def workflow_suite() -> list:
+    """A workflow spec as its nodes: sources (with a rate) and operators (with inputs and variants)."""
+    return [
+        *_columns("node", "kind", "inputs", "variants", "rate"),
+        E.ExpectColumnValuesToBeUnique(column="node"),
+        E.ExpectColumnValuesToBeInSet(column="kind", value_set=["source", "operator"]),
+        *_count("variants", 1),
+        *_at_least("rate", 0),
+    ]
+
+
 @contract("jellybean.accuracy_table")
 def accuracy_table_suite() -> list:
     return [

@@ -7,7 +7,8 @@ What is shipped:
 - every JellyBean optimizer-input folder under ``data/`` (a folder holding
   ``logical_graph.csv``): its headerless CSVs and its accuracy table (see
   :data:`JELLYBEAN_TABLES`);
-- every infrastructure spec ``data/**/*.infra.yaml``, as its pools table (``infra.pools``).
+- every infrastructure spec ``data/**/*.infra.yaml``, as its pools table (``infra.pools``);
+- every workflow spec ``data/**/*.workflow.yaml``, as its nodes table (``jellybean.workflow``).
 
 Headerless CSVs are read as the JellyBean loader reads them: cells stripped, blank lines
 skipped, trailing empty fields dropped (one shipped row ends in a comma). Numeric cells
@@ -132,6 +133,19 @@ def read_infra_pools(path: Path) -> pd.DataFrame:
     return pd.DataFrame([{"count": 1, **pool} for pool in pools], columns=POOL_COLUMNS)
 
 
+def read_workflow_nodes(path: Path) -> pd.DataFrame:
+    """A JellyBean workflow spec's nodes as a table (node, kind, inputs, variants, rate)."""
+    try:
+        spec = yaml.safe_load(path.read_text())
+        sources, operators = spec["sources"], spec["operators"]
+        rows = [{"node": n, "kind": "source", "inputs": "", "variants": 1, "rate": s.get("rate")} for n, s in sources.items()]
+        rows += [{"node": n, "kind": "operator", "inputs": "+".join(o.get("inputs") or []),
+                  "variants": len(o.get("variants") or []), "rate": 0.0} for n, o in operators.items()]
+    except (yaml.YAMLError, KeyError, TypeError, AttributeError) as exc:
+        raise UnreadableDataset(f"{path}: not a workflow spec (sources, operators): {exc}") from None
+    return pd.DataFrame(rows, columns=["node", "kind", "inputs", "variants", "rate"])
+
+
 def read_csv(path: Path) -> pd.DataFrame:
     """A CSV with a header row."""
     try:
@@ -166,6 +180,8 @@ def _shipped(root: Path) -> list[tuple[Path, str, Reader]]:
         found.extend(_jellybean_folder(graph.parent))
     for spec in sorted(data.rglob("*.infra.yaml")):
         found.append((spec, "infra.pools", read_infra_pools))
+    for spec in sorted(data.rglob("*.workflow.yaml")):
+        found.append((spec, "jellybean.workflow", read_workflow_nodes))
     return found
 
 

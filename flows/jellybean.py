@@ -178,6 +178,8 @@ def jellybean_stages(workflow: str, infra: str, scale: str, rate: float | None, 
                      store: str | None = None) -> dict:
     logger = get_run_logger()
     spec, infra_spec = load_workflow(workflow, rate=rate), load_infra_spec(infra)
+    validate(spec.nodes_frame(), "jellybean.workflow", workflow)
+    validate(infra_spec.pools_frame(), "infra.pools", infra)
     settings = SCALES[scale]
     intervals: list[tuple[float, float]] = []
     out = Path(results_dir) / "jellybean" / run_id

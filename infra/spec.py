@@ -87,6 +87,12 @@ class InfraSpec(BaseModel):
                 return pool
         raise KeyError(f"no pool named {name!r}; pools: {', '.join(p.name for p in self.pools)}")
 
+    def pools_frame(self) -> "pd.DataFrame":
+        """The pools as the ``infra.pools`` contract's table."""
+        import pandas as pd
+
+        return pd.DataFrame([p.model_dump() for p in self.pools], columns=["name", "tier", "device", "count"])
+
     def required_resources(self) -> dict[str, float]:
         """Every resource some pool's worker must advertise, with the amount needed."""
         needed: dict[str, float] = {}

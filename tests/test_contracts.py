@@ -39,7 +39,23 @@ def test_shipped_datasets_cover_the_catalog_and_jellybean_inputs(shipped_results
         (f"{vqa}/input_injection_rates.csv", "jellybean.rates"),
         (f"{vqa}/logical_graph.csv", "jellybean.graph"),
         (f"{vqa}/accuracy_profiles.json", "jellybean.accuracy_table"),
+        ("data/vqa.infra.yaml", "infra.pools"),
+        ("data/vqa.workflow.yaml", "jellybean.workflow"),
     } <= checked
+
+
+def test_a_workflow_with_an_operator_without_variants_breaks_its_contract(tmp_path):
+    import yaml
+
+    from data_contracts.shipped import read_workflow_nodes
+
+    spec = yaml.safe_load((ROOT / "data" / "vqa.workflow.yaml").read_text())
+    spec["operators"]["VQA"]["variants"] = []
+    path = tmp_path / "bad.workflow.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ContractError) as caught:
+        validate(read_workflow_nodes(path), "jellybean.workflow", path)
+    assert "jellybean.workflow" in str(caught.value) and "0" in str(caught.value)
 
 
 def test_corrupted_execution_profile_fails_naming_product_source_and_values(tmp_path):

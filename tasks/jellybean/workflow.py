@@ -65,6 +65,13 @@ class WorkflowSpec(BaseModel):
     def edges(self) -> list[tuple[str, str]]:
         return [(u, op) for op, spec in self.operators.items() for u in spec.inputs]
 
+    def nodes_frame(self) -> pd.DataFrame:
+        """The nodes as the ``jellybean.workflow`` contract's table."""
+        rows = [{"node": n, "kind": "source", "inputs": "", "variants": 1, "rate": s.rate} for n, s in self.sources.items()]
+        rows += [{"node": n, "kind": "operator", "inputs": "+".join(o.inputs), "variants": len(o.variants), "rate": 0.0}
+                 for n, o in self.operators.items()]
+        return pd.DataFrame(rows)
+
 
 def load_workflow(path: str | Path, *, rate: float | None = None) -> WorkflowSpec:
     """Read and check a workflow spec; errors name the file, the field and the value."""

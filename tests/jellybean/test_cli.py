@@ -75,3 +75,25 @@ def test_unknown_system_is_refused(small):
     result = tierflow("run", "nosuch", cwd=small, check=False)
     assert result.returncode == 2
     assert "jellybean" in result.stderr
+
+
+def test_contracts_check_validates_every_shipped_dataset(tmp_path):
+    result = tierflow("contracts", "check", cwd=tmp_path)
+    assert "datasets meet their contracts" in result.stdout
+    assert "vqa.workflow.yaml" in result.stdout
+
+
+def test_optimize_prints_the_plan_json_for_the_authors_input_folder(tmp_path):
+    result = tierflow("jellybean", "optimize", "--inputs", ROOT / "data" / "jellybean-vqa", "--json", cwd=tmp_path)
+    plan = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("variants", "assignment", "compute_cost_per_hour", "network_cost_per_hour", "total_cost_per_hour",
+                "accuracy", "solve_seconds"):
+        assert key in plan
+    assert {"operator", "worker", "rate"} <= set(plan["assignment"][0])
+    assert plan["total_cost_per_hour"] == pytest.approx(7.485, abs=1e-3)
+
+
+def test_an_infeasible_target_exits_naming_the_binding_constraint(tmp_path):
+    result = tierflow("jellybean", "optimize", "--inputs", ROOT / "data" / "jellybean-vqa", "--rate", 400, cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert "throughput of" in result.stderr and "400 req/s" in result.stderr

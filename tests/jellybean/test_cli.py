@@ -97,3 +97,29 @@ def test_an_infeasible_target_exits_naming_the_binding_constraint(tmp_path):
     result = tierflow("jellybean", "optimize", "--inputs", ROOT / "data" / "jellybean-vqa", "--rate", 400, cwd=tmp_path, check=False)
     assert result.returncode == 2
     assert "throughput of" in result.stderr and "400 req/s" in result.stderr
+
+
+def test_cluster_up_prints_a_scheduler_address_whose_workers_carry_the_tiers(small):
+    import re
+    import signal
+    import time
+
+    from distributed import Client
+
+    process = subprocess.Popen([TIERFLOW, "cluster", "up", "--infra", small / "infra.yaml"], cwd=small, env=dict(os.environ),
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        address = None
+        deadline = time.monotonic() + 120
+        while address is None and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            match = re.search(r"scheduler: (tcp://127\.0\.0\.1:\d+)", line)
+            address = match.group(1) if match else None
+        assert address, "no scheduler address printed"
+        with Client(address, timeout="20s") as client:
+            resources = [w["resources"] for w in client.scheduler_info(n_workers=-1)["workers"].values()]
+        assert {"tier-hub": 2, "device-cpu-small": 2, "pool-hub-cpu": 2} in resources
+        assert {"tier-cloud": 2, "device-t4": 2, "pool-cloud-t4": 2} in resources
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)

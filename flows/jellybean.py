@@ -19,7 +19,7 @@ from prefect_dask import DaskTaskRunner
 
 from data_contracts import validate
 from infra.catalog import load_catalog
-from infra.cluster import TieredCluster, on
+from infra.cluster import TieredCluster, on_pool
 from infra.spec import InfraSpec, load_infra_spec
 from infra.store import open_store
 from optimizers.jellybean import JellyBeanProblem, Plan
@@ -54,7 +54,7 @@ def profile(spec: WorkflowSpec, infra: InfraSpec, repeats: int, intervals: list 
     for wave in range(0, len(infra.pools), PROFILE_CONCURRENCY):
         futures = []
         for pool in infra.pools[wave : wave + PROFILE_CONCURRENCY]:
-            with on(tier=pool.tier, device=pool.device):
+            with on_pool(pool):
                 futures.append(profile_pool.submit(pool.name, pool.tier, pool.device, variants, repeats))
         for future in futures:
             measured = future.result()
@@ -97,7 +97,7 @@ def deploy(problem: JellyBeanProblem, infra: InfraSpec, plan: Plan, requests: in
         for worker, ids in deploying.split_requests(request_ids, shares[op]).items():
             pool = infra.pool(worker)
             upstream = {u: outputs[u] for u in problem.inputs[op]}
-            with on(tier=pool.tier, device=pool.device):
+            with on_pool(pool):
                 future = serve_batch.submit(op, plan.variants[op], worker, ids, upstream,
                                             image_variant=plan.variants.get("ExtractImageFeature", "resnet18"))
             outputs[op].append(future)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from typing import ContextManager, Iterator
 
 import dask
 from distributed import Client, Nanny, Scheduler, SpecCluster
@@ -48,7 +48,7 @@ def on(tier: str | None = None, device: str | None = None, pool: str | None = No
         yield
 
 
-def on_pool(pool: Pool) -> "contextmanager[None]":
+def on_pool(pool: Pool) -> ContextManager[None]:
     """Route to the worker of one pool (by its tier and device, which external clusters advertise)."""
     return on(tier=pool.tier, device=pool.device)
 

@@ -210,9 +210,6 @@ class Plan:
         fields["flows"] = [Flow(**f) for f in data["flows"]]
         return cls(**fields)
 
-    def loads(self) -> dict[tuple[str, str], float]:
-        return {(a.operator, a.worker): a.rate for a in self.assignment}
-
 
 def _flow_cost(problem: JellyBeanProblem, u: str, v: str, src: str, dst: str, rate: float, kib: float) -> Flow:
     kib_per_s = rate * kib

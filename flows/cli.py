@@ -17,6 +17,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+# Nothing imported here may import Prefect: it reads PREFECT_API_URL once, at import, and
+# the server's URL is only known once _ensure_server() has run.
+from tasks.jellybean.workflow import DEFAULT_INFRA, DEFAULT_WORKFLOW
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
@@ -42,6 +46,7 @@ def _fail(message: str) -> None:
 
 
 def _quiet_logs() -> None:
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # the workers inherit it
     for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker", "distributed.core"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -79,8 +84,7 @@ def run_system(system: str, scale: str, config: Optional[Path], scheduler: Optio
         for key in ("workflow", "infra"):
             if key in params:
                 params[key] = str((base / params[key]).resolve())
-    try:  # bad input fails here, before a server or a cluster starts
-        from flows.jellybean import DEFAULT_INFRA, DEFAULT_WORKFLOW
+    try:  # bad input fails here, before a server or a cluster starts (and before Prefect is imported)
         from infra.spec import load_infra_spec
         from tasks.jellybean.workflow import load_workflow
 
@@ -308,8 +312,8 @@ def jellybean_optimize(
 
 @jellybean_app.command("profile")
 def jellybean_profile(
-    workflow: Path = typer.Option(Path(__file__).resolve().parents[1] / "data" / "vqa.workflow.yaml"),
-    infra: Path = typer.Option(Path(__file__).resolve().parents[1] / "data" / "vqa.infra.yaml"),
+    workflow: Path = typer.Option(DEFAULT_WORKFLOW),
+    infra: Path = typer.Option(DEFAULT_INFRA),
     scheduler: Optional[str] = typer.Option(None),
     repeats: int = typer.Option(2),
     out: Path = typer.Option(Path("profile.csv")),
@@ -352,8 +356,8 @@ def _read_plans(path: Path) -> dict:
 @jellybean_app.command("deploy")
 def jellybean_deploy(
     plans: Path = typer.Option(..., help="plans.json (every strategy) or plan.json from `optimize --out`"),
-    workflow: Path = typer.Option(Path(__file__).resolve().parents[1] / "data" / "vqa.workflow.yaml"),
-    infra: Path = typer.Option(Path(__file__).resolve().parents[1] / "data" / "vqa.infra.yaml"),
+    workflow: Path = typer.Option(DEFAULT_WORKFLOW),
+    infra: Path = typer.Option(DEFAULT_INFRA),
     profile: Path = typer.Option(..., help="profile CSV the plans were made from"),
     requests: int = typer.Option(4, help="requests pushed through each plan"),
     scheduler: Optional[str] = typer.Option(None),
@@ -389,8 +393,8 @@ def jellybean_deploy(
 def jellybean_evaluate(
     plans: Path = typer.Option(..., help="plans.json from the optimize stage"),
     deployed: Path = typer.Option(..., help="folder written by `tierflow jellybean deploy`"),
-    workflow: Path = typer.Option(Path(__file__).resolve().parents[1] / "data" / "vqa.workflow.yaml"),
-    infra: Path = typer.Option(Path(__file__).resolve().parents[1] / "data" / "vqa.infra.yaml"),
+    workflow: Path = typer.Option(DEFAULT_WORKFLOW),
+    infra: Path = typer.Option(DEFAULT_INFRA),
     profile: Path = typer.Option(..., help="profile CSV the plans were made from"),
     out: Path = typer.Option(Path("evaluation"), help="folder for evaluation.json, report.md and the plot"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON line, last"),

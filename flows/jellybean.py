@@ -27,11 +27,8 @@ from optimizers.jellybean_baselines import STRATEGIES
 from tasks.jellybean import deploy as deploying
 from tasks.jellybean import report, runtime
 from tasks.jellybean.tasks import plan_strategy, profile_pool, serve_batch, simulated_speedup
-from tasks.jellybean.workflow import WorkflowSpec, build_problem, load_workflow
+from tasks.jellybean.workflow import DEFAULT_INFRA, DEFAULT_WORKFLOW, WorkflowSpec, build_problem, load_workflow
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_WORKFLOW = ROOT / "data" / "vqa.workflow.yaml"
-DEFAULT_INFRA = ROOT / "data" / "vqa.infra.yaml"
 SCALES = {"small": {"requests": 4, "repeats": 1}, "medium": {"requests": 16, "repeats": 3}, "large": {"requests": 64, "repeats": 5}}
 STRATEGY_NAMES = ["milp", *STRATEGIES]
 PROFILE_CONCURRENCY = 2

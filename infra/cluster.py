@@ -54,7 +54,8 @@ def on_pool(pool: Pool) -> ContextManager[None]:
 
 
 def worker_env() -> dict[str, str]:
-    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "DASK_LOGGING__DISTRIBUTED": os.environ.get("DASK_LOGGING__DISTRIBUTED", "warning")}
     env.update({key: os.environ[key] for key in _FORWARDED_ENV if key in os.environ})
     return env
 

@@ -33,6 +33,11 @@ from tasks.jellybean.inputs import number, read_rows
 
 Tier = Annotated[str, Field(pattern=r"^(device|hub|edge|cloud)$")]
 
+# The embedded default: the paper's VQA workflow on a four-tier infrastructure.
+DATA = Path(__file__).resolve().parents[2] / "data"
+DEFAULT_WORKFLOW = DATA / "vqa.workflow.yaml"
+DEFAULT_INFRA = DATA / "vqa.infra.yaml"
+
 
 class Source(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -123,3 +123,9 @@ def test_cluster_up_prints_a_scheduler_address_whose_workers_carry_the_tiers(sma
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
+
+
+def test_the_cli_does_not_import_prefect_before_the_server_url_is_known():
+    # Prefect reads PREFECT_API_URL once, at import: importing it early sends runs to a throwaway server.
+    code = "import sys, flows.cli; sys.exit('prefect' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

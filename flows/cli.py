@@ -72,6 +72,8 @@ def run_system(system: str, scale: str, config: Optional[Path], scheduler: Optio
 
     if system not in SYSTEMS:
         _fail(f"unknown system {system!r}; landed systems: {', '.join(SYSTEMS)}")
+    if scale not in ("small", "medium", "large"):
+        _fail(f"--scale: {scale!r} is not one of small, medium, large")
     params: dict = {}
     if config is not None:
         try:

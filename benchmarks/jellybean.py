@@ -264,6 +264,15 @@ def _print_vqa(section: dict) -> None:
         console.print(table)
 
 
+def _save_figure(fig, path: Path) -> Path:
+    """Lay out, write (creating the folder) and close a figure."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _plot_vqa_costs(section: dict, out: Path) -> Path:
     feasible = {p: r for p, r in section["profiles"].items() if r["feasible"]}
     fig, axes = plt.subplots(1, max(len(feasible), 1), figsize=(4.5 * max(len(feasible), 1), 4.2), sharey=True, squeeze=False)
@@ -284,12 +293,7 @@ def _plot_vqa_costs(section: dict, out: Path) -> Path:
     setting = section["default_setting"]["setting"]
     rates = "/".join(f"{r:g}" for r in setting["rate"].values())
     fig.suptitle(f"JellyBean VQA (measured inputs): {rates} req/s per source, accuracy ≥ {setting['accuracy_target']:g}", fontsize=11)
-    fig.tight_layout()
-    path = out / "vqa_costs.png"
-    out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, out / "vqa_costs.png")
 
 
 def _plot_vqa_savings(section: dict, out: Path) -> Path:
@@ -313,12 +317,7 @@ def _plot_vqa_savings(section: dict, out: Path) -> Path:
     axes[0].set_title(f"vs rate (target {section['default_setting']['setting']['accuracy_target']:g})", fontsize=10)
     axes[1].set_title(f"vs target ({SWEEP_RATE:g} req/s)", fontsize=10)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "vqa_savings_vs_rate.png"
-    out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, out / "vqa_savings_vs_rate.png")
 
 
 # --------------------------------------------------------------------------- 2. solver scaling
@@ -633,12 +632,7 @@ def _plot_scaling(section: dict, out: Path) -> Path:
         ax.grid(alpha=0.3, which="both")
     fig.suptitle("JellyBean solver scaling — generated (synthetic) instances; seeded = MILP capped by the heuristic's plan "
                  "(time includes the heuristic)", fontsize=10)
-    fig.tight_layout()
-    path = out / "solver_scaling.png"
-    out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, out / "solver_scaling.png")
 
 
 # --------------------------------------------------------------------------- 3. platform overhead

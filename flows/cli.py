@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +36,7 @@ app.add_typer(cluster_app, name="cluster")
 app.add_typer(jellybean_app, name="jellybean")
 
 console = Console(stderr=True)
+CONFIG_KEYS = ("workflow", "infra", "rate")  # what a run config (--config) may set
 SYSTEMS = {
     "jellybean": "serve ML inference workflows across device/hub/edge/cloud tiers at least cost",
 }
@@ -43,6 +45,20 @@ SYSTEMS = {
 def _fail(message: str) -> None:
     console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
+
+
+@contextmanager
+def _user_errors():
+    """Bad input, an infeasible plan or an unusable cluster: a one-line error and exit 2, no traceback."""
+    from data_contracts import ContractError
+    from infra.cluster import ClusterError
+    from infra.errors import InputError
+    from optimizers.solve import InfeasibleError, SolverError
+
+    try:
+        yield
+    except (InputError, ContractError, InfeasibleError, SolverError, ClusterError, OSError) as exc:
+        _fail(str(exc))
 
 
 def _quiet_logs() -> None:
@@ -56,7 +72,10 @@ def _ensure_server() -> str:
 
     configured = os.environ.get("PREFECT_API_URL")
     with console.status("starting the Prefect server (first time: ~20 s)…"):
-        url = prefect_server.ensure_api()
+        try:
+            url = prefect_server.ensure_api()
+        except RuntimeError as exc:
+            _fail(str(exc))
     if not configured:
         console.print(f"Prefect API: {url}  (UI: {url.removesuffix('/api')})")
     return url
@@ -69,6 +88,7 @@ def run_system(system: str, scale: str, config: Optional[Path], scheduler: Optio
                store: Optional[str] = None) -> dict:
     """Run one system's flow; returns its evaluation summary."""
     from infra.errors import InputError
+    from optimizers.solve import InfeasibleError
 
     if system not in SYSTEMS:
         _fail(f"unknown system {system!r}; landed systems: {', '.join(SYSTEMS)}")
@@ -78,32 +98,34 @@ def run_system(system: str, scale: str, config: Optional[Path], scheduler: Optio
     if config is not None:
         try:
             params = yaml.safe_load(config.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             _fail(f"{config}: cannot read the run config: {exc}")
         if not isinstance(params, dict):
             _fail(f"{config}: expected a mapping of flow parameters, got {type(params).__name__}")
-        base = config.parent
+        unknown = sorted(set(params) - set(CONFIG_KEYS))
+        if unknown:
+            _fail(f"{config}: field {unknown[0]!r}: unknown; a run config takes {', '.join(CONFIG_KEYS)}")
         for key in ("workflow", "infra"):
             if key in params:
-                params[key] = str((base / params[key]).resolve())
+                params[key] = str((config.parent / str(params[key])).resolve())
     try:  # bad input fails here, before a server or a cluster starts (and before Prefect is imported)
         from infra.spec import load_infra_spec
+        from tasks.jellybean.runtime import check_servable
         from tasks.jellybean.workflow import load_workflow
 
-        load_workflow(params.get("workflow", DEFAULT_WORKFLOW), rate=params.get("rate"))
+        check_servable(load_workflow(params.get("workflow", DEFAULT_WORKFLOW), rate=params.get("rate")))
         load_infra_spec(params.get("infra", DEFAULT_INFRA))
     except InputError as exc:
         _fail(str(exc))
     _ensure_server()
     _quiet_logs()
     from flows.jellybean import jellybean
+    from infra.cluster import ClusterError
 
     try:
         return jellybean(scale=scale, scheduler=scheduler, results_dir=results_dir, store=store, **params)
-    except InputError as exc:
+    except (InputError, ClusterError, InfeasibleError) as exc:
         _fail(str(exc))
-    except TypeError as exc:
-        _fail(f"{config}: {exc}")
 
 
 @app.command("list")
@@ -276,16 +298,17 @@ def jellybean_optimize(
 ) -> None:
     """Choose variants and workers at least cost (OPTIMIZE stage alone)."""
     from infra.errors import InputError
+    from data_contracts import ContractError
     from optimizers.jellybean import check_feasible_inputs
-    from optimizers.jellybean_baselines import STRATEGIES, plan_brute_force, plan_milp_seeded as plan_milp
-    from optimizers.solve import InfeasibleError
+    from optimizers.jellybean_baselines import STRATEGIES, plan_brute_force, plan_milp_seeded
+    from optimizers.solve import InfeasibleError, SolverError
 
     try:
         problem = _problem_from(inputs, workflow, infra, profile, rate, accuracy, profile_file)
         check_feasible_inputs(problem)
-        solvers = {"milp": plan_milp, "brute_force": plan_brute_force, **STRATEGIES}
+        solvers = {"milp": plan_milp_seeded, "brute_force": plan_brute_force, **STRATEGIES}
         if strategy == "all":
-            plans = {"milp": plan_milp(problem)}
+            plans = {"milp": plan_milp_seeded(problem)}
             for name, solver in STRATEGIES.items():
                 try:
                     plans[name] = solver(problem)
@@ -295,7 +318,7 @@ def jellybean_optimize(
             plans = {strategy: solvers[strategy](problem)}
         else:
             _fail(f"unknown strategy {strategy!r}; choose all or one of {', '.join(solvers)}")
-    except (InputError, InfeasibleError) as exc:
+    except (InputError, InfeasibleError, SolverError, ContractError, OSError, ValueError) as exc:
         _fail(str(exc))
     document = {n: p.to_dict() for n, p in plans.items()} if strategy == "all" else plans[strategy].to_dict()
     if out:
@@ -329,10 +352,14 @@ def jellybean_profile(
     from infra.spec import load_infra_spec
     from tasks.jellybean.workflow import load_workflow
 
-    spec, infra_spec = load_workflow(workflow), load_infra_spec(infra)
+    from tasks.jellybean.runtime import check_servable
+
+    with _user_errors():
+        spec, infra_spec = load_workflow(workflow), load_infra_spec(infra)
+        check_servable(spec)
     _ensure_server()
     _quiet_logs()
-    with TieredCluster(infra_spec, scheduler=scheduler) as cluster:
+    with _user_errors(), TieredCluster(infra_spec, scheduler=scheduler) as cluster:
         stage = flow(name="jellybean-profile")(profile_stage).with_options(task_runner=DaskTaskRunner(address=cluster.address))
         frame = stage(spec, infra_spec, repeats)
     frame.to_csv(out, index=False)
@@ -347,11 +374,11 @@ def _read_plans(path: Path) -> dict:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(path, "<file>", str(path), f"cannot read plans: {exc}") from None
-    if "assignment" in data:  # a single plan.json
-        data = {data["strategy"]: data}
     try:
+        if "assignment" in data:  # a single plan.json
+            data = {data["strategy"]: data}
         return {name: Plan.from_dict(plan) for name, plan in data.items()}
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, AttributeError) as exc:
         raise InputError(path, "plan", str(exc), "not a tierflow JellyBean plan") from None
 
 
@@ -374,15 +401,17 @@ def jellybean_deploy(
     from infra.errors import InputError
     from infra.spec import load_infra_spec
 
-    try:
+    from tasks.jellybean.runtime import check_servable
+    from tasks.jellybean.workflow import load_workflow
+
+    with _user_errors():
+        check_servable(load_workflow(workflow))
         problem = _problem_from(None, workflow, infra, profile, None, None, "")
         decided = _read_plans(plans)
         infra_spec = load_infra_spec(infra)
-    except InputError as exc:
-        _fail(str(exc))
     _ensure_server()
     _quiet_logs()
-    with TieredCluster(infra_spec, scheduler=scheduler) as cluster:
+    with _user_errors(), TieredCluster(infra_spec, scheduler=scheduler) as cluster:
         stage = flow(name="jellybean-deploy")(deploy_all).with_options(task_runner=DaskTaskRunner(address=cluster.address))
         deployed, crossing = stage(problem, infra_spec, decided, requests)
     out.mkdir(parents=True, exist_ok=True)
@@ -405,7 +434,7 @@ def jellybean_evaluate(
     import pandas as pd
     from prefect import flow
 
-    from data_contracts import validate
+    from data_contracts import ContractError, validate
     from flows.jellybean import evaluate
     from infra.errors import InputError
 
@@ -417,7 +446,7 @@ def jellybean_evaluate(
         frame = pd.read_csv(deployed / "deploy.csv")
         validate(frame.drop(columns=["dask_worker"], errors="ignore"), "jellybean.deploy", deployed / "deploy.csv")
         crossing = pd.read_csv(deployed / "tier_crossing.csv")
-    except (InputError, OSError) as exc:
+    except (InputError, ContractError, OSError) as exc:
         _fail(str(exc))
     _ensure_server()
     summary = flow(name="jellybean-evaluate")(evaluate)(problem, decided, {}, frame, crossing, out, out.name)

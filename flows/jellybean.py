@@ -82,11 +82,11 @@ def optimize(problem: JellyBeanProblem, intervals: list | None = None) -> tuple[
 def deploy(problem: JellyBeanProblem, infra: InfraSpec, plan: Plan, requests: int, seed: int = 0) -> list:
     """DEPLOY one plan: push a request stream through its variants on its tier workers."""
     request_ids = list(range(requests))
-    sources = {
-        "ReadImage": runtime.request_inputs("ExtractImageFeature", "resnet18", requests, seed),
-        "ReadSpeech": runtime.request_inputs("SpeechRecognition", "wav2vec2-base-960h", requests, seed),
-    }
-    outputs: dict[str, list] = {s: [{rid: t[rid] for rid in request_ids}] for s, (t, *_) in sources.items()}
+    outputs: dict[str, list] = {}
+    for u, v in problem.edges:
+        if u in problem.sources:  # the raw payload the consuming model takes (an image, a spoken question)
+            (payload, *_) = runtime.request_inputs(v, plan.variants[v], requests, seed)
+            outputs[u] = [{rid: payload[rid] for rid in request_ids}]
     shares = deploying.stream_plan(plan)
     futures = []
     for op in problem.operators:
@@ -112,7 +112,7 @@ def deploy_all(problem: JellyBeanProblem, infra: InfraSpec, plans: dict[str, Pla
         if intervals is not None:
             intervals.extend(r.interval for r in results)
         deployed.append(deploying.deployment_table(problem, plan, results, speedup))
-        source_kib = {u: problem.message(u, v, "default", plan.variants[v]) for u, v in problem.edges if u in problem.sources}
+        source_kib = {(u, v): problem.message(u, v, "default", plan.variants[v]) for u, v in problem.edges if u in problem.sources}
         planned = sum(f.kib_per_s for f in plan.flows if problem.tier_of(f.dst) > problem.tier_of(f.src))
         crossing.append({"strategy": name, "planned_kib_per_request": planned / max(problem.sources.values()),
                          "measured_kib_per_request": deploying.tier_crossing_kib_per_request(problem, results, source_kib)})
@@ -232,7 +232,7 @@ def jellybean(
     """
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
-    load_workflow(workflow, rate=rate)  # fail on bad input before starting anything
+    runtime.check_servable(load_workflow(workflow, rate=rate))  # fail on bad input before starting anything
     spec = load_infra_spec(infra)
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     started = time.perf_counter()

@@ -49,7 +49,8 @@ def on(tier: str | None = None, device: str | None = None, pool: str | None = No
 
 
 def on_pool(pool: Pool) -> ContextManager[None]:
-    """Route to the worker of one pool (by its tier and device, which external clusters advertise)."""
+    """Route to the worker of one pool, by its tier and device (unique per pool in a valid spec,
+    and what external clusters advertise)."""
     return on(tier=pool.tier, device=pool.device)
 
 

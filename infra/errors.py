@@ -37,6 +37,8 @@ def load_yaml(path: "str | os.PathLike[str]") -> object:
             return yaml.safe_load(fh)
     except FileNotFoundError:
         raise InputError(path, "<file>", str(path), "file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(path, "<file>", str(path), f"cannot read: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "<file>"

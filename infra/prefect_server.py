@@ -115,13 +115,16 @@ def start(port: int = DEFAULT_PORT, host: str = "127.0.0.1", timeout: float = 12
         )
     info = ServerInfo(pid=process.pid, host=host, port=port, home=str(home / "prefect"), log=str(log_path))
     deadline = time.monotonic() + timeout
-    while not healthy(info.api_url):
-        if process.poll() is not None:
-            raise RuntimeError(f"prefect server exited with code {process.returncode}; see {log_path}")
-        if time.monotonic() > deadline:
-            _terminate(process.pid)
-            raise RuntimeError(f"prefect server did not answer within {timeout:.0f} s; see {log_path}")
-        time.sleep(0.5)
+    try:
+        while not healthy(info.api_url):
+            if process.poll() is not None:
+                raise RuntimeError(f"prefect server exited with code {process.returncode}; see {log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"prefect server did not answer within {timeout:.0f} s; see {log_path}")
+            time.sleep(0.5)
+    except BaseException:  # Ctrl-C or a failed start: leave no server behind holding the port
+        _terminate(process.pid)
+        raise
     _state_file().write_text(json.dumps(asdict(info)))
     return info
 
@@ -154,9 +157,19 @@ def stop() -> bool:
         info = ServerInfo(**json.loads(_state_file().read_text()))
     except (FileNotFoundError, ValueError, TypeError):
         return False
-    _terminate(info.pid)
     _state_file().unlink(missing_ok=True)
+    if not _is_prefect_server(info.pid):
+        return False  # stale record: the pid is gone or now belongs to another program
+    _terminate(info.pid)
     return True
+
+
+def _is_prefect_server(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return _pid_alive(pid)  # no /proc here: trust the record
+    return b"prefect" in cmdline and b"server" in cmdline
 
 
 def ensure_api() -> str:

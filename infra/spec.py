@@ -79,6 +79,17 @@ class InfraSpec(BaseModel):
                     {"name": pool.name, "index": index, "first": first_index[pool.name]},
                 )
             first_index[pool.name] = index
+        kinds: dict[tuple[str, str], int] = {}
+        for index, pool in enumerate(self.pools):
+            # Tasks are routed by tier and device, which is all an external cluster advertises:
+            # two pools alike in both would be one pool.
+            if (pool.tier, pool.device) in kinds:
+                raise PydanticCustomError(
+                    "duplicate_pool_kind",
+                    "pools[{first}] already has tier '{tier}' and device '{device}': merge them into one pool (count adds up)",
+                    {"index": index, "first": kinds[pool.tier, pool.device], "tier": pool.tier, "device": pool.device},
+                )
+            kinds[pool.tier, pool.device] = index
         return self
 
     def pool(self, name: str) -> Pool:
@@ -109,7 +120,8 @@ def parse_infra_spec(data: object, source: str | Path = "<infra spec>") -> Infra
     except ValidationError as exc:
         err = exc.errors()[0]
         # A whole-spec check: point at the repeated name.
-        loc = ("pools", err["ctx"]["index"], "name") if err["type"] == "duplicate_pool_name" else None
+        loc = {"duplicate_pool_name": ("pools", err.get("ctx", {}).get("index"), "name"),
+               "duplicate_pool_kind": ("pools", err.get("ctx", {}).get("index"), "device")}.get(err["type"])
         raise from_validation_error(source, exc, data, loc) from None
 
 

@@ -49,6 +49,7 @@ import scipy.sparse as sp
 
 from optimizers.solve import DEFAULT_TIME_LIMIT_S, Family, InfeasibleError, SolverError, solve_milp
 
+# The repository's formula, $/GB × KiB/s × 3600 / 1024²: its "GB" is 1024² KiB.
 KIB_PER_S_TO_GB_PER_HOUR = 3600 / 1024**2
 DEFAULT = "default"
 
@@ -286,9 +287,27 @@ def plan_violations(problem: JellyBeanProblem, plan: Plan, tol: float = 1e-6) ->
     for op in problem.operators:
         if served.get(op, 0.0) < problem.required_rate[op] * (1 - tol) - tol:
             issues.append(f"{op} served at {served.get(op, 0.0):.3f} of {problem.required_rate[op]:.3f} req/s")
+    placed = {(a.operator, a.worker): a.rate for a in plan.assignment}
+    for s in problem.sources:
+        placed[s, s] = problem.required_rate[s]
+    sent: dict[tuple[str, str, str], float] = {}
+    received: dict[tuple[str, str, str], float] = {}
     for f in plan.flows:
-        if f.rate > tol and problem.tier_of(f.src) > problem.tier_of(f.dst):
+        if f.rate <= tol:
+            continue
+        if problem.tier_of(f.src) > problem.tier_of(f.dst):
             issues.append(f"traffic {f.upstream}→{f.downstream} flows down from {f.src} to {f.dst}")
+        if (f.upstream, f.src) not in placed or (f.downstream, f.dst) not in placed:
+            issues.append(f"traffic {f.upstream}→{f.downstream} from {f.src} to {f.dst} touches a pool not serving it")
+        sent[f.upstream, f.downstream, f.src] = sent.get((f.upstream, f.downstream, f.src), 0.0) + f.rate
+        received[f.upstream, f.downstream, f.dst] = received.get((f.upstream, f.downstream, f.dst), 0.0) + f.rate
+    for u, v in problem.edges:
+        scale = problem.required_rate[v] / problem.required_rate[u]
+        for (op, worker), rate in placed.items():
+            if op == u and abs(sent.get((u, v, worker), 0.0) - rate * scale) > tol * max(1.0, rate):
+                issues.append(f"{u} on {worker} serves {rate:.3f} req/s but sends {sent.get((u, v, worker), 0.0):.3f} to {v}")
+            if op == v and abs(received.get((u, v, worker), 0.0) - rate) > tol * max(1.0, rate):
+                issues.append(f"{v} on {worker} serves {rate:.3f} req/s but gets {received.get((u, v, worker), 0.0):.3f} from {u}")
     return issues
 
 
@@ -311,10 +330,8 @@ def best_reachable_accuracy(problem: JellyBeanProblem) -> float:
     acc = problem.accuracy
     if isinstance(acc, AccuracyTable):
         return max(acc.table.values(), default=-math.inf)
-    best = {}
-    for (op, var), value in acc.accuracy.items():
-        best[op] = max(best.get(op, 0.0), value)
-    return acc.of({op: max(problem.node_variants(op), key=lambda v: acc.accuracy.get((op, v), acc.scale)) for op in best})
+    return acc.of({op: max(problem.node_variants(op), key=lambda v: acc.accuracy.get((op, v), acc.scale))
+                   for op in problem.operators})
 
 
 # --------------------------------------------------------------------------- the MILP
@@ -374,16 +391,23 @@ def plan_milp(
     places = {o: sorted({p for (oo, p, _) in runnable if oo == o}) for o in ops}
     for s in problem.sources:
         places[s] = [s]
+    # Traffic may only leave a pool where the upstream variant can run and only arrive where
+    # the downstream (variant) can: every flow end is tied to a load by the traffic family.
+    vv_dep = {(u, v): _size_depends_on_downstream_variant(problem, u, v) for u, v in problem.edges}
     f_keys = []
     for u, v in problem.edges:
-        vv_dep = _size_depends_on_downstream_variant(problem, u, v)
         for src in places[u]:
             for dst in places[v]:
                 if problem.tier_of(src) > problem.tier_of(dst):
                     continue  # no traffic back down the tiers
                 for uvar in problem.node_variants(u):
-                    for vvar in (problem.node_variants(v) if vv_dep else ["*"]):
-                        f_keys.append((u, v, src, dst, uvar, vvar))
+                    if u not in problem.sources and (u, src, uvar) not in n_idx:
+                        continue
+                    if vv_dep[u, v]:
+                        vvars = [vv for vv in problem.node_variants(v) if (v, dst, vv) in n_idx]
+                    else:
+                        vvars = ["*"]
+                    f_keys.extend((u, v, src, dst, uvar, vvar) for vvar in vvars)
     f_idx = {k: i for i, k in enumerate(f_keys)}
     acc = problem.accuracy
     combos: list[tuple[str, ...]] = []
@@ -460,7 +484,6 @@ def plan_milp(
         out_of.setdefault((u, v, src, uvar), []).append((i, 1.0))
         into.setdefault((u, v, dst, vvar), []).append((i, 1.0))
     for u, v in problem.edges:
-        vv_dep = _size_depends_on_downstream_variant(problem, u, v)
         scale = problem.required_rate[v] / problem.required_rate[u] if problem.required_rate[u] else 0.0
         for src in places[u]:
             for uvar in problem.node_variants(u):
@@ -471,7 +494,7 @@ def plan_milp(
                     traffic.add({"f": out, "l": [(n_idx[u, src, uvar], -scale)]}, "==", 0.0)
         for dst in places[v]:
             here = [vvar for vvar in problem.node_variants(v) if (v, dst, vvar) in n_idx]
-            if vv_dep:
+            if vv_dep[u, v]:
                 for vvar in here:
                     traffic.add({"f": into.get((u, v, dst, vvar), []), "l": [(n_idx[v, dst, vvar], -1.0)]}, "==", 0.0)
             else:

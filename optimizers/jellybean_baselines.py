@@ -38,7 +38,7 @@ from optimizers.jellybean import (
     plan_milp,
     price_plan,
 )
-from optimizers.solve import InfeasibleError
+from optimizers.solve import DEFAULT_TIME_LIMIT_S, InfeasibleError
 
 BEAM_WIDTH = 10
 MAX_ORDERS = 10
@@ -196,7 +196,6 @@ def variant_beam_search(problem: JellyBeanProblem, width: int = BEAM_WIDTH) -> l
 @dataclass
 class _State:
     cost: float
-    compute: float
     used: frozenset
     tier: dict[str, int]
     placed: dict[str, list[tuple[tuple[str, int], float]]]  # op → [((pool, idx), rate)]
@@ -250,7 +249,7 @@ def _assign(problem: JellyBeanProblem, variants: dict[str, str], *, network_awar
     tiers = sorted({p.tier for p in problem.pools})
     finals: list[_State] = []
     for order in itertools.islice(nx.all_topological_sorts(graph), max_orders):
-        beam = [_State(0.0, 0.0, frozenset(), dict(problem.source_tier), {})]
+        beam = [_State(0.0, frozenset(), dict(problem.source_tier), {})]
         for v in order:
             if v in problem.sources:
                 continue
@@ -268,7 +267,7 @@ def _assign(problem: JellyBeanProblem, variants: dict[str, str], *, network_awar
                     compute = sum(problem.pool_by_name[m[0]].price_per_hour for m, _ in chosen)
                     comm = sum(_incoming_cost(problem, st, variants, v, m[0], r) for m, r in chosen)
                     children.append(_State(
-                        st.cost + compute + comm, st.compute + compute, st.used | {m for m, _ in chosen},
+                        st.cost + compute + comm, st.used | {m for m, _ in chosen},
                         {**st.tier, v: max(problem.pool_by_name[m[0]].tier for m, _ in chosen)},
                         {**st.placed, v: chosen},
                     ))
@@ -355,7 +354,7 @@ def plan_cloud_only(problem: JellyBeanProblem) -> Plan:
     return plan
 
 
-def plan_milp_seeded(problem: JellyBeanProblem, time_limit: float = 60.0) -> Plan:
+def plan_milp_seeded(problem: JellyBeanProblem, time_limit: float = DEFAULT_TIME_LIMIT_S) -> Plan:
     """The MILP, capped by the paper's heuristic plan: optimal when it finishes, never dearer than the heuristic."""
     try:
         incumbent = plan_jellybean_heuristic(problem)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ import numpy as np
 
 DEFAULT_TIME_LIMIT_S = 60.0
 DEFAULT_MIP_GAP = 1e-6
+PROBE_TIME_LIMIT_S = 10.0  # each feasibility probe of the infeasibility diagnosis
 
 # cvxpy logs its banner and compilation warnings through this logger.
 logging.getLogger("__cvxpy__").setLevel(logging.ERROR)
@@ -65,25 +67,34 @@ class Solution:
 
 
 _banner_shown = False
+_banner_lock = threading.Lock()
 
 
 @contextmanager
 def _quiet_first_highs() -> Iterator[None]:
-    """HiGHS prints its banner from C to stdout once per process; send that one to /dev/null."""
+    """HiGHS prints its banner from C to stdout once per process; send that one to /dev/null.
+
+    The first solve holds a lock while fd 1 is redirected, so a concurrent solve (two
+    Prefect tasks on one Dask worker) neither sees nor restores the redirected stdout.
+    """
     global _banner_shown
     if _banner_shown:
         yield
         return
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 1)
+    with _banner_lock:
+        if _banner_shown:
             yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-        _banner_shown = True
+            return
+        sys.stdout.flush()
+        saved = os.dup(1)
+        try:
+            with open(os.devnull, "w") as devnull:
+                os.dup2(devnull.fileno(), 1)
+                yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+            _banner_shown = True
 
 
 def _solve(problem: cp.Problem, time_limit: float, mip_gap: float) -> None:
@@ -149,7 +160,7 @@ def solve_milp(
         raise SolverError(f"HiGHS failed on {what}: {exc}") from exc
     seconds = time.perf_counter() - start
     if problem.status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):
-        raise InfeasibleError(what, conflicting_families(families, time_limit))
+        raise InfeasibleError(what, conflicting_families(families, min(time_limit, PROBE_TIME_LIMIT_S)))
     if problem.status in (cp.UNBOUNDED, cp.UNBOUNDED_INACCURATE):
         raise SolverError(f"{what} is unbounded: a constraint family is missing")
     if (

@@ -67,8 +67,12 @@ def deployment_table(problem: JellyBeanProblem, plan: Plan, results: list, speed
     return pd.DataFrame(rows)
 
 
-def tier_crossing_kib_per_request(problem: JellyBeanProblem, results: list, source_kib: dict[str, float]) -> float:
-    """KiB per end-to-end request that crossed a tier upward in the deployed stream (real payload sizes)."""
+def tier_crossing_kib_per_request(problem: JellyBeanProblem, results: list, source_kib: dict[tuple[str, str], float]) -> float:
+    """KiB per end-to-end request that crossed a tier upward in the deployed stream.
+
+    Operator outputs count at their real serialized size; a source's payload at the
+    profiled message size of its edge (``source_kib``, keyed by edge).
+    """
     where: dict[tuple[str, int], int] = {}
     out_bytes: dict[tuple[str, int], int] = {}
     for r in results:
@@ -83,5 +87,5 @@ def tier_crossing_kib_per_request(problem: JellyBeanProblem, results: list, sour
                 continue
             src_tier = problem.source_tier[u] if u in problem.sources else where[u, rid]
             if where[v, rid] > src_tier:
-                crossing += source_kib[u] if u in problem.sources else out_bytes[u, rid] / 1024
+                crossing += source_kib[u, v] if u in problem.sources else out_bytes[u, rid] / 1024
     return crossing / max(len(requests), 1)

@@ -60,8 +60,74 @@ def number(path: Path, line_no: int, column: str, text: str, *, positive: bool =
 def read_json(path: Path) -> object:
     try:
         return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(path, "<file>", str(path), f"cannot read: {exc}") from None
     except json.JSONDecodeError as exc:
-        raise InputError(path, f"line {exc.lineno}", exc.doc.splitlines()[exc.lineno - 1][:80] if exc.doc else "", f"malformed JSON: {exc.msg}") from None
+        lines = exc.doc.splitlines()
+        text = lines[exc.lineno - 1][:80] if 0 < exc.lineno <= len(lines) else ""
+        raise InputError(path, f"line {exc.lineno}", text, f"malformed JSON: {exc.msg}") from None
+
+
+def read_accuracy_table(path: Path) -> tuple[tuple[str, ...], dict[tuple[str, ...], float], dict]:
+    """The profiled end-to-end accuracy table of an ``accuracy_profiles.json``.
+
+    Returns (operators, {variants: accuracy}, per-operator profiles); every row must name one
+    variant per operator and a number in [0, 100].
+    """
+    profiles = read_json(path)
+    if not isinstance(profiles, dict) or not isinstance(profiles.get("end_to_end_accuracy"), dict):
+        raise InputError(path, "end_to_end_accuracy", None, "expected an object with operators and table")
+    e2e = profiles["end_to_end_accuracy"]
+    ops = e2e.get("operators")
+    if not isinstance(ops, list) or not ops or not all(isinstance(o, str) for o in ops):
+        raise InputError(path, "end_to_end_accuracy.operators", ops, "expected a list of operator names")
+    rows = e2e.get("table")
+    if not isinstance(rows, list) or not rows:
+        raise InputError(path, "end_to_end_accuracy.table", rows, "expected a list of {variants, accuracy}")
+    table = {}
+    for i, row in enumerate(rows):
+        variants = row.get("variants") if isinstance(row, dict) else None
+        if not isinstance(variants, list) or len(variants) != len(ops):
+            raise InputError(path, f"end_to_end_accuracy.table[{i}].variants", variants, f"expected {len(ops)} variant names, one per operator")
+        accuracy = row.get("accuracy")
+        if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) or not 0 <= accuracy <= 100:
+            raise InputError(path, f"end_to_end_accuracy.table[{i}].accuracy", accuracy, "expected a number in [0, 100]")
+        table[tuple(variants)] = float(accuracy)
+    operators = profiles.get("operators", {})
+    if not isinstance(operators, dict) or not all(isinstance(info, dict) for info in operators.values()):
+        raise InputError(path, "operators", operators, "expected {operator: {cost: {variant: number}, ...}}")
+    return tuple(ops), table, operators
+
+
+def read_message_sizes(path: Path, edges: list[tuple[str, str]], variants: dict[str, list[str]],
+                       *, subset: bool = False) -> dict[tuple[str, str, str, str], float]:
+    """KiB per request of the downstream, keyed (u, v, u_variant, v_variant) ("default" matches any).
+
+    With ``subset`` (a workflow offering some of the profiled variants) rows for variants it
+    does not offer are skipped, but every offered pair must then find a size; otherwise an
+    unknown variant is an error.
+    """
+    sizes = {}
+    for line, row in read_rows(path, ["upstream", "downstream", "upstream_variant", "downstream_variant", "size_kib"]):
+        if (row["upstream"], row["downstream"]) not in edges:
+            raise InputError(path, f"row {line}", f"{row['upstream']},{row['downstream']}", "not an edge of the workflow")
+        unknown = [(col, node) for col, node in (("upstream_variant", row["upstream"]), ("downstream_variant", row["downstream"]))
+                   if row[col] != DEFAULT and row[col] not in variants.get(node, [])]
+        if unknown and subset:
+            continue
+        if unknown:
+            col, node = unknown[0]
+            raise InputError(path, f"row {line} {col}", row[col], f"unknown variant of {node}")
+        key = (row["upstream"], row["downstream"], row["upstream_variant"], row["downstream_variant"])
+        sizes[key] = number(path, line, "size_kib", row["size_kib"])
+    if subset:
+        for u, v in edges:
+            for uv in variants.get(u, [DEFAULT]):
+                for vv in variants.get(v, [DEFAULT]):
+                    if not any(k in sizes for k in ((u, v, uv, vv), (u, v, DEFAULT, vv), (u, v, uv, DEFAULT), (u, v, DEFAULT, DEFAULT))):
+                        raise InputError(path, "upstream,downstream,upstream_variant,downstream_variant",
+                                         f"{u},{v},{uv},{vv}", "no message size for this edge and variant pair")
+    return sizes
 
 
 def load_repository_inputs(folder: str | Path, *, profile_file: str = "execution_profile.csv",
@@ -131,15 +197,7 @@ def load_repository_inputs(folder: str | Path, *, profile_file: str = "execution
             raise InputError(path, f"row {line}", f"{row['upstream']},{row['downstream']}", "not an edge of logical_graph.csv")
         ratios[row["upstream"], row["downstream"]] = number(path, line, "ratio", row["ratio"], positive=True)
 
-    path = folder / "accuracy_profiles.json"
-    profiles = read_json(path)
-    try:
-        e2e = profiles["end_to_end_accuracy"]
-        table_ops = tuple(e2e["operators"])
-        table = {tuple(r["variants"]): float(r["accuracy"]) for r in e2e["table"]}
-        op_profiles = profiles["operators"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(path, "end_to_end_accuracy", str(exc), "expected operators, table[{variants, accuracy}] and operators{}") from None
+    table_ops, table, op_profiles = read_accuracy_table(folder / "accuracy_profiles.json")
 
     path = folder / profile_file
     if not path.is_file():
@@ -174,18 +232,11 @@ def load_repository_inputs(folder: str | Path, *, profile_file: str = "execution
     relative_cost = {}
     for op, info in op_profiles.items():
         for var, cost in (info.get("cost") or {}).items():
+            if isinstance(cost, bool) or not isinstance(cost, (int, float)) or cost < 0:
+                raise InputError(folder / "accuracy_profiles.json", f"operators.{op}.cost.{var}", cost, "expected a number ≥ 0")
             relative_cost[op, var] = float(cost)
 
-    path = folder / "message_sizes.csv"
-    messages = {}
-    for line, row in read_rows(path, ["upstream", "downstream", "upstream_variant", "downstream_variant", "size_kib"]):
-        if (row["upstream"], row["downstream"]) not in edges:
-            raise InputError(path, f"row {line}", f"{row['upstream']},{row['downstream']}", "not an edge of logical_graph.csv")
-        for col, node in (("upstream_variant", row["upstream"]), ("downstream_variant", row["downstream"])):
-            if row[col] != DEFAULT and row[col] not in variants.get(node, []):
-                raise InputError(path, f"row {line} {col}", row[col], f"unknown variant of {node}")
-        key = (row["upstream"], row["downstream"], row["upstream_variant"], row["downstream_variant"])
-        messages[key] = number(path, line, "size_kib", row["size_kib"])
+    messages = read_message_sizes(folder / "message_sizes.csv", edges, variants)
 
     links = {}
     for name, src_known in (("workers_workers_link.csv", known_workers), ("sources_workers_link.csv", set(sources))):

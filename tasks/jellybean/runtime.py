@@ -61,6 +61,33 @@ def load_model(operator: str, variant: str, image_variant: str = "resnet18") -> 
     return _init_fast(model.to_empty(device="cpu")).eval()
 
 
+def check_servable(spec) -> None:
+    """Refuse, before anything starts, a workflow this runtime cannot serve (it knows the VQA models).
+
+    ``spec`` is a :class:`tasks.jellybean.workflow.WorkflowSpec`.
+    """
+    from infra.errors import InputError
+
+    for op, op_spec in spec.operators.items():
+        if op not in models.VARIANTS:
+            raise InputError(spec.path, "operators", op, f"the runtime serves only {', '.join(models.VARIANTS)}")
+        for var in op_spec.variants:
+            if var not in models.VARIANTS[op]:
+                raise InputError(spec.path, f"operators.{op}.variants", var, f"known variants: {', '.join(models.VARIANTS[op])}")
+        expected = SERVED_INPUTS[op]
+        kinds = ["source" if u in spec.sources else u for u in op_spec.inputs]
+        if sorted(kinds) != sorted(expected):
+            raise InputError(spec.path, f"operators.{op}.inputs", op_spec.inputs, f"{op} takes {' and '.join(expected)}")
+
+
+# What each served operator consumes: a source's raw payload, or named operators' outputs.
+SERVED_INPUTS = {
+    "ExtractImageFeature": ["source"],
+    "SpeechRecognition": ["source"],
+    "VQA": ["ExtractImageFeature", "SpeechRecognition"],
+}
+
+
 def request_inputs(operator: str, variant: str, count: int, seed: int, image_variant: str = "resnet18"):
     return models.example_request(operator, variant, batch=count, seconds=SPEECH_SECONDS, seed=seed, image_variant=image_variant)
 

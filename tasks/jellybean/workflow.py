@@ -18,7 +18,6 @@ pool's device by the catalog); prices and link costs come from the catalog.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -29,7 +28,7 @@ from infra.catalog import Catalog, tier_rank
 from infra.errors import InputError, from_validation_error, load_yaml
 from infra.spec import InfraSpec
 from optimizers.jellybean import AccuracyProduct, AccuracyTable, JellyBeanProblem, Pool
-from tasks.jellybean.inputs import number, read_rows
+from tasks.jellybean.inputs import read_accuracy_table, read_message_sizes
 
 Tier = Annotated[str, Field(pattern=r"^(device|hub|edge|cloud)$")]
 
@@ -100,8 +99,10 @@ def load_workflow(path: str | Path, *, rate: float | None = None) -> WorkflowSpe
         if s in spec.operators:
             raise InputError(path, "sources", s, "a node cannot be both a source and an operator")
     if rate is not None:
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
+            raise InputError("--rate", "rate", rate, "must be a number > 0")
         for s in spec.sources.values():
-            s.rate = rate
+            s.rate = float(rate)
     from graphlib import CycleError, TopologicalSorter
 
     try:
@@ -119,22 +120,15 @@ def accuracy_model(spec: WorkflowSpec) -> AccuracyTable | AccuracyProduct:
     """The end-to-end table named by the spec, else the product of per-variant accuracies."""
     if spec.accuracy.profiles:
         path = _resolve(spec, spec.accuracy.profiles)
-        try:
-            e2e = json.loads(path.read_text())["end_to_end_accuracy"]
-        except (OSError, KeyError, json.JSONDecodeError) as exc:
-            raise InputError(spec.path, "accuracy.profiles", str(path), f"cannot read an end-to-end table: {exc}") from None
-        ops = tuple(e2e["operators"])
+        ops, table, _ = read_accuracy_table(path)
         for op in ops:
             if op not in spec.operators:
                 raise InputError(path, "end_to_end_accuracy.operators", op, "not an operator of the workflow")
         # Rows for variants the workflow does not offer are dropped: a workflow may offer a subset.
-        table = {
-            tuple(r["variants"]): float(r["accuracy"])
-            for r in e2e["table"]
-            if all(v in spec.operators[op].variants for op, v in zip(ops, r["variants"]))
-        }
+        table = {combo: acc for combo, acc in table.items()
+                 if all(v in spec.operators[op].variants for op, v in zip(ops, combo))}
         if not table:
-            raise InputError(path, "end_to_end_accuracy.table", len(e2e["table"]), "no row uses only the workflow's variants")
+            raise InputError(path, "end_to_end_accuracy.table", 0, "no row uses only the workflow's variants")
         return AccuracyTable(ops, table)
     accuracies = {}
     for op, op_spec in spec.operators.items():
@@ -148,14 +142,8 @@ def accuracy_model(spec: WorkflowSpec) -> AccuracyTable | AccuracyProduct:
 def message_sizes(spec: WorkflowSpec) -> dict[tuple[str, str, str, str], float]:
     if not spec.messages:
         return {}
-    path = _resolve(spec, spec.messages)
-    edges = set(spec.edges())
-    sizes = {}
-    for line, row in read_rows(path, ["u", "v", "u_var", "v_var", "kib"]):
-        if (row["u"], row["v"]) not in edges:
-            raise InputError(path, f"row {line}", f"{row['u']},{row['v']}", "not an edge of the workflow")
-        sizes[row["u"], row["v"], row["u_var"], row["v_var"]] = number(path, line, "size_kib", row["kib"])
-    return sizes
+    variants = {op: o.variants for op, o in spec.operators.items()}
+    return read_message_sizes(_resolve(spec, spec.messages), spec.edges(), variants, subset=True)
 
 
 def build_problem(spec: WorkflowSpec, infra: InfraSpec, profile: pd.DataFrame, catalog: Catalog) -> JellyBeanProblem:

@@ -149,3 +149,16 @@ def test_missing_file_error_names_the_path(tmp_path):
         load_infra_spec(path)
 
     assert caught.value.source == str(path)
+
+
+def test_two_pools_alike_in_tier_and_device_are_refused(tmp_path):
+    path = tmp_path / "twins.infra.yaml"
+    path.write_text(
+        "pools:\n"
+        "  - {name: a, tier: edge, device: t4, count: 1}\n"
+        "  - {name: b, tier: edge, device: t4, count: 2}\n"
+    )
+    with pytest.raises(InputError) as err:
+        load_infra_spec(path)
+    assert err.value.field == "pools[1].device"
+    assert "merge them into one pool" in str(err.value)

@@ -127,3 +127,27 @@ def test_a_missing_profile_row_is_named_when_building_the_problem(tmp_path, work
         build_problem(spec, infra, profile, load_catalog())
     first = rows[0]
     assert err.value.value == f"{first['operator']},{first['pool']},{first['variant']}"
+
+
+def test_a_truncated_json_file_is_named_not_a_traceback(inputs):
+    (inputs / "accuracy_profiles.json").write_text("{\n")
+    with pytest.raises(InputError, match="malformed JSON"):
+        load_repository_inputs(inputs)
+
+
+def test_an_accuracy_row_with_too_few_variants_is_named(inputs):
+    import json
+
+    path = inputs / "accuracy_profiles.json"
+    data = json.loads(path.read_text())
+    data["end_to_end_accuracy"]["table"][3]["variants"] = ["resnet34"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(InputError) as err:
+        load_repository_inputs(inputs)
+    assert err.value.field == "end_to_end_accuracy.table[3].variants"
+
+
+@pytest.mark.parametrize("rate", [0, -3, "fast"])
+def test_a_rate_override_is_checked_like_the_spec(tmp_path, workflow, rate):
+    with pytest.raises(InputError, match="> 0"):
+        load_workflow(write(tmp_path, workflow), rate=rate)

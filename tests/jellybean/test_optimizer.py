@@ -122,3 +122,23 @@ def test_medium_instance_solves_to_optimality_with_a_reported_gap_of_zero():
     plan = plan_milp(problem, time_limit=120)
     assert plan.optimal and plan.gap == 0.0
     assert plan_violations(problem, plan) == []
+
+
+def test_traffic_only_flows_between_pools_that_serve_its_ends():
+    # U runs variant a only on E0 and b only on C1; V runs x only on C1b and y only on E0.
+    # A model that let traffic leave or enter pools not serving it would find a free route.
+    from optimizers.jellybean import AccuracyProduct, JellyBeanProblem, Pool
+
+    problem = JellyBeanProblem(
+        sources={"S": 10.0}, source_tier={"S": 0}, edges=[("S", "U"), ("U", "V")], ratios={},
+        variants={"U": ["a", "b"], "V": ["x", "y"]}, relative_cost={},
+        pools=[Pool("E0", 0, 1.0, 1), Pool("C1", 1, 1.0, 1), Pool("C1b", 1, 1.0, 1)],
+        latency_ms={("U", "E0", "a"): 10.0, ("U", "C1", "b"): 10.0, ("V", "C1b", "x"): 10.0, ("V", "E0", "y"): 10.0},
+        message_kib={("U", "V", "default", "x"): 1e6, ("U", "V", "default", "y"): 1.0},
+        link_usd_per_gb={("E0", "C1"): 1.0, ("E0", "C1b"): 1.0, ("S", "C1"): 1.0, ("S", "C1b"): 1.0},
+        accuracy=AccuracyProduct({("U", "a"): 100.0, ("U", "b"): 50.0, ("V", "x"): 100.0, ("V", "y"): 50.0}),
+        accuracy_target=90.0,
+    )
+    milp = plan_milp(problem)
+    assert plan_violations(problem, milp) == []
+    assert milp.total_cost_per_hour == pytest.approx(plan_brute_force(problem).total_cost_per_hour, rel=1e-6)

@@ -64,10 +64,13 @@ def profile(spec: WorkflowSpec, infra: InfraSpec, repeats: int, intervals: list 
 
 def optimize(problem: JellyBeanProblem, intervals: list | None = None) -> tuple[dict[str, Plan], dict[str, str]]:
     """OPTIMIZE: the MILP and every baseline on the same problem; baselines that cannot serve it are listed."""
-    futures = {name: plan_strategy.submit(problem, name) for name in STRATEGY_NAMES}
+    futures = {name: plan_strategy.submit(problem, name) for name in STRATEGIES}
+    outcomes = {name: future.result() for name, future in futures.items()}
+    # The MILP starts from the heuristic's plan (computed once, above) as its incumbent.
+    outcomes["milp"] = plan_strategy.submit(problem, "milp", outcomes["jellybean_heuristic"]["plan"]).result()
     plans, infeasible = {}, {}
-    for name, future in futures.items():
-        outcome = future.result()
+    for name in STRATEGY_NAMES:
+        outcome = outcomes[name]
         if intervals is not None:
             intervals.append(outcome["interval"])
         if outcome["plan"] is None:

@@ -27,4 +27,7 @@ def prefect_api() -> str:
     info = prefect_server.start(port=_PORT)
     assert info.api_url == os.environ["PREFECT_API_URL"], "the port was taken before the server started"
     yield info.api_url
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler.flush()  # send the last run logs while the server is still there
     prefect_server.stop()

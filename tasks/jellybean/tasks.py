@@ -8,8 +8,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from infra.catalog import load_catalog
-from optimizers.jellybean import JellyBeanProblem, check_feasible_inputs
-from optimizers.jellybean_baselines import STRATEGIES, plan_milp_seeded
+from optimizers.jellybean import JellyBeanProblem, Plan, check_feasible_inputs, plan_milp
+from optimizers.jellybean_baselines import STRATEGIES
 from optimizers.solve import InfeasibleError
 from tasks.jellybean import runtime
 
@@ -46,16 +46,18 @@ def profile_pool(pool: str, tier: str, device: str, variants: list[tuple[str, st
 
 
 @task(cache_policy=NO_CACHE, task_run_name="plan {strategy}")
-def plan_strategy(problem: JellyBeanProblem, strategy: str) -> dict:
+def plan_strategy(problem: JellyBeanProblem, strategy: str, incumbent: Plan | None = None) -> dict:
     """One strategy's plan: the MILP (whose infeasibility fails the run), or a named baseline.
 
-    Returns {"plan": Plan | None, "infeasible": why | None, "interval": (start, end)}: a
-    baseline that cannot serve the workflow is recorded as such, not a failure.
+    The MILP is capped by ``incumbent`` (the heuristic's plan, when it has one), so it is
+    never dearer than it. Returns {"plan": Plan | None, "infeasible": why | None,
+    "interval": (start, end)}: a baseline that cannot serve the workflow is recorded as
+    such, not a failure.
     """
     started = time.time()
     if strategy == "milp":
         check_feasible_inputs(problem)
-        return {"plan": plan_milp_seeded(problem), "infeasible": None, "interval": (started, time.time())}
+        return {"plan": plan_milp(problem, incumbent=incumbent), "infeasible": None, "interval": (started, time.time())}
     try:
         plan, why = STRATEGIES[strategy](problem), None
     except InfeasibleError as exc:

@@ -86,16 +86,28 @@ def embedded_cluster(spec: InfraSpec, *, host: str = "127.0.0.1", dashboard: boo
 
 
 def missing_resources(spec: InfraSpec, client: Client) -> dict[str, list[str]]:
-    """For each pool, the tier/device resources no worker of the cluster advertises."""
-    advertised: set[str] = set()
+    """For each pool, the tier/device resources the cluster's workers do not advertise enough of.
+
+    A pool of ``count`` machines needs ``count`` units of its tier and device resources
+    (added up over pools that share them); an entry is the bare name when nobody advertises
+    it, ``name=needed (advertised n)`` when too little is.
+    """
+    advertised: dict[str, float] = {}
     for worker in client.scheduler_info(n_workers=-1)["workers"].values():
-        advertised.update(name for name, amount in (worker.get("resources") or {}).items() if amount > 0)
+        for name, amount in (worker.get("resources") or {}).items():
+            advertised[name] = advertised.get(name, 0) + amount
+    needed = spec.required_resources()
     missing = {}
     for pool in spec.pools:
-        needed = [f"tier-{pool.tier}", f"device-{pool.device}"]
-        absent = [name for name in needed if name not in advertised]
-        if absent:
-            missing[pool.name] = absent
+        short = []
+        for name in (f"tier-{pool.tier}", f"device-{pool.device}"):
+            have = advertised.get(name, 0)
+            if have <= 0:
+                short.append(name)
+            elif have < needed[name]:
+                short.append(f"{name}={needed[name]:g} (advertised {have:g})")
+        if short:
+            missing[pool.name] = short
     return missing
 
 
@@ -132,7 +144,11 @@ class TieredCluster:
                 self.client = Client(self.scheduler, timeout="10s")
             except OSError as exc:
                 raise ClusterError(f"cannot reach the Dask scheduler at {self.scheduler}: {exc}") from None
-            missing = missing_resources(self.spec, self.client)
+            try:
+                missing = missing_resources(self.spec, self.client)
+            except Exception:
+                self.client.close()
+                raise
             if missing:
                 self.client.close()
                 lines = [f"  - pool {pool!r} needs {', '.join(names)}" for pool, names in missing.items()]

@@ -27,7 +27,16 @@ def prefect_api() -> str:
     info = prefect_server.start(port=_PORT)
     assert info.api_url == os.environ["PREFECT_API_URL"], "the port was taken before the server started"
     yield info.api_url
+    _flush_prefect_logs()
+    prefect_server.stop()
+
+
+def _flush_prefect_logs() -> None:
+    """Send the last run logs while the server is still there (else Prefect reports a failed send)."""
+    import logging
+
     from prefect.logging.handlers import APILogHandler
 
-    APILogHandler.flush()  # send the last run logs while the server is still there
-    prefect_server.stop()
+    loggers = [logging.getLogger(), *(l for l in logging.Logger.manager.loggerDict.values() if isinstance(l, logging.Logger))]
+    for handler in {h for logger in loggers for h in logger.handlers if isinstance(h, APILogHandler)}:
+        handler.flush()

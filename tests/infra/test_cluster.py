@@ -262,3 +262,11 @@ def test_tiered_cluster_names_pools_whose_resources_no_external_worker_advertise
     assert "pool 'gateways' needs tier-hub, device-cpu-small" in message
     assert "pool 'cloud-a100' needs device-a100" in message
     assert "edge-cpu" not in message
+
+
+def test_tiered_cluster_says_when_workers_advertise_too_few_machines(external_scheduler):
+    spec = InfraSpec.model_validate({"pools": [{"name": "cloud-t4", "tier": "cloud", "device": "t4", "count": 3}]})
+    with pytest.raises(ClusterError) as caught:
+        with TieredCluster(spec, scheduler=external_scheduler):
+            pass
+    assert "pool 'cloud-t4' needs tier-cloud=3 (advertised 1), device-t4=3 (advertised 1)" in str(caught.value)

@@ -297,9 +297,9 @@ def jellybean_optimize(
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
 ) -> None:
     """Choose variants and workers at least cost (OPTIMIZE stage alone)."""
-    from infra.errors import InputError
     from data_contracts import ContractError
-    from optimizers.jellybean import check_feasible_inputs
+    from infra.errors import InputError
+    from optimizers.jellybean import check_feasible_inputs, plan_milp
     from optimizers.jellybean_baselines import STRATEGIES, plan_brute_force, plan_milp_seeded
     from optimizers.solve import InfeasibleError, SolverError
 
@@ -308,12 +308,14 @@ def jellybean_optimize(
         check_feasible_inputs(problem)
         solvers = {"milp": plan_milp_seeded, "brute_force": plan_brute_force, **STRATEGIES}
         if strategy == "all":
-            plans = {"milp": plan_milp_seeded(problem)}
+            baselines = {}
             for name, solver in STRATEGIES.items():
                 try:
-                    plans[name] = solver(problem)
+                    baselines[name] = solver(problem)
                 except InfeasibleError as exc:
-                    console.print(f"[yellow]{name}[/yellow] cannot serve this workflow: {exc}")
+                    console.print(f"[yellow]{name}[/yellow] cannot serve this workflow: {escape(str(exc))}")
+            # The heuristic's plan, computed once above, caps the MILP (what plan_milp_seeded does).
+            plans = {"milp": plan_milp(problem, incumbent=baselines.get("jellybean_heuristic")), **baselines}
         elif strategy in solvers:
             plans = {strategy: solvers[strategy](problem)}
         else:
@@ -350,9 +352,8 @@ def jellybean_profile(
     from flows.jellybean import profile as profile_stage
     from infra.cluster import TieredCluster
     from infra.spec import load_infra_spec
-    from tasks.jellybean.workflow import load_workflow
-
     from tasks.jellybean.runtime import check_servable
+    from tasks.jellybean.workflow import load_workflow
 
     with _user_errors():
         spec, infra_spec = load_workflow(workflow), load_infra_spec(infra)

@@ -1,0 +1,234 @@
+"""Analytical models of filtered ANN search cost and recall, fitted from measurements.
+
+HoneyBee decides partitions by predicting, for a user whose permitted documents make up
+a fraction ``s`` (the *selectivity*) of a partition of ``n`` documents, how long one
+filtered top-k search takes once its search effort is set high enough to reach the
+recall floor. Two ways to search a partition are modelled (both real faiss searches,
+measured on the workers by ``tasks.honeybee.profile``):
+
+- ``hnsw``: graph search with the permission filter as a faiss IDSelector. Recall falls
+  as ``s`` falls (the graph walk visits about ``ef`` nodes whatever the filter admits),
+  so the effort ``ef`` must grow roughly like ``k / s``. Models, least squares on the
+  measured grid::
+
+      logit(recall) = a0 + a1·ln ef + a2·ln s + a3·ln n          (recall model)
+      ln latency    = c0 + c1·ln ef + c2·(ln ef)² + c3·ln n      (latency model)
+
+  The effort for a recall floor ρ inverts the recall model:
+  ``ln ef = (logit ρ − a0 − a2·ln s − a3·ln n) / a1``, clamped to the measured range;
+  a floor that needs more than the largest measured ``ef`` is *unreachable* (no
+  extrapolation into effort nobody measured).
+- ``flat``: exact scan of the partition's permitted vectors (recall 1)::
+
+      latency = f0 + f1·n + f2·n·s                               (non-negative least squares)
+
+A partition gets the kind that is cheaper for a user who may see all of it
+(:meth:`SearchCostModel.partition_kind`); :meth:`SearchCostModel.search_cost` is the
+function the partitioning optimizer prices a (user, partition) pair with.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+
+KINDS = ("hnsw", "flat")
+MEASUREMENT_COLUMNS = ["kind", "n", "selectivity", "effort", "k", "recall", "latency_s"]
+_RECALL_CLIP = (0.005, 0.995)
+
+
+def _logit(p: np.ndarray | float) -> np.ndarray | float:
+    p = np.clip(p, *_RECALL_CLIP)
+    return np.log(p / (1 - p))
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+@dataclass(frozen=True)
+class SearchChoice:
+    """How to search one partition for one user: kind, effort and the predicted outcome."""
+
+    kind: str
+    effort: int  # hnsw: efSearch; flat: 0
+    latency_s: float
+    recall: float
+
+
+@dataclass(frozen=True)
+class SearchCostModel:
+    """Fitted latency and recall models for filtered top-k search (see the module docstring).
+
+    Parameters
+    ----------
+    k: results per query the models were measured for.
+    recall_floor: the recall@k every search must reach.
+    hnsw_recall: (a0, a1, a2, a3) of the recall model.
+    hnsw_latency: (c0, c1, c2, c3) of the latency model.
+    flat_latency: (f0, f1, f2) of the exact-scan model.
+    ef_range: smallest and largest efSearch measured.
+    fit: goodness of fit per model (R² and median relative error), for the report.
+    """
+
+    k: int
+    recall_floor: float
+    hnsw_recall: tuple[float, float, float, float]
+    hnsw_latency: tuple[float, float, float, float]
+    flat_latency: tuple[float, float, float]
+    ef_range: tuple[int, int]
+    fit: dict = field(default_factory=dict)
+
+    # ---- the models -------------------------------------------------------------------
+    def recall(self, kind: str, n: int, s: float, effort: int) -> float:
+        """Predicted recall@k of one search."""
+        if kind == "flat":
+            return 1.0
+        a0, a1, a2, a3 = self.hnsw_recall
+        return _sigmoid(a0 + a1 * math.log(max(effort, 1)) + a2 * math.log(max(s, 1e-9)) + a3 * math.log(max(n, 2)))
+
+    def latency(self, kind: str, n: int, s: float, effort: int) -> float:
+        """Predicted seconds of one search."""
+        if kind == "flat":
+            f0, f1, f2 = self.flat_latency
+            return f0 + f1 * n + f2 * n * s
+        c0, c1, c2, c3 = self.hnsw_latency
+        le = math.log(max(effort, 1))
+        return math.exp(c0 + c1 * le + c2 * le * le + c3 * math.log(max(n, 2)))
+
+    def hnsw_effort(self, n: int, s: float) -> int | None:
+        """Smallest efSearch the recall model says reaches the floor; None when out of range."""
+        a0, a1, a2, a3 = self.hnsw_recall
+        if a1 <= 0:
+            return None
+        target = float(_logit(self.recall_floor))
+        ln_ef = (target - a0 - a2 * math.log(max(s, 1e-9)) - a3 * math.log(max(n, 2))) / a1
+        lo, hi = self.ef_range
+        if ln_ef > math.log(hi):
+            return None
+        return int(min(hi, max(lo, self.k, math.ceil(math.exp(ln_ef)))))
+
+    def choose(self, kind: str, n: int, s: float) -> SearchChoice | None:
+        """The search of one partition of ``kind`` at the recall floor (None: unreachable)."""
+        if s <= 0:
+            return SearchChoice(kind, 0, 0.0, 1.0)  # nothing permitted here: not searched
+        if kind == "flat":
+            return SearchChoice("flat", 0, self.latency("flat", n, s, 0), 1.0)
+        ef = self.hnsw_effort(n, s)
+        if ef is None:
+            return None
+        return SearchChoice("hnsw", ef, self.latency("hnsw", n, s, ef), self.recall("hnsw", n, s, ef))
+
+    def partition_kind(self, n: int) -> str:
+        """The index kind a partition of ``n`` documents gets: cheaper one at selectivity 1."""
+        hnsw = self.choose("hnsw", n, 1.0)
+        flat = self.choose("flat", n, 1.0)
+        return "flat" if hnsw is None or flat.latency_s <= hnsw.latency_s else "hnsw"
+
+    def search_cost(self, n: int, s: np.ndarray) -> np.ndarray:
+        """Seconds to search a partition of ``n`` docs at each selectivity in ``s``.
+
+        Vectorised over users (the optimizer prices thousands of pairs at once); ``inf``
+        where the recall floor is unreachable. The partition's kind depends on ``n`` only.
+        """
+        s = np.clip(np.asarray(s, dtype=float), 1e-9, 1.0)
+        if self.partition_kind(n) == "flat":
+            f0, f1, f2 = self.flat_latency
+            return f0 + f1 * n + f2 * n * s
+        a0, a1, a2, a3 = self.hnsw_recall
+        c0, c1, c2, c3 = self.hnsw_latency
+        lo, hi = self.ef_range
+        if a1 <= 0:
+            return np.full_like(s, np.inf)
+        ln_ef = (float(_logit(self.recall_floor)) - a0 - a2 * np.log(s) - a3 * math.log(max(n, 2))) / a1
+        ef = np.clip(np.ceil(np.exp(np.minimum(ln_ef, 50.0))), max(lo, self.k), hi)
+        le = np.log(ef)
+        cost = np.exp(c0 + c1 * le + c2 * le * le + c3 * math.log(max(n, 2)))
+        return np.where(ln_ef > math.log(hi), np.inf, cost)
+
+    # ---- persistence ------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SearchCostModel":
+        return cls(
+            k=int(data["k"]), recall_floor=float(data["recall_floor"]),
+            hnsw_recall=tuple(map(float, data["hnsw_recall"])), hnsw_latency=tuple(map(float, data["hnsw_latency"])),
+            flat_latency=tuple(map(float, data["flat_latency"])), ef_range=tuple(map(int, data["ef_range"])),
+            fit=dict(data.get("fit", {})),
+        )
+
+    def with_floor(self, recall_floor: float) -> "SearchCostModel":
+        """The same fitted models priced at another recall floor."""
+        return SearchCostModel(self.k, recall_floor, self.hnsw_recall, self.hnsw_latency, self.flat_latency,
+                               self.ef_range, self.fit)
+
+
+def _r2(y: np.ndarray, pred: np.ndarray) -> float:
+    ss = float(((y - y.mean()) ** 2).sum())
+    return 1.0 - float(((y - pred) ** 2).sum()) / ss if ss > 0 else 1.0
+
+
+def fit_cost_model(measurements: pd.DataFrame, *, recall_floor: float) -> SearchCostModel:
+    """Fit the recall and latency models to a measured grid.
+
+    Parameters
+    ----------
+    measurements: one row per (kind, n, selectivity, effort) with columns
+        :data:`MEASUREMENT_COLUMNS`; ``recall`` is recall@k against exact filtered search
+        and ``latency_s`` the mean seconds per single-query search.
+    recall_floor: recall@k every search must reach (0 < floor < 1).
+    """
+    if not 0 < recall_floor < 1:
+        raise ValueError(f"recall_floor must be in (0, 1), got {recall_floor!r}")
+    missing = set(MEASUREMENT_COLUMNS) - set(measurements.columns)
+    if missing:
+        raise ValueError(f"measurements lack columns {sorted(missing)}")
+    ks = measurements["k"].unique()
+    if len(ks) != 1:
+        raise ValueError(f"measurements mix k values {sorted(ks)}")
+    hnsw = measurements[measurements["kind"] == "hnsw"]
+    flat = measurements[measurements["kind"] == "flat"]
+    if len(hnsw) < 8 or len(flat) < 3:
+        raise ValueError(f"too few measurements to fit: {len(hnsw)} hnsw rows (need 8), {len(flat)} flat rows (need 3)")
+
+    ln_ef = np.log(hnsw["effort"].to_numpy(float))
+    ln_s = np.log(hnsw["selectivity"].to_numpy(float))
+    ln_n = np.log(hnsw["n"].to_numpy(float))
+    y_recall = _logit(hnsw["recall"].to_numpy(float))
+    x_recall = np.column_stack([np.ones_like(ln_ef), ln_ef, ln_s, ln_n])
+    a, *_ = np.linalg.lstsq(x_recall, y_recall, rcond=None)
+
+    y_lat = np.log(hnsw["latency_s"].to_numpy(float))
+    x_lat = np.column_stack([np.ones_like(ln_ef), ln_ef, ln_ef ** 2, ln_n])
+    c, *_ = np.linalg.lstsq(x_lat, y_lat, rcond=None)
+
+    from scipy.optimize import nnls
+
+    n_f = flat["n"].to_numpy(float)
+    s_f = flat["selectivity"].to_numpy(float)
+    lat_f = flat["latency_s"].to_numpy(float)
+    f, _ = nnls(np.column_stack([np.ones_like(n_f), n_f, n_f * s_f]), lat_f)
+
+    pred_recall = 1 / (1 + np.exp(-(x_recall @ a)))
+    pred_lat = np.exp(x_lat @ c)
+    pred_flat = f[0] + f[1] * n_f + f[2] * n_f * s_f
+    fit = {
+        "hnsw_recall_r2_logit": round(_r2(y_recall, x_recall @ a), 4),
+        "hnsw_recall_median_abs_error": round(float(np.median(np.abs(pred_recall - hnsw["recall"].to_numpy(float)))), 4),
+        "hnsw_latency_r2_log": round(_r2(y_lat, x_lat @ c), 4),
+        "hnsw_latency_median_rel_error": round(float(np.median(np.abs(pred_lat / hnsw["latency_s"].to_numpy(float) - 1))), 4),
+        "flat_latency_r2": round(_r2(lat_f, pred_flat), 4),
+        "flat_latency_median_rel_error": round(float(np.median(np.abs(pred_flat / lat_f - 1))), 4),
+        "rows": int(len(measurements)),
+    }
+    efs = hnsw["effort"].to_numpy(int)
+    return SearchCostModel(
+        k=int(ks[0]), recall_floor=float(recall_floor),
+        hnsw_recall=tuple(float(v) for v in a), hnsw_latency=tuple(float(v) for v in c),
+        flat_latency=tuple(float(v) for v in f), ef_range=(int(efs.min()), int(efs.max())), fit=fit,
+    )

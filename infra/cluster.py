@@ -54,6 +54,27 @@ def on_pool(pool: Pool) -> ContextManager[None]:
     return on(tier=pool.tier, device=pool.device)
 
 
+@contextmanager
+def on_worker(address: str) -> Iterator[None]:
+    """Pin everything submitted inside this block to one worker (by its address).
+
+    For stateful work: a task that reads what an earlier task left in a worker's memory
+    (e.g. built index partitions) must run on that same worker, not on any worker of its pool.
+    """
+    with dask.annotate(workers=[address], allow_other_workers=False):
+        yield
+
+
+def this_worker() -> str:
+    """The address of the Dask worker running the caller ("local" outside a worker)."""
+    from distributed import get_worker
+
+    try:
+        return str(get_worker().address)
+    except ValueError:
+        return "local"
+
+
 def worker_env() -> dict[str, str]:
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
            "DASK_LOGGING__DISTRIBUTED": os.environ.get("DASK_LOGGING__DISTRIBUTED", "warning")}

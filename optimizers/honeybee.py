@@ -543,3 +543,51 @@ def plan_strategy(problem: PartitioningProblem, strategy: str, **kwargs) -> Part
     if strategy not in planners:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     return planners[strategy](problem, **kwargs) if strategy == "honeybee" else planners[strategy](problem)
+
+
+# ---- placing partitions on the tiers -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class PoolSlot:
+    """A pool partitions can live on: its tier, how many documents it can hold, how many machines."""
+
+    name: str
+    tier: str
+    capacity: float
+    machines: int = 1
+
+
+def place_partitions(sizes: list[int], loads: list[float], slots: list[PoolSlot],
+                     near_tier: str | None = None) -> list[str]:
+    """Assign each partition to a pool.
+
+    The hottest partitions (expected search seconds per stored document) go to the pools
+    of ``near_tier`` — the tier users query from — until those pools carry their share of
+    the load or more (their machines / all machines) or run out of room; every other partition
+    goes, heaviest first, to the pool with the least load per machine that has room.
+    Raises ValueError naming the partition that fits nowhere.
+    """
+    free = {s.name: float(s.capacity) for s in slots}
+    load = {s.name: 0.0 for s in slots}
+    machines = {s.name: max(s.machines, 1) for s in slots}
+    near = [s.name for s in slots if s.tier == near_tier]
+    share = sum(machines[s] for s in near) / sum(machines.values())
+    quota = share * float(sum(loads))
+    out: list[str | None] = [None] * len(sizes)
+
+    def put(p: int, pool: str) -> None:
+        out[p] = pool
+        free[pool] -= sizes[p]
+        load[pool] += loads[p]
+
+    for p in sorted(range(len(sizes)), key=lambda p: -loads[p] / max(sizes[p], 1)):
+        room = [s for s in near if free[s] >= sizes[p]]
+        if room and sum(load[s] for s in near) < quota:
+            put(p, min(room, key=lambda s: load[s] / machines[s]))
+    for p in sorted((p for p in range(len(sizes)) if out[p] is None), key=lambda p: -loads[p]):
+        room = [s.name for s in slots if free[s.name] >= sizes[p]]
+        if not room:
+            raise ValueError(f"partition {p} of {sizes[p]} documents fits in no pool "
+                             f"(free capacity: {', '.join(f'{k}={v:.0f}' for k, v in free.items())})")
+        put(p, min(room, key=lambda s: (load[s] + loads[p]) / machines[s]))
+    return [str(p) for p in out]

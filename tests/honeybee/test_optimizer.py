@@ -146,3 +146,27 @@ def test_storage_budget_below_one_is_refused():
     with pytest.raises(ValueError, match="storage_budget"):
         PartitioningProblem((Block(frozenset({"a"}), 1),), (UserClass(frozenset({"a"}), 1.0),), hnsw_like_cost,
                             storage_budget=0.9)
+
+
+def test_placement_puts_hot_partitions_near_users_within_capacity():
+    from optimizers.honeybee import PoolSlot, place_partitions
+
+    sizes = [100, 100, 1000, 500]
+    loads = [5.0, 0.1, 2.0, 0.5]  # partition 0 is the hottest per document
+    slots = [PoolSlot("edge", "edge", 150, machines=2), PoolSlot("cloud-a", "cloud", 1000), PoolSlot("cloud-b", "cloud", 1000)]
+    placed = place_partitions(sizes, loads, slots, near_tier="edge")
+    assert placed[0] == "edge"
+    assert placed[1] != "edge"  # partition 0 alone exceeds the edge's share of the load (2 of 4 machines)
+    for slot in slots:
+        assert sum(s for s, p in zip(sizes, placed) if p == slot.name) <= slot.capacity
+    assert {placed[2], placed[3]} == {"cloud-a", "cloud-b"}  # the two heaviest loads are split
+    with pytest.raises(ValueError, match="fits in no pool"):
+        place_partitions([5000], [1.0], slots)
+
+
+def test_placement_does_not_pile_everything_on_a_roomy_near_tier():
+    from optimizers.honeybee import PoolSlot, place_partitions
+
+    slots = [PoolSlot("edge", "edge", 1e9, machines=1), PoolSlot("cloud", "cloud", 1e9, machines=3)]
+    placed = place_partitions([10] * 8, [1.0] * 8, slots, near_tier="edge")
+    assert placed.count("edge") == 2 and placed.count("cloud") == 6

@@ -1,0 +1,150 @@
+"""Run a strategy's queries for real and measure them: latency, QPS, recall@k, security.
+
+``search`` is how jobs reach the partitions: a local :class:`PartitionServer` (the
+``tierflow honeybee query`` command) or per-pool tasks on the tier workers (the flow). A
+query fans out to the partitions routed to its user, each searched with the user's
+permission filter; :func:`merge_results` merges and re-checks permissions. A query's
+latency is the sum of its partition searches plus the merge (one core serves it), so
+QPS = 1 / mean latency per core.
+
+Every strategy is held to the same recall target the same way: searches start at the
+efforts the cost model predicts for the floor, and while the measured recall@k on a
+calibration sample is below the target, every HNSW effort is multiplied by 1.5 (the
+``rls`` baseline "raises ef until recall meets the target" this way).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from tasks.honeybee.index import exact_search, recall_at_k
+from tasks.honeybee.plans import Deployment
+from tasks.honeybee.rbac import Rbac
+from tasks.honeybee.serve import SearchJob, merge_results
+
+# pool → jobs → (D, I, seconds), one row per job
+SearchFn = Callable[[dict[str, list[SearchJob]]], dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]
+EFFORT_STEP = 1.5
+MAX_CALIBRATION_ROUNDS = 12
+
+
+def ground_truth(vectors: np.ndarray, queries: np.ndarray, query_ids: np.ndarray, users: np.ndarray, rbac: Rbac,
+                 k: int) -> np.ndarray:
+    """Exact top-k among the documents each query's user may see: (len(query_ids), k) ids."""
+    truth = np.full((len(query_ids), k), -1, dtype=np.int64)
+    by_roles: dict[frozenset[str], list[int]] = {}
+    for row, user in enumerate(users[query_ids]):
+        by_roles.setdefault(rbac.user_roles_of(user), []).append(row)
+    for roles, rows in by_roles.items():
+        _, truth[rows] = exact_search(vectors, queries[query_ids[rows]], k, rbac.permitted_mask(roles))
+    return truth
+
+
+@dataclass
+class QueryRun:
+    """What running a strategy's queries measured."""
+
+    found: np.ndarray  # (q, k) doc ids, distance order, -1 padded
+    latency_s: np.ndarray  # (q,) seconds: partition searches + merge
+    searches: np.ndarray  # (q,) partitions searched
+    rejected_at_merge: int  # documents the final permission check dropped (0 unless a filter failed)
+
+
+def run_queries(deployment: Deployment, query_ids: np.ndarray, users: np.ndarray, rbac: Rbac, search: SearchFn,
+                k: int, effort_scale: float = 1.0) -> QueryRun:
+    """Fan ``query_ids`` out to their users' partitions, search, merge; time everything."""
+    jobs: dict[str, list[SearchJob]] = {}
+    where: list[list[tuple[str, int]]] = []
+    roles_of = [rbac.user_roles_of(u) for u in users[query_ids]]
+    for q, roles in zip(query_ids, roles_of):
+        slots = []
+        for pid, effort in deployment.routes[roles]:
+            pool = deployment.pools[pid]
+            scaled = effort if deployment.specs[pid].kind == "flat" else int(math.ceil(effort * effort_scale))
+            jobs.setdefault(pool, []).append(SearchJob(int(q), roles, pid, scaled))
+            slots.append((pool, len(jobs[pool]) - 1))
+        where.append(slots)
+    answers = search(jobs)
+    found = np.full((len(query_ids), k), -1, dtype=np.int64)
+    latency = np.zeros(len(query_ids))
+    searches = np.zeros(len(query_ids), dtype=int)
+    rejected = 0
+    for row, (slots, roles) in enumerate(zip(where, roles_of)):
+        start = time.perf_counter()
+        permitted = rbac.permitted_mask(roles)
+        found[row], dropped = merge_results([answers[pool][0][j] for pool, j in slots],
+                                            [answers[pool][1][j] for pool, j in slots], permitted, k)
+        merge_s = time.perf_counter() - start
+        latency[row] = sum(answers[pool][2][j] for pool, j in slots) + merge_s
+        searches[row] = len(slots)
+        rejected += dropped
+    return QueryRun(found, latency, searches, rejected)
+
+
+@dataclass
+class StrategyResult:
+    """One strategy's figures on the query workload."""
+
+    strategy: str
+    method: str
+    partitions: int
+    storage: float
+    build_s: float
+    index_bytes: int
+    qps: float
+    latency_mean_ms: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    recall: float
+    meets_target: bool
+    effort_scale: float
+    predicted_latency_mean_ms: float
+    predicted_recall: float
+    searches_per_query: float
+    rejected_at_merge: int
+    built: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+def calibrate_and_measure(deployment: Deployment, query_ids: np.ndarray, users: np.ndarray, truth: np.ndarray,
+                          rbac: Rbac, search: SearchFn, k: int, target: float, *, calibration: int = 200,
+                          seed: int = 0) -> tuple[QueryRun, float, list[str]]:
+    """Raise HNSW efforts until a calibration sample reaches ``target`` recall, then run all queries."""
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(len(query_ids), size=min(calibration, len(query_ids)), replace=False))
+    scale, notes = 1.0, []
+    has_hnsw = any(s.kind == "hnsw" for s in deployment.specs)
+    for _ in range(MAX_CALIBRATION_ROUNDS):
+        run = run_queries(deployment, query_ids[sample], users, rbac, search, k, scale)
+        if recall_at_k(run.found, truth[sample]) >= target or not has_hnsw:
+            break
+        scale *= EFFORT_STEP
+    else:
+        notes.append(f"recall target {target} not reached on the calibration sample after "
+                     f"{MAX_CALIBRATION_ROUNDS} rounds (effort ×{scale:.1f})")
+    return run_queries(deployment, query_ids, users, rbac, search, k, scale), scale, notes
+
+
+def summarize(deployment: Deployment, run: QueryRun, truth: np.ndarray, query_ids: np.ndarray, users: np.ndarray,
+              rbac: Rbac, target: float, scale: float, build: list[dict], notes: list[str]) -> StrategyResult:
+    """The figures of one measured strategy, with the model's predictions beside them."""
+    recall = recall_at_k(run.found, truth)
+    roles = [rbac.user_roles_of(u) for u in users[query_ids]]
+    predicted_latency = float(np.mean([deployment.predicted_latency[r] for r in roles]))
+    predicted_recall = float(np.mean([deployment.predicted_recall[r] for r in roles]))
+    mean = float(run.latency_s.mean())
+    return StrategyResult(
+        strategy=deployment.strategy, method=deployment.plan.method, partitions=len(deployment.specs),
+        storage=deployment.plan.storage, build_s=float(sum(b["build_s"] for b in build)),
+        index_bytes=int(sum(b["nbytes"] for b in build)), qps=1.0 / mean if mean > 0 else math.inf,
+        latency_mean_ms=mean * 1e3, latency_p50_ms=float(np.percentile(run.latency_s, 50)) * 1e3,
+        latency_p99_ms=float(np.percentile(run.latency_s, 99)) * 1e3, recall=recall, meets_target=recall >= target,
+        effort_scale=scale, predicted_latency_mean_ms=predicted_latency * 1e3, predicted_recall=predicted_recall,
+        searches_per_query=float(run.searches.mean()), rejected_at_merge=run.rejected_at_merge,
+        notes=deployment.plan.notes + deployment.notes + notes,
+    )

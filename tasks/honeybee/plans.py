@@ -1,0 +1,93 @@
+"""From a workload to deployable plans: the optimizer's problem, each strategy's plan, and how
+every user class searches each partition (index kind and effort, from the cost model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from optimizers.honeybee import (
+    STRATEGIES, Block, PartitioningProblem, PartitionPlan, PoolSlot, UserClass, place_partitions, plan_strategy,
+)
+from optimizers.honeybee_cost import SearchCostModel
+from tasks.honeybee.rbac import Rbac
+from tasks.honeybee.serve import PartitionSpec
+
+QUIET_CLASS_WEIGHT = 0.01  # queries credited to a user class that sent none: still routed, barely weighed
+
+
+def build_problem(rbac: Rbac, query_users: np.ndarray, model: SearchCostModel, *, storage_budget: float,
+                  name: str = "workload") -> PartitioningProblem:
+    """The partitioning problem of a workload: its role-signature blocks, its user classes
+    weighted by the queries their users send, priced by ``model`` at its recall floor."""
+    classes = rbac.user_classes()
+    sent = {}
+    for user in query_users:
+        sent[user] = sent.get(user, 0) + 1
+    users = tuple(UserClass(roles, sum(sent.get(u, 0) for u in members) or QUIET_CLASS_WEIGHT)
+                  for roles, members in sorted(classes.items(), key=lambda kv: sorted(kv[0])))
+    blocks = tuple(Block(sig, len(ids)) for sig, ids in rbac.blocks())
+    return PartitioningProblem(blocks, users, model.search_cost, storage_budget=storage_budget,
+                               recall_floor=model.recall_floor, name=name)
+
+
+@dataclass
+class Deployment:
+    """A strategy's plan made concrete: what to build where, and how each user class searches."""
+
+    strategy: str
+    plan: PartitionPlan
+    specs: list[PartitionSpec]
+    pools: list[str]  # pool of each partition
+    routes: dict[frozenset[str], list[tuple[int, int]]]  # user role set → [(partition, effort)]
+    predicted_latency: dict[frozenset[str], float]
+    predicted_recall: dict[frozenset[str], float]
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"strategy": self.strategy, "method": self.plan.method, "partitions": len(self.specs),
+                "storage": self.plan.storage, "kinds": {k: sum(s.kind == k for s in self.specs) for k in ("hnsw", "flat")},
+                "pools": {p: self.pools.count(p) for p in sorted(set(self.pools))}, "notes": self.plan.notes + self.notes}
+
+
+def make_deployment(problem: PartitioningProblem, plan: PartitionPlan, model: SearchCostModel,
+                    slots: list[PoolSlot], near_tier: str | None) -> Deployment:
+    """Index kinds, search efforts and pools for ``plan``.
+
+    ``rls`` always gets an HNSW index (the baseline raises ef to meet the recall target);
+    other partitions get the kind the model says is cheaper at their size. Where the
+    model says the floor is unreachable the largest measured ef is used and the
+    deployment says so (the evaluation measures the recall actually reached).
+    """
+    kinds = ["hnsw" if plan.strategy == "rls" else model.partition_kind(n) for n in plan.sizes]
+    selectivity = {p: problem.selectivities(roles)[1] for p, roles in enumerate(plan.partitions)}
+    routes, latency, recall, notes = {}, {}, {}, []
+    loads = np.zeros(len(plan.partitions))
+    for g, user in enumerate(problem.users):
+        route, lat, rec = [], 0.0, 1.0
+        for p in plan.routes[g]:
+            s = float(selectivity[p][g])
+            choice = model.choose(kinds[p], plan.sizes[p], s)
+            if choice is None:
+                effort = model.ef_range[1]
+                notes.append(f"partition {p} for roles {sorted(user.roles)}: recall floor unreachable by the model "
+                             f"at selectivity {s:.4f}; searched at ef={effort}")
+                lat_p, rec_p = model.latency("hnsw", plan.sizes[p], s, effort), model.recall("hnsw", plan.sizes[p], s, effort)
+            else:
+                effort, lat_p, rec_p = choice.effort, choice.latency_s, choice.recall
+            route.append((p, int(effort)))
+            lat += lat_p
+            rec = min(rec, rec_p)
+            loads[p] += problem.weights[g] * lat_p
+        routes[user.roles], latency[user.roles], recall[user.roles] = route, lat, rec
+    specs = [PartitionSpec(p, tuple(sorted(roles)), kinds[p]) for p, roles in enumerate(plan.partitions)]
+    pools = place_partitions(plan.sizes, list(loads), slots, near_tier)
+    return Deployment(plan.strategy, plan, specs, pools, routes, latency, recall, notes[:20])
+
+
+def plan_all(problem: PartitioningProblem, strategies: tuple[str, ...] = STRATEGIES, *,
+             time_limit: float = 60.0) -> dict[str, PartitionPlan]:
+    """Every named strategy's plan for the same problem."""
+    return {s: plan_strategy(problem, s, time_limit=time_limit) if s == "honeybee" else plan_strategy(problem, s)
+            for s in strategies}

@@ -20,6 +20,7 @@ from rich.table import Table
 
 # Nothing imported here may import Prefect: it reads PREFECT_API_URL once, at import, and
 # the server's URL is only known once _ensure_server() has run.
+from flows.honeybee_cli import honeybee_app
 from tasks.jellybean.workflow import DEFAULT_INFRA, DEFAULT_WORKFLOW
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -34,11 +35,17 @@ app.add_typer(server_app, name="server")
 app.add_typer(contracts_app, name="contracts")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(jellybean_app, name="jellybean")
+app.add_typer(honeybee_app, name="honeybee")
 
 console = Console(stderr=True)
-CONFIG_KEYS = ("workflow", "infra", "rate")  # what a run config (--config) may set
+CONFIG_KEYS = {  # what a run config (--config) may set, per system; path-valued keys are resolved
+    "jellybean": ("workflow", "infra", "rate"),
+    "honeybee": ("workload", "infra", "storage_budget", "recall_target", "k", "near_tier", "max_index_gib"),
+}
+PATH_KEYS = ("workflow", "infra", "workload")
 SYSTEMS = {
     "jellybean": "serve ML inference workflows across device/hub/edge/cloud tiers at least cost",
+    "honeybee": "role-based access control for vector search by overlapping partitions",
 }
 
 
@@ -102,30 +109,53 @@ def run_system(system: str, scale: str, config: Optional[Path], scheduler: Optio
             _fail(f"{config}: cannot read the run config: {exc}")
         if not isinstance(params, dict):
             _fail(f"{config}: expected a mapping of flow parameters, got {type(params).__name__}")
-        unknown = sorted(set(params) - set(CONFIG_KEYS))
+        unknown = sorted(set(params) - set(CONFIG_KEYS[system]))
         if unknown:
-            _fail(f"{config}: field {unknown[0]!r}: unknown; a run config takes {', '.join(CONFIG_KEYS)}")
-        for key in ("workflow", "infra"):
+            _fail(f"{config}: field {unknown[0]!r}: unknown; a {system} run config takes {', '.join(CONFIG_KEYS[system])}")
+        for key in PATH_KEYS:
             if key in params:
                 params[key] = str((config.parent / str(params[key])).resolve())
     try:  # bad input fails here, before a server or a cluster starts (and before Prefect is imported)
-        from infra.spec import load_infra_spec
+        _check_run_inputs(system, params, config)
+    except InputError as exc:
+        _fail(str(exc))
+    _ensure_server()
+    _quiet_logs()
+    from infra.cluster import ClusterError
+
+    try:
+        if system == "honeybee":
+            from flows.honeybee import honeybee
+
+            if store:
+                _fail("--store: honeybee runs write results/ only (artifact-store publishing is jellybean's so far)")
+            return honeybee(scale=scale, scheduler=scheduler, results_dir=results_dir, **params)
+        from flows.jellybean import jellybean
+
+        return jellybean(scale=scale, scheduler=scheduler, results_dir=results_dir, store=store, **params)
+    except (InputError, ClusterError, InfeasibleError) as exc:
+        _fail(str(exc))
+
+
+def _check_run_inputs(system: str, params: dict, config: Optional[Path]) -> None:
+    """Load every input a run names, so bad input is reported before anything starts."""
+    from infra.spec import load_infra_spec
+
+    if system == "jellybean":
         from tasks.jellybean.runtime import check_servable
         from tasks.jellybean.workflow import load_workflow
 
         check_servable(load_workflow(params.get("workflow", DEFAULT_WORKFLOW), rate=params.get("rate")))
         load_infra_spec(params.get("infra", DEFAULT_INFRA))
-    except InputError as exc:
-        _fail(str(exc))
-    _ensure_server()
-    _quiet_logs()
-    from flows.jellybean import jellybean
-    from infra.cluster import ClusterError
+        return
+    from tasks.honeybee.settings import DEFAULT_INFRA as HONEYBEE_INFRA, check_settings
+    from tasks.honeybee.workload import load_workload
 
-    try:
-        return jellybean(scale=scale, scheduler=scheduler, results_dir=results_dir, store=store, **params)
-    except (InputError, ClusterError, InfeasibleError) as exc:
-        _fail(str(exc))
+    source = config or "--config"
+    check_settings(source, params)
+    load_infra_spec(params.get("infra", HONEYBEE_INFRA))
+    if "workload" in params:
+        load_workload(params["workload"])
 
 
 @app.command("list")
@@ -159,7 +189,8 @@ def _print_summary(summaries: list[dict]) -> None:
     table = Table("system", "key figure", "system's value", "baseline", "baseline's value", "ratio (system/baseline)")
     for s in summaries:
         for name, value in s["baselines"].items():
-            table.add_row(s["system"], s["key_figure"], f"{s['milp']:.3f}", name, f"{value:.3f}", f"{s['milp'] / value:.3f}")
+            mine = s.get("value", s.get("milp"))
+            table.add_row(s["system"], s["key_figure"], f"{mine:.3f}", name, f"{value:.3f}", f"{mine / value:.3f}")
     Console().print(table)
     for s in summaries:
         Console().print(f"{s['system']}: results in {s['results']}")

@@ -29,13 +29,13 @@ from optimizers.honeybee import STRATEGIES, PoolSlot
 from optimizers.honeybee_cost import fit_cost_model
 from tasks.honeybee import report
 from tasks.honeybee.evaluate import StrategyResult, calibrate_and_measure, ground_truth, summarize
+from tasks.honeybee.profile import grid_for
 from tasks.honeybee.plans import Deployment, build_problem, make_deployment, plan_all
 from tasks.honeybee.rbac import Rbac
+from tasks.honeybee.settings import DEFAULT_INFRA, check_settings
 from tasks.honeybee.tasks import build_partitions, drop_partitions, profile_search, search_partitions
 from tasks.honeybee.workload import describe, ensure_generated, load_workload
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_INFRA = ROOT / "data" / "honeybee.infra.yaml"
 BYTES_PER_VECTOR_OVERHEAD = 320  # HNSW links and ids per stored vector, besides the vector itself
 SIMULATED = [
     "every pool's worker runs on this host's CPU: latencies are this host's, one core per query; "
@@ -77,14 +77,19 @@ def deploy(workload_dir: str, infra: InfraSpec, deployment: Deployment) -> tuple
 
 
 def searcher(workload_dir: str, strategy: str, workers: dict[str, str], k: int):
-    """Search jobs on the workers holding the partitions, every pool at once."""
+    """Search jobs on the workers holding the partitions, one pool after another.
+
+    Pools are measured one at a time because every worker here shares this host's cores:
+    searching all pools at once would time contention, not the partitions.
+    """
 
     def search(jobs):
-        futures = {}
+        answers = {}
         for pool, pool_jobs in jobs.items():
             with on_worker(workers[pool]):
-                futures[pool] = search_partitions.submit(workload_dir, strategy, pool_jobs, k, pool)
-        return {pool: (f.result()["D"], f.result()["I"], f.result()["seconds"]) for pool, f in futures.items()}
+                result = search_partitions.submit(workload_dir, strategy, pool_jobs, k, pool).result()
+            answers[pool] = (result["D"], result["I"], result["seconds"])
+        return answers
 
     return search
 
@@ -97,7 +102,7 @@ def not_built(deployment: Deployment, reason: str) -> StrategyResult:
 
 
 @flow(name="honeybee-stages", log_prints=True)
-def honeybee_stages(workload_dir: str, infra: str, grid: str, storage_budget: float, recall_target: float, k: int,
+def honeybee_stages(workload_dir: str, infra: str, storage_budget: float, recall_target: float, k: int,
                     near_tier: str | None, max_index_gib: float, results_dir: str, run_id: str) -> dict:
     logger = get_run_logger()
     infra_spec = load_infra_spec(infra)
@@ -108,7 +113,7 @@ def honeybee_stages(workload_dir: str, infra: str, grid: str, storage_budget: fl
     out = Path(results_dir) / "honeybee" / run_id
     out.mkdir(parents=True, exist_ok=True)
 
-    measured = profile(workload_dir, infra_spec, grid)
+    measured = profile(workload_dir, infra_spec, grid_for(len(workload.vectors)))
     measured.to_csv(out / "search_profile.csv", index=False)
     model = fit_cost_model(measured, recall_floor=recall_target)
     (out / "cost_model.json").write_text(json.dumps(model.to_dict(), indent=2))
@@ -210,7 +215,7 @@ def honeybee(
     workload: a workload folder (vectors.npy, doc_roles.csv, user_roles.csv, queries.npy,
         query_users.csv); by default one is generated for ``scale`` (and kept for reuse).
     infra: an infrastructure spec (YAML).
-    scale: small | medium | large — the generated workload and the profiling grid.
+    scale: small | medium | large — the generated workload (the profiling grid follows its size).
     storage_budget: the most vector copies per document HoneyBee may store (≥ 1).
     recall_target: recall@k every strategy must reach (mean over queries).
     k: results per query.
@@ -222,10 +227,8 @@ def honeybee(
     """
     if scale not in ("small", "medium", "large"):
         raise ValueError(f"scale must be one of small, medium, large, got {scale!r}")
-    if storage_budget < 1.0:
-        raise ValueError(f"storage_budget must be ≥ 1.0 (every document is stored at least once), got {storage_budget}")
-    if not 0 < recall_target < 1:
-        raise ValueError(f"recall_target must be in (0, 1), got {recall_target}")
+    check_settings("honeybee flow parameters", {"storage_budget": storage_budget, "recall_target": recall_target,
+                                                "k": k, "near_tier": near_tier, "max_index_gib": max_index_gib})
     workload_dir = str(Path(workload).resolve()) if workload else str(ensure_generated(scale))
     load_workload(workload_dir)  # bad input fails here, before the cluster starts
     spec = load_infra_spec(infra)
@@ -233,7 +236,7 @@ def honeybee(
     started = time.perf_counter()
     with TieredCluster(spec, scheduler=scheduler) as cluster:
         stages = honeybee_stages.with_options(task_runner=DaskTaskRunner(address=cluster.address))
-        summary = stages(workload_dir, infra, scale, storage_budget, recall_target, k, near_tier, max_index_gib,
+        summary = stages(workload_dir, infra, storage_budget, recall_target, k, near_tier, max_index_gib,
                          results_dir, run_id)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
     return summary

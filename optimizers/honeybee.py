@@ -238,8 +238,20 @@ def _plan(problem, strategy, method, partitions, sizes, routes, route_costs, **e
 # ---- baselines -------------------------------------------------------------------------------
 
 def plan_rls(problem: PartitioningProblem) -> PartitionPlan:
-    """Row-level security: one partition of every document; each user filters it."""
-    return route_users(problem, [frozenset(problem.roles)], "rls", "fixed")
+    """Row-level security: one partition of every document; each user filters it.
+
+    Never infeasible: where the model says no measured effort reaches the recall floor (a
+    user who may see very little), the route is kept at infinite predicted cost and the
+    deployment raises the effort at run time until the measured recall meets the target.
+    """
+    partitions = [frozenset(problem.roles)]
+    sizes, costs = _pair_costs(problem, partitions)
+    plan = _plan(problem, "rls", "fixed", partitions, sizes, [[0] for _ in problem.users], list(costs[:, 0]))
+    unreachable = int(np.isinf(costs[:, 0]).sum())
+    if unreachable:
+        plan.notes.append(f"{unreachable} user classes need more effort than the model measured to reach recall "
+                          f"{problem.recall_floor} in the shared index")
+    return plan
 
 
 def plan_per_role(problem: PartitioningProblem) -> PartitionPlan:
@@ -466,7 +478,8 @@ def plan_milp(problem: PartitioningProblem, candidates: list[frozenset[str]] | N
     price = np.array([problem.weights[g] * costs[g, p] for g, p in pairs])
     objective = cp.Minimize(price @ y)
     families = {
-        "coverage": Family([cover @ y >= 1], "every role of every user class is served by a partition it searches"),
+        "coverage": Family([cover @ y >= 1], "every role of every user class is served by a partition it searches "
+                                             f"at recall ≥ {problem.recall_floor}"),
         "build before use": Family([y <= link @ x], "a user searches only partitions that are built"),
         "storage budget": Family([np.array(sizes, dtype=float) @ x <= problem.storage_budget * problem.n_docs],
                                  f"Σ partition sizes ≤ {problem.storage_budget} × {problem.n_docs} documents"),
@@ -527,11 +540,14 @@ def plan_honeybee(problem: PartitioningProblem, *, time_limit: float = DEFAULT_T
     """HoneyBee's plan: the greedy merge, then the MILP over candidates seeded with it when the
     instance is small enough (``max_pairs``); the MILP is capped by the greedy plan, so it is
     never slower. The plan's ``method`` names which one produced it."""
-    greedy = plan_greedy_merge(problem)
-    candidates = candidate_partitions(problem, extra=greedy.partitions)
+    try:
+        greedy = plan_greedy_merge(problem)
+    except InfeasibleError:
+        greedy = None  # the MILP decides, and names the constraints that conflict if it cannot
+    candidates = candidate_partitions(problem, extra=greedy.partitions if greedy else None)
     sizes, costs = _pair_costs(problem, candidates)
     n_pairs = len(_usable_pairs(problem, costs, candidates, PAIRS_PER_ROLE))
-    if n_pairs > max_pairs:
+    if n_pairs > max_pairs and greedy is not None:
         greedy.notes.append(f"milp skipped: {n_pairs} (user class, partition) pairs > {max_pairs}")
         return greedy
     return plan_milp(problem, candidates, time_limit=time_limit, incumbent=greedy)

@@ -41,6 +41,11 @@ GRIDS = {
 }
 
 
+def grid_for(n_docs: int) -> str:
+    """The grid that fits a corpus of ``n_docs`` documents (its sizes span the partitions it will have)."""
+    return "tiny" if n_docs < 5_000 else "small" if n_docs < 50_000 else "medium" if n_docs < 500_000 else "large"
+
+
 def _timed_search(index: PartitionIndex, queries: np.ndarray, k: int, flt, ef: int | None) -> tuple[np.ndarray, float]:
     found = np.empty((len(queries), k), dtype=np.int64)
     start = time.perf_counter()

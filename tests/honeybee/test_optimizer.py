@@ -132,14 +132,19 @@ def test_best_cover_is_the_cheapest_covering_subset():
         assert cost == pytest.approx(best) if math.isfinite(best) else route == []
 
 
-def test_unreachable_recall_floor_names_the_recall_floor_and_the_user_class():
-    blocks = (Block(frozenset({"tiny"}), 5), Block(frozenset({"big"}), 5000))
-    users = (UserClass(frozenset({"tiny"}), 1.0),)
+def test_unreachable_recall_floor_names_the_conflicting_constraints():
+    # the tiny team's documents are also the big role's: at budget 1.0 it cannot have a partition of
+    # its own, and in the shared one its selectivity (0.1%) is below what reaches the recall floor
+    blocks = (Block(frozenset({"tiny", "big"}), 5), Block(frozenset({"big"}), 5000))
+    users = (UserClass(frozenset({"tiny"}), 1.0), UserClass(frozenset({"big"}), 1.0))
     problem = PartitioningProblem(blocks, users, lambda n, s: hnsw_like_cost(n, s, unreachable_below=0.5),
                                   storage_budget=1.0)
     with pytest.raises(InfeasibleError) as err:
-        plan_rls(problem)
-    assert "recall floor" in err.value.conflicting and "tiny" in str(err.value)
+        plan_honeybee(problem, time_limit=10)
+    assert {"coverage", "storage budget"} <= set(err.value.conflicting)
+    assert "recall" in str(err.value)
+    relaxed = PartitioningProblem(blocks, users, problem.search_cost, storage_budget=1.01)
+    assert frozenset({"tiny"}) in plan_honeybee(relaxed, time_limit=10).partitions
 
 
 def test_storage_budget_below_one_is_refused():
@@ -170,3 +175,13 @@ def test_placement_does_not_pile_everything_on_a_roomy_near_tier():
     slots = [PoolSlot("edge", "edge", 1e9, machines=1), PoolSlot("cloud", "cloud", 1e9, machines=3)]
     placed = place_partitions([10] * 8, [1.0] * 8, slots, near_tier="edge")
     assert placed.count("edge") == 2 and placed.count("cloud") == 6
+
+
+def test_rls_is_never_infeasible_it_notes_users_beyond_the_models_reach():
+    blocks = (Block(frozenset({"tiny"}), 5), Block(frozenset({"big"}), 5000))
+    users = (UserClass(frozenset({"tiny"}), 1.0), UserClass(frozenset({"big"}), 1.0))
+    problem = PartitioningProblem(blocks, users, lambda n, s: hnsw_like_cost(n, s, unreachable_below=0.5),
+                                  storage_budget=1.0)
+    plan = plan_rls(problem)
+    assert plan.routes == [[0], [0]] and math.isinf(plan.route_costs[0]) and math.isfinite(plan.route_costs[1])
+    assert "1 user classes" in plan.notes[0]

@@ -87,7 +87,7 @@ def query_users_suite() -> list:
 
 # --------------------------------------------------------------------------- profile and results
 
-STRATEGIES = ["honeybee", "rls", "per_role", "per_user"]
+STRATEGIES = ["honeybee", "rls", "rls_prefilter", "per_role", "per_user"]
 PROFILE_COLUMNS = ["kind", "n", "selectivity", "effort", "k", "recall", "latency_s"]
 EVALUATION_COLUMNS = [
     "strategy", "partitions", "storage", "build_s", "index_bytes", "qps", "latency_mean_ms", "latency_p50_ms",

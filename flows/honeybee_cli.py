@@ -105,7 +105,7 @@ def profile(
 @honeybee_app.command("query")
 def query(
     workload: Path = typer.Option(..., help="workload folder"),
-    strategy: str = typer.Option("honeybee", help="honeybee | rls | per_role | per_user"),
+    strategy: str = typer.Option("honeybee", help="honeybee | rls | rls_prefilter | per_role | per_user"),
     k: int = typer.Option(10, help="results per query"),
     budget: float = typer.Option(1.4, help="storage budget (vector copies / N) for honeybee"),
     recall: float = typer.Option(0.95, help="recall@k target"),

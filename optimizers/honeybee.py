@@ -24,8 +24,9 @@ Instances too large for the MILP use :func:`plan_greedy_merge`: start from one p
 per role and repeatedly merge the two partitions whose merge saves the most storage per
 unit of added latency until the budget holds. :func:`plan_brute_force` enumerates every
 candidate subset (small instances; the tests check the MILP against it). The baselines
-are fixed plans priced by the same model: :func:`plan_rls` (one partition for everyone),
-:func:`plan_per_role` (one per role, a user searches each of its roles) and
+are fixed plans priced by the same model: :func:`plan_rls` (one partition for everyone,
+graph search only), :func:`plan_rls_prefilter` (the same, with exact scans for users who
+may see little), :func:`plan_per_role` (one per role, a user searches each of its roles) and
 :func:`plan_per_user` (one per distinct user role set).
 """
 
@@ -44,7 +45,7 @@ import scipy.sparse as sp
 from optimizers.solve import DEFAULT_TIME_LIMIT_S, Family, InfeasibleError, SolverError, solve_milp
 
 SearchCost = Callable[[int, np.ndarray], np.ndarray]
-STRATEGIES = ("honeybee", "rls", "per_role", "per_user")
+STRATEGIES = ("honeybee", "rls", "rls_prefilter", "per_role", "per_user")
 MILP_MAX_PAIRS = 60_000  # (user class, partition) pairs beyond which the MILP is not attempted
 PAIRS_PER_ROLE = 6  # cheapest candidate partitions kept per (user class, role)
 
@@ -251,6 +252,14 @@ def plan_rls(problem: PartitioningProblem) -> PartitionPlan:
     if unreachable:
         plan.notes.append(f"{unreachable} user classes need more effort than the model measured to reach recall "
                           f"{problem.recall_floor} in the shared index")
+    return plan
+
+
+def plan_rls_prefilter(problem: PartitioningProblem) -> PartitionPlan:
+    """Row-level security with pre-filtering: the same single shared index, but a user who may
+    see little of it is served by an exact scan of its permitted vectors when that is cheaper
+    than the graph walk (what vector databases do for very selective filters)."""
+    plan = route_users(problem, [frozenset(problem.roles)], "rls_prefilter", "fixed")
     return plan
 
 
@@ -555,7 +564,8 @@ def plan_honeybee(problem: PartitioningProblem, *, time_limit: float = DEFAULT_T
 
 def plan_strategy(problem: PartitioningProblem, strategy: str, **kwargs) -> PartitionPlan:
     """The plan of one named strategy (:data:`STRATEGIES`)."""
-    planners = {"honeybee": plan_honeybee, "rls": plan_rls, "per_role": plan_per_role, "per_user": plan_per_user}
+    planners = {"honeybee": plan_honeybee, "rls": plan_rls, "rls_prefilter": plan_rls_prefilter,
+                "per_role": plan_per_role, "per_user": plan_per_user}
     if strategy not in planners:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     return planners[strategy](problem, **kwargs) if strategy == "honeybee" else planners[strategy](problem)

@@ -22,9 +22,13 @@ measured on the workers by ``tasks.honeybee.profile``):
 
       latency = f0 + f1·n + f2·n·s                               (non-negative least squares)
 
-A partition gets the kind that is cheaper for a user who may see all of it
-(:meth:`SearchCostModel.partition_kind`); :meth:`SearchCostModel.search_cost` is the
-function the partitioning optimizer prices a (user, partition) pair with.
+An HNSW partition keeps its vectors, so a user who may see little of it can also be
+served by an exact scan of just its permitted vectors (same storage, recall 1, cost of
+the flat model at that selectivity); :meth:`SearchCostModel.choose` picks the cheaper of
+graph walk and scan per (user, partition) unless told to walk the graph only (the
+``rls`` baseline). A partition gets the kind that is cheaper for a user who may see all
+of it (:meth:`SearchCostModel.partition_kind`); :meth:`SearchCostModel.search_cost` is
+the function the partitioning optimizer prices a (user, partition) pair with.
 """
 
 from __future__ import annotations
@@ -54,9 +58,10 @@ class SearchChoice:
     """How to search one partition for one user: kind, effort and the predicted outcome."""
 
     kind: str
-    effort: int  # hnsw: efSearch; flat: 0
+    effort: int  # hnsw graph walk: efSearch; exact scans: 0
     latency_s: float
     recall: float
+    exact: bool = False  # scan the permitted vectors instead of walking the graph
 
 
 @dataclass(frozen=True)
@@ -111,43 +116,51 @@ class SearchCostModel:
             return None
         return int(min(hi, max(lo, self.k, math.ceil(math.exp(ln_ef)))))
 
-    def choose(self, kind: str, n: int, s: float) -> SearchChoice | None:
-        """The search of one partition of ``kind`` at the recall floor (None: unreachable)."""
+    def choose(self, kind: str, n: int, s: float, *, allow_exact: bool = True) -> SearchChoice | None:
+        """How to search one partition of ``kind`` at the recall floor (None: unreachable).
+
+        For hnsw, the cheaper of the graph walk and (when ``allow_exact``) an exact scan of
+        the permitted vectors.
+        """
         if s <= 0:
-            return SearchChoice(kind, 0, 0.0, 1.0)  # nothing permitted here: not searched
+            return SearchChoice(kind, 0, 0.0, 1.0, exact=True)  # nothing permitted here: not searched
+        scan = SearchChoice(kind, 0, self.latency("flat", n, s, 0), 1.0, exact=True)
         if kind == "flat":
-            return SearchChoice("flat", 0, self.latency("flat", n, s, 0), 1.0)
+            return scan
         ef = self.hnsw_effort(n, s)
-        if ef is None:
-            return None
-        return SearchChoice("hnsw", ef, self.latency("hnsw", n, s, ef), self.recall("hnsw", n, s, ef))
+        graph = None if ef is None else SearchChoice("hnsw", ef, self.latency("hnsw", n, s, ef), self.recall("hnsw", n, s, ef))
+        if not allow_exact:
+            return graph
+        return scan if graph is None or scan.latency_s < graph.latency_s else graph
 
     def partition_kind(self, n: int) -> str:
         """The index kind a partition of ``n`` documents gets: cheaper one at selectivity 1."""
-        hnsw = self.choose("hnsw", n, 1.0)
+        hnsw = self.choose("hnsw", n, 1.0, allow_exact=False)
         flat = self.choose("flat", n, 1.0)
         return "flat" if hnsw is None or flat.latency_s <= hnsw.latency_s else "hnsw"
 
     def search_cost(self, n: int, s: np.ndarray) -> np.ndarray:
         """Seconds to search a partition of ``n`` docs at each selectivity in ``s``.
 
-        Vectorised over users (the optimizer prices thousands of pairs at once); ``inf``
-        where the recall floor is unreachable. The partition's kind depends on ``n`` only.
+        Vectorised over users (the optimizer prices thousands of pairs at once). The
+        partition's kind depends on ``n`` only; in an hnsw partition each user gets the
+        cheaper of graph walk and exact scan, so the cost is always finite.
         """
         s = np.clip(np.asarray(s, dtype=float), 1e-9, 1.0)
+        f0, f1, f2 = self.flat_latency
+        scan = f0 + f1 * n + f2 * n * s
         if self.partition_kind(n) == "flat":
-            f0, f1, f2 = self.flat_latency
-            return f0 + f1 * n + f2 * n * s
+            return scan
         a0, a1, a2, a3 = self.hnsw_recall
         c0, c1, c2, c3 = self.hnsw_latency
         lo, hi = self.ef_range
         if a1 <= 0:
-            return np.full_like(s, np.inf)
+            return scan
         ln_ef = (float(_logit(self.recall_floor)) - a0 - a2 * np.log(s) - a3 * math.log(max(n, 2))) / a1
         ef = np.clip(np.ceil(np.exp(np.minimum(ln_ef, 50.0))), max(lo, self.k), hi)
         le = np.log(ef)
-        cost = np.exp(c0 + c1 * le + c2 * le * le + c3 * math.log(max(n, 2)))
-        return np.where(ln_ef > math.log(hi), np.inf, cost)
+        graph = np.exp(c0 + c1 * le + c2 * le * le + c3 * math.log(max(n, 2)))
+        return np.minimum(np.where(ln_ef > math.log(hi), np.inf, graph), scan)
 
     # ---- persistence ------------------------------------------------------------------
     def to_dict(self) -> dict:

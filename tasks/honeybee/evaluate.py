@@ -64,10 +64,10 @@ def run_queries(deployment: Deployment, query_ids: np.ndarray, users: np.ndarray
     roles_of = [rbac.user_roles_of(u) for u in users[query_ids]]
     for q, roles in zip(query_ids, roles_of):
         slots = []
-        for pid, effort in deployment.routes[roles]:
+        for pid, effort, exact in deployment.routes[roles]:
             pool = deployment.pools[pid]
-            scaled = effort if deployment.specs[pid].kind == "flat" else int(math.ceil(effort * effort_scale))
-            jobs.setdefault(pool, []).append(SearchJob(int(q), roles, pid, scaled))
+            scaled = effort if exact or deployment.specs[pid].kind == "flat" else int(math.ceil(effort * effort_scale))
+            jobs.setdefault(pool, []).append(SearchJob(int(q), roles, pid, scaled, exact))
             slots.append((pool, len(jobs[pool]) - 1))
         where.append(slots)
     answers = search(jobs)
@@ -119,7 +119,8 @@ def calibrate_and_measure(deployment: Deployment, query_ids: np.ndarray, users: 
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(len(query_ids), size=min(calibration, len(query_ids)), replace=False))
     scale, notes = 1.0, []
-    has_hnsw = any(s.kind == "hnsw" for s in deployment.specs)
+    has_hnsw = any(not exact and deployment.specs[pid].kind == "hnsw"
+                   for route in deployment.routes.values() for pid, _, exact in route)
     for _ in range(MAX_CALIBRATION_ROUNDS):
         run = run_queries(deployment, query_ids[sample], users, rbac, search, k, scale)
         if recall_at_k(run.found, truth[sample]) >= min(target + CALIBRATION_MARGIN, 1.0) or not has_hnsw:

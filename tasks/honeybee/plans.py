@@ -40,7 +40,7 @@ class Deployment:
     plan: PartitionPlan
     specs: list[PartitionSpec]
     pools: list[str]  # pool of each partition
-    routes: dict[frozenset[str], list[tuple[int, int]]]  # user role set → [(partition, effort)]
+    routes: dict[frozenset[str], list[tuple[int, int, bool]]]  # user role set → [(partition, effort, exact scan)]
     predicted_latency: dict[frozenset[str], float]
     predicted_recall: dict[frozenset[str], float]
     notes: list[str] = field(default_factory=list)
@@ -55,12 +55,16 @@ def make_deployment(problem: PartitioningProblem, plan: PartitionPlan, model: Se
                     slots: list[PoolSlot], near_tier: str | None) -> Deployment:
     """Index kinds, search efforts and pools for ``plan``.
 
-    ``rls`` always gets an HNSW index (the baseline raises ef to meet the recall target);
-    other partitions get the kind the model says is cheaper at their size. Where the
-    model says the floor is unreachable the largest measured ef is used and the
+    ``rls`` and ``rls_prefilter`` always get an HNSW index; ``rls`` walks the graph only
+    (the baseline raises ef to meet the recall target), every other strategy scans a
+    user's permitted vectors exactly where the model says that is cheaper. Other
+    partitions get the kind the model says is cheaper at their size. Where the model says
+    the floor is unreachable by a graph walk the largest measured ef is used and the
     deployment says so (the evaluation measures the recall actually reached).
     """
-    kinds = ["hnsw" if plan.strategy == "rls" else model.partition_kind(n) for n in plan.sizes]
+    single = plan.strategy in ("rls", "rls_prefilter")
+    kinds = ["hnsw" if single else model.partition_kind(n) for n in plan.sizes]
+    allow_exact = plan.strategy != "rls"
     selectivity = {p: problem.selectivities(roles)[1] for p, roles in enumerate(plan.partitions)}
     routes, latency, recall, notes = {}, {}, {}, []
     loads = np.zeros(len(plan.partitions))
@@ -68,22 +72,27 @@ def make_deployment(problem: PartitioningProblem, plan: PartitionPlan, model: Se
         route, lat, rec = [], 0.0, 1.0
         for p in plan.routes[g]:
             s = float(selectivity[p][g])
-            choice = model.choose(kinds[p], plan.sizes[p], s)
+            choice = model.choose(kinds[p], plan.sizes[p], s, allow_exact=allow_exact)
             if choice is None:
                 effort = model.ef_range[1]
                 notes.append(f"partition {p} for roles {sorted(user.roles)}: recall floor unreachable by the model "
                              f"at selectivity {s:.4f}; searched at ef={effort}")
                 lat_p, rec_p = model.latency("hnsw", plan.sizes[p], s, effort), model.recall("hnsw", plan.sizes[p], s, effort)
+                exact = False
             else:
-                effort, lat_p, rec_p = choice.effort, choice.latency_s, choice.recall
-            route.append((p, int(effort)))
+                effort, lat_p, rec_p, exact = choice.effort, choice.latency_s, choice.recall, choice.exact
+            route.append((p, int(effort), bool(exact)))
             lat += lat_p
             rec = min(rec, rec_p)
             loads[p] += problem.weights[g] * lat_p
         routes[user.roles], latency[user.roles], recall[user.roles] = route, lat, rec
     specs = [PartitionSpec(p, tuple(sorted(roles)), kinds[p]) for p, roles in enumerate(plan.partitions)]
     pools = place_partitions(plan.sizes, list(loads), slots, near_tier)
-    return Deployment(plan.strategy, plan, specs, pools, routes, latency, recall, notes[:20])
+    scans = sum(exact for route in routes.values() for _, _, exact in route)
+    if scans and any(k == "hnsw" for k in kinds):
+        notes.append(f"{scans} of {sum(len(r) for r in routes.values())} (user class, partition) searches are exact "
+                     "scans of the permitted vectors (cheaper than the graph walk at their selectivity)")
+    return Deployment(plan.strategy, plan, specs, pools, routes, latency, recall, notes[-20:])
 
 
 def plan_all(problem: PartitioningProblem, strategies: tuple[str, ...] = STRATEGIES, *,

@@ -9,7 +9,8 @@ import pandas as pd
 
 from tasks.honeybee.evaluate import StrategyResult
 
-COLORS = {"honeybee": "tab:orange", "rls": "tab:blue", "per_role": "tab:green", "per_user": "tab:purple"}
+COLORS = {"honeybee": "tab:orange", "rls": "tab:blue", "rls_prefilter": "tab:cyan", "per_role": "tab:green",
+          "per_user": "tab:purple"}
 
 
 def results_table(results: list[StrategyResult]) -> pd.DataFrame:

@@ -38,7 +38,7 @@ def model(workload, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("strategy", ["honeybee", "rls", "per_role", "per_user"])
+@pytest.mark.parametrize("strategy", ["honeybee", "rls", "rls_prefilter", "per_role", "per_user"])
 def test_query_prints_each_querys_permitted_ids_with_qps_storage_and_build_time(workload, model, strategy):
     out = tierflow("honeybee", "query", "--workload", str(workload), "--strategy", strategy, "--k", "7",
                    "--model", str(model), "--json")

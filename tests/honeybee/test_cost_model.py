@@ -18,9 +18,9 @@ def synthetic_grid(noise: float = 0.0, seed: int = 0) -> pd.DataFrame:
             for ef in (16, 32, 64, 128, 256, 512, 1024, 2048):
                 logit = -2 + 1.0 * math.log(ef) + 0.9 * math.log(s) - 0.1 * math.log(n)
                 recall = 1 / (1 + math.exp(-logit))
-                latency = math.exp(-11 + 0.6 * math.log(ef) + 0.03 * math.log(ef) ** 2 + 0.1 * math.log(n))
+                latency = math.exp(-13 + 0.6 * math.log(ef) + 0.03 * math.log(ef) ** 2 + 0.1 * math.log(n))
                 rows.append(("hnsw", n, s, ef, 10, min(recall, 0.99), latency * math.exp(noise * rng.normal())))
-            rows.append(("flat", n, s, 0, 10, 1.0, 2e-5 + 3e-8 * n + 1e-8 * n * s))
+            rows.append(("flat", n, s, 0, 10, 1.0, 2e-5 + 1e-9 * n + 2e-8 * n * s))  # scans read only permitted rows
     return pd.DataFrame(rows, columns=MEASUREMENT_COLUMNS)
 
 
@@ -28,7 +28,7 @@ def test_fit_recovers_the_models_that_generated_the_measurements():
     model = fit_cost_model(synthetic_grid(), recall_floor=0.95)
     assert model.fit["hnsw_latency_r2_log"] > 0.999
     assert model.fit["flat_latency_r2"] > 0.999
-    assert model.latency("flat", 10_000, 0.5, 0) == pytest.approx(2e-5 + 3e-4 + 5e-5, rel=1e-3)
+    assert model.latency("flat", 10_000, 0.5, 0) == pytest.approx(2e-5 + 1e-5 + 1e-4, rel=1e-3)
     assert model.hnsw_latency[1] == pytest.approx(0.6, abs=0.05)
 
 
@@ -40,10 +40,20 @@ def test_effort_for_the_floor_grows_as_selectivity_falls_and_meets_the_floor():
         assert model.recall("hnsw", 16_000, s, ef) >= 0.9 - 1e-9
 
 
-def test_an_unreachable_floor_is_none_and_infinite_cost():
+def test_an_unreachable_floor_leaves_only_the_exact_scan():
     model = fit_cost_model(synthetic_grid(), recall_floor=0.95)
     assert model.hnsw_effort(64_000, 1e-5) is None
-    assert np.isinf(model.search_cost(64_000, np.array([1e-5]))).all() or model.partition_kind(64_000) == "flat"
+    assert model.choose("hnsw", 64_000, 1e-5, allow_exact=False) is None
+    scan = model.choose("hnsw", 64_000, 1e-5)
+    assert scan.exact and scan.recall == 1.0
+    assert model.search_cost(64_000, np.array([1e-5]))[0] == pytest.approx(scan.latency_s)
+
+
+def test_a_user_who_may_see_little_of_a_big_partition_is_scanned_not_walked():
+    model = fit_cost_model(synthetic_grid(), recall_floor=0.9)
+    assert model.partition_kind(64_000) == "hnsw"
+    assert not model.choose("hnsw", 64_000, 1.0).exact
+    assert model.choose("hnsw", 64_000, 0.001).exact
 
 
 def test_vectorised_cost_agrees_with_the_scalar_choice():
@@ -52,7 +62,7 @@ def test_vectorised_cost_agrees_with_the_scalar_choice():
         sel = np.array([1.0, 0.2, 0.05])
         vector = model.search_cost(n, sel)
         for s, cost in zip(sel, vector):
-            choice = model.choose(model.partition_kind(n), n, float(s))
+            choice = model.choose(model.partition_kind(n), n, float(s))  # graph or scan, whichever is cheaper
             assert (choice is None and np.isinf(cost)) or cost == pytest.approx(choice.latency_s)
 
 

@@ -31,7 +31,7 @@ def test_run_writes_plan_model_evaluation_report_and_plot(tiny_run):
                  "latency_vs_storage.png", "strategies.csv", "partitions.csv"):
         assert (out / name).is_file(), name
     evaluation = json.loads((out / "evaluation.json").read_text())
-    assert {row["strategy"] for row in evaluation["strategies"]} == {"honeybee", "rls", "per_role", "per_user"}
+    assert {row["strategy"] for row in evaluation["strategies"]} == {"honeybee", "rls", "rls_prefilter", "per_role", "per_user"}
     assert summary["simulated"], "a result must say what was simulated"
 
 

@@ -294,3 +294,22 @@ def test_exact_search_over_a_million_docs_takes_seconds():
     for q in range(2):
         dist = ((vectors[candidates] - queries[q]) ** 2).sum(1)
         np.testing.assert_array_equal(I[q], candidates[np.argsort(dist, kind="stable")[:10]])
+
+
+def test_exact_scan_of_an_hnsw_partition_equals_exact_search_and_respects_deletes():
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(size=(2000, 16)).astype(np.float32)
+    index = PartitionIndex.build(vectors, np.arange(2000), IndexConfig("hnsw"))
+    allowed = rng.random(2000) < 0.03
+    flt = index.permission_filter(allowed)
+    queries = rng.normal(size=(6, 16)).astype(np.float32)
+    _, found = index.search(queries, 10, flt, exact=True)
+    _, truth = exact_search(vectors, queries, 10, allowed)
+    assert (found == truth).all()
+    gone = np.flatnonzero(allowed)[:20]
+    index.remove(gone)
+    _, found = index.search(queries, 10, flt, exact=True)
+    assert not np.isin(found, gone).any() and allowed[found[found >= 0]].all()
+    ivf = PartitionIndex.build(vectors, np.arange(2000), IndexConfig("ivf"))
+    with pytest.raises(ValueError, match="exact"):
+        ivf.search(queries, 10, exact=True)

@@ -108,8 +108,8 @@ class PartitioningProblem:
         self.user_blocks = sp.csr_matrix(np.stack([self.block_mask(u.roles) for u in self.users]), dtype=float)  # user × block
 
     def block_mask(self, roles: frozenset[str]) -> np.ndarray:
-        """Blocks granted to at least one of ``roles``."""
-        return self.incidence[:, [self.role_index[r] for r in roles]].any(axis=1)
+        """Blocks granted to at least one of ``roles`` (a role that grants nothing adds none)."""
+        return self.incidence[:, [self.role_index[r] for r in roles if r in self.role_index]].any(axis=1)
 
     def size_of(self, roles: frozenset[str]) -> int:
         return int(self.sizes @ self.block_mask(roles))

@@ -20,7 +20,7 @@ measured on the workers by ``tasks.honeybee.profile``):
   extrapolation into effort nobody measured).
 - ``flat``: exact scan of the partition's permitted vectors (recall 1)::
 
-      latency = f0 + f1·n + f2·n·s                               (non-negative least squares)
+      latency = f0 + f1·n + f2·n·s            (non-negative least squares on relative error)
 
 An HNSW partition keeps its vectors, so a user who may see little of it can also be
 served by an exact scan of just its permitted vectors (same storage, recall 1, cost of
@@ -225,7 +225,9 @@ def fit_cost_model(measurements: pd.DataFrame, *, recall_floor: float) -> Search
     n_f = flat["n"].to_numpy(float)
     s_f = flat["selectivity"].to_numpy(float)
     lat_f = flat["latency_s"].to_numpy(float)
-    f, _ = nnls(np.column_stack([np.ones_like(n_f), n_f, n_f * s_f]), lat_f)
+    # relative errors: the scan's fixed per-call cost matters as much as its per-vector cost
+    design = np.column_stack([np.ones_like(n_f), n_f, n_f * s_f])
+    f, _ = nnls(design / lat_f[:, None], np.ones_like(lat_f))
 
     pred_recall = 1 / (1 + np.exp(-(x_recall @ a)))
     pred_lat = np.exp(x_lat @ c)

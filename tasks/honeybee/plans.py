@@ -17,17 +17,29 @@ from tasks.honeybee.serve import PartitionSpec
 QUIET_CLASS_WEIGHT = 0.01  # queries credited to a user class that sent none: still routed, barely weighed
 
 
+def effective_roles(rbac: Rbac, roles: frozenset[str]) -> frozenset[str]:
+    """The roles of a set that grant at least one document (a role emptied by revocations grants nothing)."""
+    return frozenset(r for r in roles if len(rbac.role_docs(r)))
+
+
 def build_problem(rbac: Rbac, query_users: np.ndarray, model: SearchCostModel, *, storage_budget: float,
                   name: str = "workload") -> PartitioningProblem:
     """The partitioning problem of a workload: its role-signature blocks, its user classes
-    weighted by the queries their users send, priced by ``model`` at its recall floor."""
-    classes = rbac.user_classes()
-    sent = {}
+    weighted by the queries their users send, priced by ``model`` at its recall floor.
+
+    Documents with no role (deleted) are in no block; a user class is keyed by the roles
+    that grant something, and a class with none has nothing to search and is left out.
+    """
+    sent: dict[str, int] = {}
     for user in query_users:
         sent[user] = sent.get(user, 0) + 1
-    users = tuple(UserClass(roles, sum(sent.get(u, 0) for u in members) or QUIET_CLASS_WEIGHT)
-                  for roles, members in sorted(classes.items(), key=lambda kv: sorted(kv[0])))
-    blocks = tuple(Block(sig, len(ids)) for sig, ids in rbac.blocks())
+    weights: dict[frozenset[str], float] = {}
+    for roles, members in rbac.user_classes().items():
+        key = effective_roles(rbac, roles)
+        if key:
+            weights[key] = weights.get(key, 0.0) + sum(sent.get(u, 0) for u in members)
+    users = tuple(UserClass(roles, weight or QUIET_CLASS_WEIGHT) for roles, weight in sorted(weights.items(), key=lambda kv: sorted(kv[0])))
+    blocks = tuple(Block(sig, len(ids)) for sig, ids in rbac.blocks() if sig)
     return PartitioningProblem(blocks, users, model.search_cost, storage_budget=storage_budget,
                                recall_floor=model.recall_floor, name=name)
 

@@ -145,3 +145,68 @@ def query(
     if len(queries) > 20:
         Console().print(f"… {len(queries) - 20} more queries (use --json for all)")
     Console().print(", ".join(f"{key}={value}" for key, value in figures.items() if key != "qps_note"))
+
+
+@honeybee_app.command("update")
+def update(
+    workload: Path = typer.Option(..., help="workload folder (left unchanged)"),
+    changes: Path = typer.Option(..., help="JSON-lines changes: grant, revoke, join, leave, add_doc, delete_doc"),
+    state: Optional[Path] = typer.Option(None, help="where the live partitions are kept between updates "
+                                                    "(default: <workload>.honeybee-state beside the workload)"),
+    budget: float = typer.Option(1.4, help="storage budget for the first plan"),
+    recall: float = typer.Option(0.95, help="recall@k target for the first plan"),
+    model: Optional[Path] = typer.Option(None, help="cost model JSON for the first plan; default: measure here"),
+    as_json: bool = typer.Option(False, "--json", help="print the update report as one JSON line"),
+) -> None:
+    """Apply changes to HoneyBee's partitions incrementally and compare the work with a full rebuild.
+
+    The first update plans and builds the partitions for the workload and keeps them in the
+    state folder; later updates start from that state. The workload folder is never written.
+    """
+    import numpy as np
+
+    from tasks.honeybee.changes import read_changes
+    from tasks.honeybee.rbac import Rbac
+    from tasks.honeybee.settings import check_settings
+    from tasks.honeybee.update import LiveDeployment, load_state, save_state
+    from tasks.honeybee.workload import load_workload
+
+    cli = _cli()
+    state = state or workload.with_name(workload.name + ".honeybee-state")
+    with cli._user_errors():
+        check_settings("command line", {"storage_budget": budget, "recall_target": recall})
+        todo = read_changes(changes)
+        first_build = None
+        if state.exists():
+            live = load_state(state)
+        else:
+            loaded = load_workload(workload)
+            cost_model = _load_model(model, loaded, recall)
+            with cli.console.status("planning and building the partitions (first update)…"):
+                live = LiveDeployment(loaded, cost_model, storage_budget=budget, recall_target=recall)
+            first_build = live.build_seconds
+        with cli.console.status(f"applying {len(todo)} changes, then a full rebuild to compare…"):
+            report = live.apply(todo, compare_with_fresh_plan=True)
+        truth = Rbac(len(live.tables.vectors), live.tables.doc_roles, live.tables.user_roles)
+        known = set(truth.users)
+        rows = [q for q, user in enumerate(live.query_users) if user in known]
+        found = live.search(live.server.queries[rows], [live.query_users[q] for q in rows], k=10)
+        leaked = sum(int((~truth.user_mask(live.query_users[q])[ids[ids >= 0]]).sum()) for q, ids in zip(rows, found))
+        save_state(live, state)
+    document = {**report.to_dict(), "state": str(state), "first_build_seconds": first_build,
+                "verified_queries": len(rows), "forbidden_results": leaked}
+    if as_json:
+        sys.stdout.write(json.dumps(document, default=float) + "\n")
+        return
+    table = Table("", "incremental", "full rebuild")
+    table.add_row("vectors indexed / removed", f"{report.vectors_added} / {report.vectors_removed}",
+                  f"{report.full_rebuild_vectors} / 0")
+    table.add_row("seconds", f"{report.seconds:.3f}", f"{report.full_rebuild_seconds:.3f}")
+    table.add_row("storage (× N)", f"{report.storage:.3f}", f"{report.fresh_plan_storage:.3f}")
+    table.add_row("predicted latency (ms)", f"{report.predicted_latency_ms:.4f}", f"{report.fresh_plan_predicted_latency_ms:.4f}")
+    Console().print(table)
+    Console().print(f"{report.changes} changes; {report.partitions_touched} partitions touched, "
+                    f"{report.partitions_created} created, {report.classes_rerouted} user classes re-routed; "
+                    f"{len(rows)} queries re-checked, {leaked} forbidden results; state kept in {state}")
+    for note in report.notes:
+        Console().print(f"note: {note}")

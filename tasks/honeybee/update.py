@@ -18,15 +18,22 @@ A :class:`LiveDeployment` holds a HoneyBee plan's built partitions and applies c
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from optimizers.honeybee import PartitionPlan, PoolSlot, plan_strategy, route_users
 from optimizers.honeybee_cost import SearchCostModel
 from tasks.honeybee.changes import Change, Tables, apply_changes
-from tasks.honeybee.index import faiss_threads
+from infra.errors import InputError
+from tasks.honeybee.index import PartitionIndex, faiss_threads
 from tasks.honeybee.plans import Deployment, build_problem, effective_roles, make_deployment
 from tasks.honeybee.rbac import Rbac
 from tasks.honeybee.serve import PartitionServer, SearchJob, merge_results
@@ -71,13 +78,23 @@ class LiveDeployment:
     """
 
     def __init__(self, workload: Workload, model: SearchCostModel, *, storage_budget: float = 1.4,
-                 recall_target: float = 0.95):
+                 recall_target: float = 0.95, _restored: dict | None = None):
         self.model = model.with_floor(recall_target)
         self.storage_budget = storage_budget
         self.query_users = workload.query_users
         self.tables = Tables(workload.vectors, workload.doc_roles, workload.user_roles)
         self.rbac = Rbac(len(workload.vectors), workload.doc_roles, workload.user_roles)
         start = time.perf_counter()
+        if _restored is not None:  # from save(): the built partitions come back as they were
+            self.tables.deleted = set(_restored["deleted"])
+            self.problem = build_problem(self.rbac, self.query_users, self.model, storage_budget=storage_budget,
+                                         name=workload.name)
+            self.plan = PartitionPlan.from_dict(_restored["plan"])
+            self.deployment = self._deploy(self.plan)
+            self.server = PartitionServer(self.tables.vectors, workload.queries, self.rbac)
+            self.server.partitions[STRATEGY] = _restored["partitions"]
+            self.build_seconds = 0.0
+            return
         self.problem = build_problem(self.rbac, self.query_users, self.model, storage_budget=storage_budget,
                                      name=workload.name)
         self.plan = plan_strategy(self.problem, STRATEGY)
@@ -178,3 +195,62 @@ class LiveDeployment:
             D, I, _ = self.server.search(STRATEGY, jobs, k)
             found[q], _ = merge_results(list(D), list(I), self.rbac.permitted_mask(roles), k)
         return found
+
+
+# ---- keeping the live deployment between commands ----------------------------------------------
+
+STATE_FILES = ("vectors.npy", "doc_roles.csv", "user_roles.csv", "queries.npy", "query_users.csv", "state.json")
+
+
+def save_state(live: LiveDeployment, folder: str | Path) -> Path:
+    """Write the live deployment (tables, plan, model, built partitions) to ``folder``.
+
+    Written to a temporary folder beside it and swapped in, so a crash leaves the previous
+    state whole.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    np.save(tmp / "vectors.npy", live.tables.vectors)
+    np.save(tmp / "queries.npy", live.server.queries)
+    live.tables.doc_roles.to_csv(tmp / "doc_roles.csv", index=False)
+    live.tables.user_roles.to_csv(tmp / "user_roles.csv", index=False)
+    pd.DataFrame({"query_id": np.arange(len(live.query_users)), "user": live.query_users}).to_csv(
+        tmp / "query_users.csv", index=False)
+    (tmp / "partitions").mkdir()
+    for pid, index in live.server.partitions[STRATEGY].items():
+        (tmp / "partitions" / f"{pid}.npz").write_bytes(index.to_bytes())
+    state = {"plan": live.plan.to_dict(), "model": live.model.to_dict(), "storage_budget": live.storage_budget,
+             "recall_target": live.model.recall_floor, "deleted": sorted(live.tables.deleted), "name": live.problem.name}
+    (tmp / "state.json").write_text(json.dumps(state, default=float))
+    old = folder.with_name(f".{folder.name}-old")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_state(folder: str | Path) -> LiveDeployment:
+    """The live deployment :func:`save_state` wrote; raises InputError for a folder that is not one."""
+    from optimizers.honeybee_cost import SearchCostModel
+
+    folder = Path(folder)
+    for name in STATE_FILES:
+        if not (folder / name).is_file():
+            raise InputError(folder / name, "<file>", str(folder / name), "missing: not a HoneyBee update state folder")
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        vectors, queries = np.load(folder / "vectors.npy"), np.load(folder / "queries.npy")
+        doc_roles = pd.read_csv(folder / "doc_roles.csv", dtype={"role": str})
+        user_roles = pd.read_csv(folder / "user_roles.csv", dtype=str)
+        query_users = pd.read_csv(folder / "query_users.csv", dtype={"user": str})["user"].to_numpy(dtype=object)
+        plan = state["plan"]
+        partitions = {pid: PartitionIndex.from_bytes((folder / "partitions" / f"{pid}.npz").read_bytes())
+                      for pid in range(len(plan["partitions"]))}
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(folder, "<folder>", str(folder), f"unreadable HoneyBee update state: {exc}") from None
+    workload = Workload(vectors, doc_roles, user_roles, queries, query_users, name=state["name"])
+    return LiveDeployment(workload, SearchCostModel.from_dict(state["model"]), storage_budget=state["storage_budget"],
+                          recall_target=state["recall_target"],
+                          _restored={"plan": plan, "deleted": state["deleted"], "partitions": partitions})

@@ -96,3 +96,35 @@ def test_run_config_with_a_budget_below_one_is_refused_before_anything_starts(tm
     config.write_text("storage_budget: 0.9\n")
     result = tierflow("run", "honeybee", "--config", str(config), check=False)
     assert result.returncode == 2 and "storage_budget" in result.stderr and "0.9" in result.stderr
+
+
+def test_update_applies_changes_incrementally_and_keeps_its_state_between_runs(workload, model, tmp_path):
+    loaded = load_workload(workload)
+    doc = int(loaded.doc_roles.doc_id.iloc[0])
+    role = loaded.doc_roles.role.iloc[0]
+    changes = tmp_path / "changes.jsonl"
+    vector = [float(v) for v in loaded.vectors[doc]]
+    changes.write_text("\n".join(json.dumps(c) for c in [
+        {"op": "revoke", "doc": doc, "role": role},
+        {"op": "join", "user": "newcomer", "role": role},
+        {"op": "add_doc", "doc": len(loaded.vectors), "roles": [role], "vector": vector},
+        {"op": "delete_doc", "doc": doc + 1},
+    ]) + "\n")
+    state = tmp_path / "state"
+    before = {p.name: p.read_bytes() for p in workload.iterdir()}
+    first = json.loads(tierflow("honeybee", "update", "--workload", workload, "--changes", changes, "--state", state,
+                                "--model", model, "--json").stdout.strip().splitlines()[-1])
+    assert first["forbidden_results"] == 0 and first["changes"] == 4
+    assert 0 < first["vectors_added"] + first["vectors_removed"] < first["full_rebuild_vectors"]
+    assert first["first_build_seconds"] is not None
+    assert {p.name: p.read_bytes() for p in workload.iterdir()} == before, "the workload folder is never written"
+    again = tmp_path / "again.jsonl"
+    again.write_text(json.dumps({"op": "leave", "user": "newcomer", "role": role}) + "\n")
+    second = json.loads(tierflow("honeybee", "update", "--workload", workload, "--changes", again, "--state", state,
+                                 "--json").stdout.strip().splitlines()[-1])
+    assert second["first_build_seconds"] is None, "the second update starts from the kept state"
+    assert second["forbidden_results"] == 0 and second["vectors_added"] + second["vectors_removed"] == 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"op": "revoke", "doc": doc, "role": role}) + "\n")  # already revoked
+    result = tierflow("honeybee", "update", "--workload", workload, "--changes", bad, "--state", state, check=False)
+    assert result.returncode == 2 and "bad.jsonl:1" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,196 @@
+"""HoneyBee side by side: QPS, latency, recall and storage of every strategy on one workload.
+
+    .venv/bin/python -m benchmarks.honeybee [--scale medium] [--quick] [--budgets 1.1,1.2,1.4,1.7,2.0]
+                                            [--out results/benchmarks/honeybee]
+
+On a generated enterprise-RBAC workload (``--scale``: small 20k × 64, medium 100k × 128,
+large 1M × 128 vectors; ``--quick``: the tiny one, for a smoke run) at recall@10 ≥ 0.95:
+
+* every strategy (:data:`optimizers.honeybee.STRATEGIES`) is planned, built and run on
+  the same queries in this process, one core, at the same recall target; ``per_user``
+  is planned but not built when its indexes would not fit (``--max-index-gib``);
+* HoneyBee is re-planned at each storage budget in ``--budgets`` — how the QPS ratio
+  against ``rls`` moves with the budget;
+* every query is put in a bucket by its user's selectivity (the share of documents the
+  user may see) — how the ratio moves with selectivity.
+
+Writes ``<out>/honeybee.json`` and two figures: ``latency_vs_storage.png`` (every
+strategy, and HoneyBee's budget curve) and ``speedup_by_selectivity.png``. Ratios are
+between runs measured here, in the same process, minutes apart; the machine is shared,
+so each strategy's figures carry the load average around its run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from optimizers.honeybee import STRATEGIES  # noqa: E402
+from tasks.honeybee.local import profile_locally, run_locally  # noqa: E402
+from tasks.honeybee.profile import grid_for  # noqa: E402
+from tasks.honeybee.rbac import Rbac  # noqa: E402
+from tasks.honeybee.workload import describe, generate_workload  # noqa: E402
+
+DEFAULT_OUT = "results/benchmarks/honeybee"
+BUCKETS = [(0.0, 0.01), (0.01, 0.05), (0.05, 0.2), (0.2, 1.0)]
+BYTES_PER_VECTOR_OVERHEAD = 320
+
+
+def _figures(local) -> dict:
+    r = local.result
+    return {"qps": r.qps, "latency_mean_ms": r.latency_mean_ms, "latency_p50_ms": r.latency_p50_ms,
+            "latency_p99_ms": r.latency_p99_ms, "recall": r.recall, "meets_target": r.meets_target,
+            "storage": r.storage, "build_s": r.build_s, "partitions": r.partitions, "method": r.method,
+            "effort_scale": r.effort_scale, "searches_per_query": r.searches_per_query,
+            "predicted_latency_mean_ms": r.predicted_latency_mean_ms, "predicted_recall": r.predicted_recall,
+            "rejected_at_merge": r.rejected_at_merge, "load_average": os.getloadavg()[0], "notes": r.notes[:5]}
+
+
+def run(scale: str, budgets: list[float], out: Path, *, target: float = 0.95, k: int = 10,
+        max_index_gib: float = 4.0, seed: int = 0) -> dict:
+    """Measure every strategy and HoneyBee's budget sweep; write JSON and figures; return the results."""
+    console = Console()
+    out.mkdir(parents=True, exist_ok=True)
+    workload = generate_workload(scale, seed)
+    stats = describe(workload)
+    console.print(f"workload {scale}: {stats['n_docs']} × {stats['dim']}, {stats['n_roles']} roles, "
+                  f"{stats['n_users']} users, {stats['n_queries']} queries")
+    start = time.perf_counter()
+    model = profile_locally(workload, grid_for(len(workload.vectors)), target, seed=seed)
+    profile_s = time.perf_counter() - start
+    rbac = Rbac.of(workload)
+    selectivity = np.array([rbac.user_mask(u).mean() for u in workload.query_users])
+    per_vector = 4 * workload.vectors.shape[1] + BYTES_PER_VECTOR_OVERHEAD
+
+    strategies, latencies, not_built = {}, {}, {}
+    for strategy in STRATEGIES:
+        if strategy == "per_user" and stats["per_user_storage"] * len(workload.vectors) * per_vector / 2**30 > max_index_gib:
+            not_built[strategy] = {"storage": stats["per_user_storage"],
+                                   "reason": f"its indexes would need more than max_index_gib = {max_index_gib}"}
+            console.print(f"{strategy}: not built ({stats['per_user_storage']:.1f}× storage)")
+            continue
+        local = run_locally(workload, [strategy], model, k=k, storage_budget=1.4, recall_target=target)[strategy]
+        strategies[strategy] = _figures(local)
+        latencies[strategy] = local.run.latency_s
+        console.print(f"{strategy}: {strategies[strategy]['qps']:.0f} QPS, recall {strategies[strategy]['recall']:.3f}, "
+                      f"storage {strategies[strategy]['storage']:.2f}×")
+
+    sweep = {}
+    for budget in budgets:
+        local = run_locally(workload, ["honeybee"], model, k=k, storage_budget=budget, recall_target=target)["honeybee"]
+        sweep[str(budget)] = _figures(local)
+        sweep[str(budget)]["qps_vs_rls"] = sweep[str(budget)]["qps"] / strategies["rls"]["qps"]
+        console.print(f"honeybee at budget {budget}: {sweep[str(budget)]['qps']:.0f} QPS "
+                      f"({sweep[str(budget)]['qps_vs_rls']:.1f}× rls), storage {sweep[str(budget)]['storage']:.2f}×")
+
+    buckets = []
+    for lo, hi in BUCKETS:
+        rows = (selectivity >= lo) & (selectivity < hi)
+        if not rows.any():
+            continue
+        mean = {s: float(latencies[s][rows].mean() * 1e3) for s in latencies}
+        buckets.append({"selectivity": [lo, hi], "queries": int(rows.sum()), "latency_mean_ms": mean,
+                        "honeybee_speedup": {s: mean[s] / mean["honeybee"] for s in mean if s != "honeybee"}})
+
+    hb = strategies["honeybee"]
+    headline = {
+        "honeybee_qps_vs_rls": hb["qps"] / strategies["rls"]["qps"],
+        "honeybee_qps_vs_rls_prefilter": hb["qps"] / strategies["rls_prefilter"]["qps"],
+        "honeybee_latency_vs_per_role": hb["latency_mean_ms"] / strategies["per_role"]["latency_mean_ms"],
+        "honeybee_storage": hb["storage"], "per_role_storage": strategies["per_role"]["storage"],
+        "honeybee_storage_share_of_per_role": hb["storage"] / strategies["per_role"]["storage"],
+        "recall_target": target, "all_meet_target": all(s["meets_target"] for s in strategies.values()),
+        "forbidden_results": sum(s["rejected_at_merge"] for s in strategies.values()),
+    }
+    results = {"scale": scale, "workload": stats, "profile_seconds": profile_s, "cost_model_fit": model.fit,
+               "headline": headline, "strategies": strategies, "not_built": not_built, "budget_sweep": sweep,
+               "selectivity_buckets": buckets,
+               "simulated": [],
+               "measured_on": "this host, one core per query, strategies run one after another in one process"}
+    (out / "honeybee.json").write_text(json.dumps(results, indent=2, default=float))
+    _plot_storage(strategies, not_built, sweep, out / "latency_vs_storage.png", scale)
+    _plot_buckets(buckets, out / "speedup_by_selectivity.png", scale)
+    _print(console, results)
+    return results
+
+
+def _plot_storage(strategies: dict, not_built: dict, sweep: dict, path: Path, scale: str) -> None:
+    fig, ax = plt.subplots(figsize=(6.6, 4.4))
+    for name, s in strategies.items():
+        ax.scatter(s["storage"], s["latency_mean_ms"], s=70, zorder=3, label=name)
+        ax.annotate(name, (s["storage"], s["latency_mean_ms"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    points = sorted((v["storage"], v["latency_mean_ms"]) for v in sweep.values())
+    if points:
+        ax.plot(*zip(*points), "--", color="tab:orange", alpha=0.7, label="honeybee, budget sweep")
+    for name, s in not_built.items():
+        ax.axvline(s["storage"], color="gray", ls=":", lw=1)
+        ax.annotate(f"{name} (not built)", (s["storage"], ax.get_ylim()[1]), fontsize=7, rotation=90, va="top")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("storage (vector copies / N)")
+    ax.set_ylabel("mean query latency (ms, one core)")
+    ax.set_title(f"HoneyBee vs baselines ({scale}, recall@10 ≥ 0.95)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_buckets(buckets: list[dict], path: Path, scale: str) -> None:
+    fig, ax = plt.subplots(figsize=(6.6, 4.0))
+    labels = [f"{b['selectivity'][0]:.0%}–{b['selectivity'][1]:.0%}\n({b['queries']} q)" for b in buckets]
+    baselines = sorted({s for b in buckets for s in b["honeybee_speedup"]})
+    width = 0.8 / max(len(baselines), 1)
+    for i, name in enumerate(baselines):
+        ax.bar(np.arange(len(buckets)) + i * width, [b["honeybee_speedup"].get(name, np.nan) for b in buckets],
+               width, label=f"vs {name}")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(np.arange(len(buckets)) + width * (len(baselines) - 1) / 2, labels, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("HoneyBee speed-up (mean latency ratio)")
+    ax.set_xlabel("user selectivity (share of documents the user may see)")
+    ax.set_title(f"HoneyBee speed-up by selectivity ({scale})", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _print(console: Console, results: dict) -> None:
+    table = Table("strategy", "QPS", "p50 ms", "p99 ms", "recall@10", "storage ×N", "build s", "QPS ratio honeybee/x")
+    hb = results["strategies"]["honeybee"]["qps"]
+    for name, s in results["strategies"].items():
+        table.add_row(name, f"{s['qps']:.0f}", f"{s['latency_p50_ms']:.3f}", f"{s['latency_p99_ms']:.3f}",
+                      f"{s['recall']:.3f}", f"{s['storage']:.2f}", f"{s['build_s']:.1f}", f"{hb / s['qps']:.2f}")
+    for name, s in results["not_built"].items():
+        table.add_row(name, "—", "—", "—", "—", f"{s['storage']:.1f}", "—", "not built")
+    console.print(table)
+    console.print(json.dumps(results["headline"], indent=1, default=float))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", default="medium", choices=["small", "medium", "large"])
+    parser.add_argument("--quick", action="store_true", help="the tiny workload and two budgets (a smoke run)")
+    parser.add_argument("--budgets", default="1.1,1.2,1.4,1.7,2.0", help="HoneyBee storage budgets to sweep")
+    parser.add_argument("--max-index-gib", type=float, default=4.0)
+    parser.add_argument("--out", default=DEFAULT_OUT)
+    args = parser.parse_args()
+    budgets = [1.2, 2.0] if args.quick else [float(b) for b in args.budgets.split(",")]
+    run("tiny" if args.quick else args.scale, budgets, Path(args.out), max_index_gib=args.max_index_gib)
+
+
+if __name__ == "__main__":
+    main()

@@ -18,9 +18,16 @@ measured on the workers by ``tasks.honeybee.profile``):
   ``ln ef = (logit ρ − a0 − a2·ln s − a3·ln n) / a1``, clamped to the measured range;
   a floor that needs more than the largest measured ``ef`` is *unreachable* (no
   extrapolation into effort nobody measured).
-- ``flat``: exact scan of the partition's permitted vectors (recall 1)::
+- ``flat``: exact scan of the partition's permitted vectors (recall 1). A user who may
+  see all of it gets one BLAS scan of the whole partition; otherwise only the
+  ``m = n·s`` permitted rows are read, in place — cheap while they fit in cache, dearer
+  per row beyond (``m0`` rows, chosen from a ladder by the fit)::
 
-      latency = f0 + f1·n + f2·n·s            (non-negative least squares on relative error)
+      latency = f0 + f1·n                                  (s = 1)
+      latency = f0 + f2·m + f3·max(0, m − m0)              (s < 1)
+
+  (non-negative least squares on relative error: the fixed per-call cost matters as
+  much as the per-row one).
 
 An HNSW partition keeps its vectors, so a user who may see little of it can also be
 served by an exact scan of just its permitted vectors (same storage, recall 1, cost of
@@ -74,7 +81,7 @@ class SearchCostModel:
     recall_floor: the recall@k every search must reach.
     hnsw_recall: (a0, a1, a2, a3) of the recall model.
     hnsw_latency: (c0, c1, c2, c3) of the latency model.
-    flat_latency: (f0, f1, f2) of the exact-scan model.
+    flat_latency: (f0, f1, f2, f3, m0) of the exact-scan model.
     ef_range: smallest and largest efSearch measured.
     fit: goodness of fit per model (R² and median relative error), for the report.
     """
@@ -83,7 +90,7 @@ class SearchCostModel:
     recall_floor: float
     hnsw_recall: tuple[float, float, float, float]
     hnsw_latency: tuple[float, float, float, float]
-    flat_latency: tuple[float, float, float]
+    flat_latency: tuple[float, float, float, float, float]
     ef_range: tuple[int, int]
     fit: dict = field(default_factory=dict)
 
@@ -98,8 +105,7 @@ class SearchCostModel:
     def latency(self, kind: str, n: int, s: float, effort: int) -> float:
         """Predicted seconds of one search."""
         if kind == "flat":
-            f0, f1, f2 = self.flat_latency
-            return f0 + f1 * n + f2 * n * s
+            return float(_scan_latency(self.flat_latency, n, np.asarray(s, dtype=float)))
         c0, c1, c2, c3 = self.hnsw_latency
         le = math.log(max(effort, 1))
         return math.exp(c0 + c1 * le + c2 * le * le + c3 * math.log(max(n, 2)))
@@ -147,8 +153,7 @@ class SearchCostModel:
         cheaper of graph walk and exact scan, so the cost is always finite.
         """
         s = np.clip(np.asarray(s, dtype=float), 1e-9, 1.0)
-        f0, f1, f2 = self.flat_latency
-        scan = f0 + f1 * n + f2 * n * s
+        scan = _scan_latency(self.flat_latency, n, s)
         if self.partition_kind(n) == "flat":
             return scan
         a0, a1, a2, a3 = self.hnsw_recall
@@ -179,6 +184,24 @@ class SearchCostModel:
         """The same fitted models priced at another recall floor."""
         return SearchCostModel(self.k, recall_floor, self.hnsw_recall, self.hnsw_latency, self.flat_latency,
                                self.ef_range, self.fit)
+
+
+FULL_SCAN = 0.999  # selectivities at or above this scan the whole partition (no subset)
+CACHE_ROW_LADDER = (500, 1_000, 2_000, 4_000, 8_000, 16_000, 32_000)
+
+
+def _scan_latency(f: tuple, n: float, s: np.ndarray) -> np.ndarray:
+    """The exact-scan model (module docstring), vectorised over selectivities."""
+    f0, f1, f2, f3, m0 = f
+    m = n * s
+    return np.where(s >= FULL_SCAN, f0 + f1 * n, f0 + f2 * m + f3 * np.maximum(0.0, m - m0))
+
+
+def _scan_design(n: np.ndarray, s: np.ndarray, m0: float) -> np.ndarray:
+    full = s >= FULL_SCAN
+    m = n * s
+    return np.column_stack([np.ones_like(n), np.where(full, n, 0.0), np.where(full, 0.0, m),
+                            np.where(full, 0.0, np.maximum(0.0, m - m0))])
 
 
 def _r2(y: np.ndarray, pred: np.ndarray) -> float:
@@ -225,13 +248,17 @@ def fit_cost_model(measurements: pd.DataFrame, *, recall_floor: float) -> Search
     n_f = flat["n"].to_numpy(float)
     s_f = flat["selectivity"].to_numpy(float)
     lat_f = flat["latency_s"].to_numpy(float)
-    # relative errors: the scan's fixed per-call cost matters as much as its per-vector cost
-    design = np.column_stack([np.ones_like(n_f), n_f, n_f * s_f])
-    f, _ = nnls(design / lat_f[:, None], np.ones_like(lat_f))
+    best = None
+    for m0 in CACHE_ROW_LADDER:  # relative errors, so the fixed per-call cost weighs as much as the rows
+        design = _scan_design(n_f, s_f, m0)
+        coef, residual = nnls(design / lat_f[:, None], np.ones_like(lat_f))
+        if best is None or residual < best[0]:
+            best = (residual, (*coef, float(m0)))
+    f = best[1]
 
     pred_recall = 1 / (1 + np.exp(-(x_recall @ a)))
     pred_lat = np.exp(x_lat @ c)
-    pred_flat = f[0] + f[1] * n_f + f[2] * n_f * s_f
+    pred_flat = _scan_latency(f, n_f, s_f)
     fit = {
         "hnsw_recall_r2_logit": round(_r2(y_recall, x_recall @ a), 4),
         "hnsw_recall_median_abs_error": round(float(np.median(np.abs(pred_recall - hnsw["recall"].to_numpy(float)))), 4),

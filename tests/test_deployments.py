@@ -78,7 +78,7 @@ def test_hourly_replan_deployment_runs_on_a_process_worker(prefect_api, tmp_path
 
     with _client(prefect_api) as client:
         crons = {}
-        for name in ("jellybean/hourly-replan", "jellybean/nightly-profile"):
+        for name in ("jellybean/hourly-replan", "jellybean/nightly-profile", "honeybee/nightly-repartition"):
             deployment = client.read_deployment_by_name(name)
             assert deployment.work_pool_name == "tierflow-process", name
             crons[name] = [s.schedule.cron for s in deployment.schedules]
@@ -86,7 +86,8 @@ def test_hourly_replan_deployment_runs_on_a_process_worker(prefect_api, tmp_path
             # picks up only this test's run even if the test straddles the hour.
             for schedule in deployment.schedules:
                 client.update_deployment_schedule(deployment.id, schedule.id, active=False)
-        assert crons == {"jellybean/hourly-replan": ["0 * * * *"], "jellybean/nightly-profile": ["0 2 * * *"]}
+        assert crons == {"jellybean/hourly-replan": ["0 * * * *"], "jellybean/nightly-profile": ["0 2 * * *"],
+                         "honeybee/nightly-repartition": ["30 3 * * *"]}
 
     log_path = tmp_path / "worker.log"
     with open(log_path, "wb") as log:

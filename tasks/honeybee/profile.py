@@ -24,7 +24,7 @@ class ProfileGrid:
     ``2·k`` permitted documents are skipped (too few to measure recall@k)."""
 
     sizes: tuple[int, ...] = (1_000, 4_000, 16_000, 64_000)
-    selectivities: tuple[float, ...] = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003)
+    selectivities: tuple[float, ...] = (1.0, 0.5, 0.3, 0.1, 0.03, 0.01, 0.003)
     efs: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
     n_queries: int = 40
     k: int = 10

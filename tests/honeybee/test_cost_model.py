@@ -20,7 +20,9 @@ def synthetic_grid(noise: float = 0.0, seed: int = 0) -> pd.DataFrame:
                 recall = 1 / (1 + math.exp(-logit))
                 latency = math.exp(-13 + 0.6 * math.log(ef) + 0.03 * math.log(ef) ** 2 + 0.1 * math.log(n))
                 rows.append(("hnsw", n, s, ef, 10, min(recall, 0.99), latency * math.exp(noise * rng.normal())))
-            rows.append(("flat", n, s, 0, 10, 1.0, 2e-5 + 1e-9 * n + 2e-8 * n * s))  # scans read only permitted rows
+            m = n * s  # a subset scan reads only the permitted rows; dearer per row once they leave the cache
+            scan = 2e-5 + 1e-8 * n if s == 1.0 else 2e-5 + 2e-8 * m + 4e-8 * max(0.0, m - 4_000)
+            rows.append(("flat", n, s, 0, 10, 1.0, scan))
     return pd.DataFrame(rows, columns=MEASUREMENT_COLUMNS)
 
 
@@ -28,7 +30,9 @@ def test_fit_recovers_the_models_that_generated_the_measurements():
     model = fit_cost_model(synthetic_grid(), recall_floor=0.95)
     assert model.fit["hnsw_latency_r2_log"] > 0.999
     assert model.fit["flat_latency_r2"] > 0.999
-    assert model.latency("flat", 10_000, 0.5, 0) == pytest.approx(2e-5 + 1e-5 + 1e-4, rel=1e-3)
+    assert model.latency("flat", 10_000, 0.5, 0) == pytest.approx(2e-5 + 2e-8 * 5_000 + 4e-8 * 1_000, rel=1e-3)
+    assert model.latency("flat", 10_000, 1.0, 0) == pytest.approx(2e-5 + 1e-8 * 10_000, rel=1e-3)
+    assert model.flat_latency[4] == 4_000
     assert model.hnsw_latency[1] == pytest.approx(0.6, abs=0.05)
 
 

@@ -19,9 +19,9 @@ from tasks.honeybee.workload import Workload
 
 # Two models that force every partition to one index kind, so both search paths are exercised.
 ALL_HNSW = SearchCostModel(k=10, recall_floor=0.9, hnsw_recall=(3.7, 1.0, 0.39, -0.53),
-                           hnsw_latency=(-12.9, -0.21, 0.086, 0.36), flat_latency=(1.0, 0.0, 0.0), ef_range=(16, 2048))
+                           hnsw_latency=(-12.9, -0.21, 0.086, 0.36), flat_latency=(1.0, 0.0, 0.0, 0.0, 1000.0), ef_range=(16, 2048))
 ALL_FLAT = SearchCostModel(k=10, recall_floor=0.9, hnsw_recall=(3.7, 1.0, 0.39, -0.53),
-                           hnsw_latency=(0.0, 0.0, 0.0, 0.0), flat_latency=(2e-5, 5e-10, 9e-9), ef_range=(16, 2048))
+                           hnsw_latency=(0.0, 0.0, 0.0, 0.0), flat_latency=(2e-5, 5e-10, 9e-9, 0.0, 1000.0), ef_range=(16, 2048))
 
 
 @st.composite

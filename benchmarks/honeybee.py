@@ -40,6 +40,7 @@ from optimizers.honeybee import STRATEGIES  # noqa: E402
 from tasks.honeybee.local import profile_locally, run_locally  # noqa: E402
 from tasks.honeybee.profile import grid_for  # noqa: E402
 from tasks.honeybee.rbac import Rbac  # noqa: E402
+from tasks.honeybee.report import COLORS  # noqa: E402
 from tasks.honeybee.workload import describe, generate_workload  # noqa: E402
 
 DEFAULT_OUT = "results/benchmarks/honeybee"
@@ -128,7 +129,7 @@ def run(scale: str, budgets: list[float], out: Path, *, target: float = 0.95, k:
 def _plot_storage(strategies: dict, not_built: dict, sweep: dict, path: Path, scale: str) -> None:
     fig, ax = plt.subplots(figsize=(6.6, 4.4))
     for name, s in strategies.items():
-        ax.scatter(s["storage"], s["latency_mean_ms"], s=70, zorder=3, label=name)
+        ax.scatter(s["storage"], s["latency_mean_ms"], s=70, zorder=3, label=name, color=COLORS.get(name, "gray"))
         ax.annotate(name, (s["storage"], s["latency_mean_ms"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
     points = sorted((v["storage"], v["latency_mean_ms"]) for v in sweep.values())
     if points:

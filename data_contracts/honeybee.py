@@ -11,7 +11,7 @@ Columns, product by product (every table must have exactly these):
 - ``honeybee.query_users``: query_id, user — one row per query
 - ``honeybee.search_profile``: kind, n, selectivity, effort, k, recall, latency_s — the grid the
   search cost and recall models are fitted to (:mod:`tasks.honeybee.profile`); kind is
-  ``hnsw`` or ``flat``, selectivity in (0, 1], recall in [0, 1], latency > 0
+  ``hnsw``, ``ivf`` or ``flat``, selectivity in (0, 1], recall in [0, 1], latency > 0
 - ``honeybee.evaluation``: one row per strategy (see :class:`tasks.honeybee.evaluate.StrategyResult`,
   less ``method`` and ``notes``); strategy is one of :data:`STRATEGIES`, storage ≥ 1, recall in
   [0, 1] where the strategy was built, and ``rejected_at_merge`` — documents a search returned
@@ -100,7 +100,7 @@ EVALUATION_COLUMNS = [
 def search_profile_suite() -> list:
     return [
         *_columns(*PROFILE_COLUMNS),
-        E.ExpectColumnValuesToBeInSet(column="kind", value_set=["hnsw", "flat"]),
+        E.ExpectColumnValuesToBeInSet(column="kind", value_set=["hnsw", "ivf", "flat"]),
         E.ExpectColumnValuesToBeBetween(column="n", min_value=1),
         E.ExpectColumnValuesToBeBetween(column="selectivity", min_value=0, max_value=1, strict_min=True),
         E.ExpectColumnValuesToBeBetween(column="effort", min_value=0),

@@ -33,7 +33,13 @@ An HNSW partition keeps its vectors, so a user who may see little of it can also
 served by an exact scan of just its permitted vectors (same storage, recall 1, cost of
 the flat model at that selectivity); :meth:`SearchCostModel.choose` picks the cheaper of
 graph walk and scan per (user, partition) unless told to walk the graph only (the
-``rls`` baseline). A partition gets the kind that is cheaper for a user who may see all
+``rls`` baseline). - ``ivf``: inverted lists over ``nlist ≈ 4·√n`` k-means cells (:func:`ivf_cells`), the
+  filter as an IDSelector, ``nprobe`` cells scanned::
+
+      logit(recall) = b0 + b1·ln(nprobe/nlist) + b2·ln s + b3·ln n   (nprobe = nlist is exact)
+      ln latency    = d0 + d1·ln nprobe + d2·ln n
+
+A partition gets the kind that is cheapest for a user who may see all
 of it (:meth:`SearchCostModel.partition_kind`); :meth:`SearchCostModel.search_cost` is
 the function the partitioning optimizer prices a (user, partition) pair with.
 """
@@ -46,7 +52,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
-KINDS = ("hnsw", "flat")
+KINDS = ("hnsw", "ivf", "flat")
+MIN_POINTS_PER_CELL = 39  # faiss' k-means wants at least this many training points per cell
+
+
+def ivf_cells(n: int) -> int:
+    """IVF cells for a partition of ``n`` vectors: about 4·√n, at least 1, at most n // 39."""
+    return max(1, min(round(4 * math.sqrt(n)), n // MIN_POINTS_PER_CELL))
 MEASUREMENT_COLUMNS = ["kind", "n", "selectivity", "effort", "k", "recall", "latency_s"]
 _RECALL_CLIP = (0.005, 0.995)
 
@@ -69,6 +81,7 @@ class SearchChoice:
     latency_s: float
     recall: float
     exact: bool = False  # scan the permitted vectors instead of walking the graph
+    # effort: hnsw efSearch, ivf nprobe, 0 for exact scans
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,8 @@ class SearchCostModel:
     flat_latency: (f0, f1, f2, f3, m0) of the exact-scan model.
     ef_range: smallest and largest efSearch measured.
     fit: goodness of fit per model (R² and median relative error), for the report.
+    ivf_recall: (b0, b1, b2, b3) of the IVF recall model (None: IVF not measured).
+    ivf_latency: (d0, d1, d2) of the IVF latency model.
     """
 
     k: int
@@ -93,12 +108,21 @@ class SearchCostModel:
     flat_latency: tuple[float, float, float, float, float]
     ef_range: tuple[int, int]
     fit: dict = field(default_factory=dict)
+    ivf_recall: tuple[float, float, float, float] | None = None
+    ivf_latency: tuple[float, float, float] | None = None
 
     # ---- the models -------------------------------------------------------------------
     def recall(self, kind: str, n: int, s: float, effort: int) -> float:
         """Predicted recall@k of one search."""
         if kind == "flat":
             return 1.0
+        if kind == "ivf":
+            nlist = ivf_cells(n)
+            if effort >= nlist:
+                return 1.0  # every cell scanned: exact
+            b0, b1, b2, b3 = self.ivf_recall
+            return _sigmoid(b0 + b1 * math.log(max(effort, 1) / nlist) + b2 * math.log(max(s, 1e-9))
+                            + b3 * math.log(max(n, 2)))
         a0, a1, a2, a3 = self.hnsw_recall
         return _sigmoid(a0 + a1 * math.log(max(effort, 1)) + a2 * math.log(max(s, 1e-9)) + a3 * math.log(max(n, 2)))
 
@@ -106,6 +130,9 @@ class SearchCostModel:
         """Predicted seconds of one search."""
         if kind == "flat":
             return float(_scan_latency(self.flat_latency, n, np.asarray(s, dtype=float)))
+        if kind == "ivf":
+            d0, d1, d2 = self.ivf_latency
+            return math.exp(d0 + d1 * math.log(max(effort, 1)) + d2 * math.log(max(n, 2)))
         c0, c1, c2, c3 = self.hnsw_latency
         le = math.log(max(effort, 1))
         return math.exp(c0 + c1 * le + c2 * le * le + c3 * math.log(max(n, 2)))
@@ -122,6 +149,15 @@ class SearchCostModel:
             return None
         return int(min(hi, max(lo, self.k, math.ceil(math.exp(ln_ef)))))
 
+    def ivf_effort(self, n: int, s: float | np.ndarray) -> np.ndarray:
+        """Smallest nprobe the recall model says reaches the floor (at most every cell: exact)."""
+        b0, b1, b2, b3 = self.ivf_recall
+        nlist = ivf_cells(n)
+        if b1 <= 0:
+            return np.full(np.shape(s), nlist)
+        ln_share = (float(_logit(self.recall_floor)) - b0 - b2 * np.log(np.clip(s, 1e-9, 1.0)) - b3 * math.log(max(n, 2))) / b1
+        return np.clip(np.ceil(nlist * np.exp(np.minimum(ln_share, 0.0))), 1, nlist).astype(int)
+
     def choose(self, kind: str, n: int, s: float, *, allow_exact: bool = True) -> SearchChoice | None:
         """How to search one partition of ``kind`` at the recall floor (None: unreachable).
 
@@ -133,6 +169,9 @@ class SearchCostModel:
         scan = SearchChoice(kind, 0, self.latency("flat", n, s, 0), 1.0, exact=True)
         if kind == "flat":
             return scan
+        if kind == "ivf":  # its vectors sit in the cells' lists: no in-place scan of a subset
+            nprobe = int(self.ivf_effort(n, s))
+            return SearchChoice("ivf", nprobe, self.latency("ivf", n, s, nprobe), self.recall("ivf", n, s, nprobe))
         ef = self.hnsw_effort(n, s)
         graph = None if ef is None else SearchChoice("hnsw", ef, self.latency("hnsw", n, s, ef), self.recall("hnsw", n, s, ef))
         if not allow_exact:
@@ -141,9 +180,10 @@ class SearchCostModel:
 
     def partition_kind(self, n: int) -> str:
         """The index kind a partition of ``n`` documents gets: cheaper one at selectivity 1."""
-        hnsw = self.choose("hnsw", n, 1.0, allow_exact=False)
-        flat = self.choose("flat", n, 1.0)
-        return "flat" if hnsw is None or flat.latency_s <= hnsw.latency_s else "hnsw"
+        options = {"flat": self.choose("flat", n, 1.0), "hnsw": self.choose("hnsw", n, 1.0, allow_exact=False)}
+        if self.ivf_recall is not None:
+            options["ivf"] = self.choose("ivf", n, 1.0)
+        return min((c.latency_s, kind) for kind, c in options.items() if c is not None)[1]
 
     def search_cost(self, n: int, s: np.ndarray) -> np.ndarray:
         """Seconds to search a partition of ``n`` docs at each selectivity in ``s``.
@@ -154,8 +194,12 @@ class SearchCostModel:
         """
         s = np.clip(np.asarray(s, dtype=float), 1e-9, 1.0)
         scan = _scan_latency(self.flat_latency, n, s)
-        if self.partition_kind(n) == "flat":
+        kind = self.partition_kind(n)
+        if kind == "flat":
             return scan
+        if kind == "ivf":
+            d0, d1, d2 = self.ivf_latency
+            return np.exp(d0 + d1 * np.log(self.ivf_effort(n, s)) + d2 * math.log(max(n, 2)))
         a0, a1, a2, a3 = self.hnsw_recall
         c0, c1, c2, c3 = self.hnsw_latency
         lo, hi = self.ef_range
@@ -178,12 +222,14 @@ class SearchCostModel:
             hnsw_recall=tuple(map(float, data["hnsw_recall"])), hnsw_latency=tuple(map(float, data["hnsw_latency"])),
             flat_latency=tuple(map(float, data["flat_latency"])), ef_range=tuple(map(int, data["ef_range"])),
             fit=dict(data.get("fit", {})),
+            ivf_recall=tuple(map(float, data["ivf_recall"])) if data.get("ivf_recall") else None,
+            ivf_latency=tuple(map(float, data["ivf_latency"])) if data.get("ivf_latency") else None,
         )
 
     def with_floor(self, recall_floor: float) -> "SearchCostModel":
         """The same fitted models priced at another recall floor."""
         return SearchCostModel(self.k, recall_floor, self.hnsw_recall, self.hnsw_latency, self.flat_latency,
-                               self.ef_range, self.fit)
+                               self.ef_range, self.fit, self.ivf_recall, self.ivf_latency)
 
 
 FULL_SCAN = 0.999  # selectivities at or above this scan the whole partition (no subset)
@@ -256,6 +302,19 @@ def fit_cost_model(measurements: pd.DataFrame, *, recall_floor: float) -> Search
             best = (residual, (*coef, float(m0)))
     f = best[1]
 
+    ivf_recall = ivf_latency = None
+    ivf = measurements[measurements["kind"] == "ivf"]
+    nlist = np.array([ivf_cells(int(n)) for n in ivf["n"]], dtype=float)
+    approximate = ivf[ivf["effort"].to_numpy(float) < nlist]  # nprobe = nlist is exact: nothing to fit
+    if len(approximate) >= 8:
+        nl = np.array([ivf_cells(int(n)) for n in approximate["n"]], dtype=float)
+        x_ivf = np.column_stack([np.ones(len(approximate)), np.log(approximate["effort"].to_numpy(float) / nl),
+                                 np.log(approximate["selectivity"].to_numpy(float)), np.log(approximate["n"].to_numpy(float))])
+        b, *_ = np.linalg.lstsq(x_ivf, _logit(approximate["recall"].to_numpy(float)), rcond=None)
+        x_ivf_lat = np.column_stack([np.ones(len(ivf)), np.log(ivf["effort"].to_numpy(float)), np.log(ivf["n"].to_numpy(float))])
+        y_ivf_lat = np.log(ivf["latency_s"].to_numpy(float))
+        d, *_ = np.linalg.lstsq(x_ivf_lat, y_ivf_lat, rcond=None)
+        ivf_recall, ivf_latency = tuple(float(v) for v in b), tuple(float(v) for v in d)
     pred_recall = 1 / (1 + np.exp(-(x_recall @ a)))
     pred_lat = np.exp(x_lat @ c)
     pred_flat = _scan_latency(f, n_f, s_f)
@@ -268,9 +327,13 @@ def fit_cost_model(measurements: pd.DataFrame, *, recall_floor: float) -> Search
         "flat_latency_median_rel_error": round(float(np.median(np.abs(pred_flat / lat_f - 1))), 4),
         "rows": int(len(measurements)),
     }
+    if ivf_recall is not None:
+        fit["ivf_recall_r2_logit"] = round(_r2(_logit(approximate["recall"].to_numpy(float)), x_ivf @ np.array(ivf_recall)), 4)
+        fit["ivf_latency_r2_log"] = round(_r2(y_ivf_lat, x_ivf_lat @ np.array(ivf_latency)), 4)
     efs = hnsw["effort"].to_numpy(int)
     return SearchCostModel(
         k=int(ks[0]), recall_floor=float(recall_floor),
         hnsw_recall=tuple(float(v) for v in a), hnsw_latency=tuple(float(v) for v in c),
         flat_latency=tuple(float(v) for v in f), ef_range=(int(efs.min()), int(efs.max())), fit=fit,
+        ivf_recall=ivf_recall, ivf_latency=ivf_latency,
     )

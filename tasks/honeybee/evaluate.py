@@ -9,7 +9,8 @@ QPS = 1 / mean latency per core.
 
 Every strategy is held to the same recall target the same way: searches start at the
 efforts the cost model predicts for the floor, and while the measured recall@k on a
-calibration sample is below the target (plus a small margin), every HNSW effort is multiplied by 1.5 (the
+calibration sample is below the target (plus a small margin), every HNSW efSearch and IVF
+nprobe is multiplied by 1.5 (the
 ``rls`` baseline "raises ef until recall meets the target" this way).
 """
 
@@ -120,8 +121,8 @@ def calibrate_and_measure(deployment: Deployment, query_ids: np.ndarray, users: 
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(len(query_ids), size=min(calibration, len(query_ids)), replace=False))
     scale, notes = 1.0, []
-    has_hnsw = any(not exact and deployment.specs[pid].kind == "hnsw"
-                   for route in deployment.routes.values() for pid, _, exact in route)
+    has_hnsw = any(not exact and deployment.specs[pid].kind in ("hnsw", "ivf")
+                   for route in deployment.routes.values() for pid, _, exact in route)  # something to raise
     for _ in range(MAX_CALIBRATION_ROUNDS):
         run = run_queries(deployment, query_ids[sample], users, rbac, search, k, scale)
         if recall_at_k(run.found, truth[sample]) >= min(target + CALIBRATION_MARGIN, 1.0) or not has_hnsw:

@@ -16,7 +16,6 @@ and ``IndexFlatL2``.
 from __future__ import annotations
 
 import io
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Literal, get_args
@@ -24,11 +23,12 @@ from typing import Iterator, Literal, get_args
 import faiss
 import numpy as np
 
+from optimizers.honeybee_cost import ivf_cells
+
 IndexKind = Literal["hnsw", "ivf", "flat"]
 
 DEFAULT_EF = 64  # HNSW efSearch when the caller names none
 DEFAULT_NPROBE = 8  # IVF lists probed when the caller names none
-MIN_POINTS_PER_CENTROID = 39  # faiss' k-means warns below this many training points per list
 KMEANS_SEED = 1234  # IVF training is deterministic for a given partition
 EXACT_CHUNK_ROWS = 1 << 18  # corpus rows gathered at a time by exact_search (≤ 128 MiB at d = 128)
 
@@ -67,7 +67,7 @@ def ivf_nlist_for(n: int, requested: int | None = None) -> int:
         if requested > n:
             raise ValueError(f"ivf_nlist={requested} exceeds the partition's {n} vectors (k-means needs one per cell)")
         return requested
-    return max(1, min(round(4 * math.sqrt(n)), n // MIN_POINTS_PER_CENTROID))
+    return ivf_cells(n)  # the cost model prices IVF with the same number of cells
 
 
 class PermissionFilter:

@@ -59,7 +59,7 @@ class Deployment:
 
     def summary(self) -> dict:
         return {"strategy": self.strategy, "method": self.plan.method, "partitions": len(self.specs),
-                "storage": self.plan.storage, "kinds": {k: sum(s.kind == k for s in self.specs) for k in ("hnsw", "flat")},
+                "storage": self.plan.storage, "kinds": {k: sum(s.kind == k for s in self.specs) for k in ("hnsw", "ivf", "flat")},
                 "pools": {p: self.pools.count(p) for p in sorted(set(self.pools))}, "notes": self.plan.notes + self.notes}
 
 

@@ -2,7 +2,8 @@
 
 For partitions of several sizes (random samples of the workload's documents) and
 permission filters of several selectivities (random subsets of the partition), time
-single-query faiss searches — HNSW at a ladder of efSearch values, and the exact scan —
+single-query faiss searches — HNSW at a ladder of efSearch values, IVF at a ladder of
+nprobe values, and the exact scan —
 and measure recall@k against exact filtered search. One thread, as a serving core runs.
 """
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from optimizers.honeybee_cost import MEASUREMENT_COLUMNS
+from optimizers.honeybee_cost import MEASUREMENT_COLUMNS, ivf_cells
 from tasks.honeybee.index import IndexConfig, PartitionIndex, exact_search, faiss_threads, recall_at_k
 
 
@@ -26,6 +27,7 @@ class ProfileGrid:
     sizes: tuple[int, ...] = (1_000, 4_000, 16_000, 64_000)
     selectivities: tuple[float, ...] = (1.0, 0.5, 0.3, 0.1, 0.03, 0.01, 0.003)
     efs: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+    nprobes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     n_queries: int = 40
     k: int = 10
     hnsw_m: int = 32
@@ -46,11 +48,11 @@ def grid_for(n_docs: int) -> str:
     return "tiny" if n_docs < 5_000 else "small" if n_docs < 50_000 else "medium" if n_docs < 500_000 else "large"
 
 
-def _timed_search(index: PartitionIndex, queries: np.ndarray, k: int, flt, ef: int | None) -> tuple[np.ndarray, float]:
+def _timed_search(index: PartitionIndex, queries: np.ndarray, k: int, flt, effort: int | None) -> tuple[np.ndarray, float]:
     found = np.empty((len(queries), k), dtype=np.int64)
     start = time.perf_counter()
     for i in range(len(queries)):
-        found[i] = index.search(queries[i : i + 1], k, flt, ef=ef)[1][0]
+        found[i] = index.search(queries[i : i + 1], k, flt, ef=effort, nprobe=effort)[1][0]
     return found, (time.perf_counter() - start) / len(queries)
 
 
@@ -77,6 +79,8 @@ def measure_search(vectors: np.ndarray, queries: np.ndarray, grid: ProfileGrid, 
             hnsw = PartitionIndex.build(vectors[doc_ids], doc_ids,
                                         IndexConfig("hnsw", hnsw_m=grid.hnsw_m, ef_construction=grid.ef_construction))
             flat = PartitionIndex.build(vectors[doc_ids], doc_ids, IndexConfig("flat"))
+            ivf = PartitionIndex.build(vectors[doc_ids], doc_ids, IndexConfig("ivf"))
+            nlist = ivf_cells(n)
             for s in grid.selectivities:
                 permitted = int(round(n * s))
                 if permitted < 2 * grid.k:
@@ -91,4 +95,8 @@ def measure_search(vectors: np.ndarray, queries: np.ndarray, grid: ProfileGrid, 
                 for ef in grid.efs:
                     found, seconds = _timed_search(hnsw, q, grid.k, flt, ef)
                     rows.append(("hnsw", n, s, ef, grid.k, recall_at_k(found, truth), seconds))
+                flt = ivf.permission_filter(allowed)
+                for nprobe in sorted({min(p, nlist) for p in grid.nprobes}):
+                    found, seconds = _timed_search(ivf, q, grid.k, flt, nprobe)
+                    rows.append(("ivf", n, s, nprobe, grid.k, recall_at_k(found, truth), seconds))
     return pd.DataFrame(rows, columns=MEASUREMENT_COLUMNS)

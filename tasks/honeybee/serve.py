@@ -31,8 +31,9 @@ class PartitionSpec:
 
 @dataclass(frozen=True)
 class SearchJob:
-    """Search partition ``pid`` for query ``query`` of a user holding ``roles``: a graph walk at
-    ``effort`` (efSearch), or an exact scan of the user's permitted vectors."""
+    """Search partition ``pid`` for query ``query`` of a user holding ``roles``: at ``effort``
+    (efSearch of an HNSW graph walk, nprobe of an IVF search), or an exact scan of the user's
+    permitted vectors."""
 
     query: int
     roles: frozenset[str]
@@ -98,7 +99,8 @@ class PartitionServer:
                 flt = self.filter_for(strategy, job.pid, job.roles)
                 index, query = partitions[job.pid], self.queries[job.query : job.query + 1]
                 start = time.perf_counter()
-                d, i = index.search(query, k, flt, ef=job.effort or None, exact=job.exact and index.kind == "hnsw")
+                d, i = index.search(query, k, flt, ef=job.effort or None, nprobe=job.effort or None,
+                                    exact=job.exact and index.kind == "hnsw")
                 seconds[j] = time.perf_counter() - start
                 D[j], I[j] = d[0], i[0]
         return D, I, seconds

@@ -80,3 +80,39 @@ def test_fitting_refuses_bad_tables():
         fit_cost_model(synthetic_grid(), recall_floor=1.0)
     with pytest.raises(ValueError, match="columns"):
         fit_cost_model(synthetic_grid().drop(columns=["recall"]), recall_floor=0.9)
+
+
+def with_ivf_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add IVF measurements from known models: logit r = 3 + 1.2 ln(nprobe/nlist) + 0.3 ln s, cheap probes."""
+    from optimizers.honeybee_cost import ivf_cells
+
+    rows = []
+    for n in (1_000, 4_000, 16_000, 64_000):
+        nlist = ivf_cells(n)
+        for s in (1.0, 0.3, 0.1, 0.03):
+            for nprobe in sorted({min(p, nlist) for p in (1, 2, 4, 8, 16, 32, 64)}):
+                recall = 1.0 if nprobe >= nlist else 1 / (1 + math.exp(-(3 + 1.2 * math.log(nprobe / nlist) + 0.3 * math.log(s))))
+                latency = math.exp(-12 + 0.8 * math.log(nprobe) + 0.3 * math.log(n))
+                rows.append(("ivf", n, s, nprobe, 10, min(recall, 0.99), latency))
+    return pd.concat([frame, pd.DataFrame(rows, columns=MEASUREMENT_COLUMNS)], ignore_index=True)
+
+
+def test_ivf_models_are_fitted_when_measured_and_nprobe_meets_the_floor():
+    model = fit_cost_model(with_ivf_rows(synthetic_grid()), recall_floor=0.9)
+    assert model.ivf_recall is not None and model.fit["ivf_latency_r2_log"] > 0.999
+    assert model.ivf_recall[1] == pytest.approx(1.2, abs=0.1)
+    for s in (1.0, 0.1):
+        choice = model.choose("ivf", 16_000, s)
+        assert choice.kind == "ivf" and not choice.exact and choice.recall >= 0.9 - 1e-9
+    assert model.choose("ivf", 16_000, 0.1).effort >= model.choose("ivf", 16_000, 1.0).effort
+    cost = model.search_cost(16_000, np.array([1.0, 0.1]))
+    kind = model.partition_kind(16_000)
+    for s, c in zip((1.0, 0.1), cost):
+        assert c == pytest.approx(model.choose(kind, 16_000, s).latency_s, rel=1e-6) or kind == "hnsw"
+    assert SearchCostModel.from_dict(model.to_dict()) == model
+
+
+def test_a_model_without_ivf_measurements_never_picks_ivf():
+    model = fit_cost_model(synthetic_grid(), recall_floor=0.9)
+    assert model.ivf_recall is None
+    assert all(model.partition_kind(n) in ("hnsw", "flat") for n in (100, 10_000, 1_000_000))

@@ -17,11 +17,14 @@ from tasks.honeybee.local import run_locally
 from tasks.honeybee.rbac import Rbac
 from tasks.honeybee.workload import Workload
 
-# Two models that force every partition to one index kind, so both search paths are exercised.
+# Models that force every partition to one index kind, so every search path is exercised.
 ALL_HNSW = SearchCostModel(k=10, recall_floor=0.9, hnsw_recall=(3.7, 1.0, 0.39, -0.53),
                            hnsw_latency=(-12.9, -0.21, 0.086, 0.36), flat_latency=(1.0, 0.0, 0.0, 0.0, 1000.0), ef_range=(16, 2048))
 ALL_FLAT = SearchCostModel(k=10, recall_floor=0.9, hnsw_recall=(3.7, 1.0, 0.39, -0.53),
                            hnsw_latency=(0.0, 0.0, 0.0, 0.0), flat_latency=(2e-5, 5e-10, 9e-9, 0.0, 1000.0), ef_range=(16, 2048))
+ALL_IVF = SearchCostModel(k=10, recall_floor=0.9, hnsw_recall=(3.7, 1.0, 0.39, -0.53),
+                          hnsw_latency=(0.0, 0.0, 0.0, 0.0), flat_latency=(1.0, 0.0, 0.0, 0.0, 1000.0), ef_range=(16, 2048),
+                          ivf_recall=(3.0, 1.2, 0.3, 0.0), ivf_latency=(-12.0, 0.8, 0.3))
 
 
 @st.composite
@@ -47,7 +50,7 @@ def rbac_workloads(draw):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(workload=rbac_workloads(), k=st.integers(1, 12), budget=st.floats(1.0, 3.0),
-       model=st.sampled_from([ALL_HNSW, ALL_FLAT]))
+       model=st.sampled_from([ALL_HNSW, ALL_FLAT, ALL_IVF]))
 def test_no_strategy_returns_a_document_the_user_may_not_see(workload, k, budget, model):
     rbac = Rbac.of(workload)
     runs = run_locally(workload, list(STRATEGIES), model, k=k, storage_budget=budget, recall_target=0.9)

@@ -14,7 +14,7 @@ from tasks.honeybee.index import exact_search
 from tasks.honeybee.rbac import Rbac
 from tasks.honeybee.update import LiveDeployment
 from tasks.honeybee.workload import generate_workload
-from tests.honeybee.test_security import ALL_FLAT, ALL_HNSW, rbac_workloads
+from tests.honeybee.test_security import ALL_FLAT, ALL_HNSW, ALL_IVF, rbac_workloads
 
 
 ALL_OPS = ("grant", "revoke", "join", "leave", "add_doc", "delete_doc")
@@ -57,7 +57,7 @@ def random_changes(tables: Tables, rng: np.random.Generator, count: int, ops=ALL
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(workload=rbac_workloads(), seed=st.integers(0, 2**16), batches=st.integers(1, 3),
-       model=st.sampled_from([ALL_HNSW, ALL_FLAT]))
+       model=st.sampled_from([ALL_HNSW, ALL_FLAT, ALL_IVF]))
 def test_after_any_update_sequence_searches_return_only_permitted_documents(workload, seed, batches, model):
     rng = np.random.default_rng(seed)
     live = LiveDeployment(workload, model, storage_budget=float(rng.uniform(1.0, 2.5)), recall_target=0.9)

@@ -26,17 +26,9 @@ alone (a doc id within the rows of vectors.npy, every doc having a role, query i
 import great_expectations as gx
 
 from data_contracts import contract
-from data_contracts.jellybean import INTEGER_TYPES
+from data_contracts.common import INTEGER_TYPES, exact_columns as _columns
 
 E = gx.expectations
-
-
-def _columns(*names: str) -> list:
-    """The table has exactly ``names`` and none of them is null."""
-    return [
-        E.ExpectTableColumnsToMatchSet(column_set=list(names), exact_match=True),
-        *[E.ExpectColumnValuesToNotBeNull(column=c) for c in names],
-    ]
 
 
 def _id(column: str) -> list:

@@ -40,22 +40,12 @@ measurements is one of :data:`STRATEGIES`.
 import great_expectations as gx
 
 from data_contracts import contract
+from data_contracts.common import INTEGER_TYPES, NUMBER_TYPES, exact_columns as _columns
 
 E = gx.expectations
 TIERS = ["device", "hub", "edge", "cloud"]
 STRATEGIES = ["milp", "jellybean_heuristic", "infaas_style", "cloud_only"]
 HEADROOM_TOLERANCE = 1e-6
-INTEGER_TYPES = ["int", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-                 "Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64"]
-NUMBER_TYPES = [*INTEGER_TYPES, "float", "float16", "float32", "float64", "Float32", "Float64"]
-
-
-def _columns(*names: str) -> list:
-    """The table has exactly ``names`` and none of them is null."""
-    return [
-        E.ExpectTableColumnsToMatchSet(column_set=list(names), exact_match=True),
-        *[E.ExpectColumnValuesToNotBeNull(column=c) for c in names],
-    ]
 
 
 def _number(column: str) -> list:

@@ -37,7 +37,11 @@ graph walk and scan per (user, partition) unless told to walk the graph only (th
   filter as an IDSelector, ``nprobe`` cells scanned::
 
       logit(recall) = b0 + b1·ln(nprobe/nlist) + b2·ln s + b3·ln n   (nprobe = nlist is exact)
-      ln latency    = d0 + d1·ln nprobe + d2·ln n
+      latency       = d0 + d1·nlist + d2·r + d3·r·s,   r = nprobe·n/nlist rows probed
+
+  (the coarse quantizer compares the query with every centroid; each probed row is
+  checked against the filter and, if admitted, compared; non-negative least squares on
+  relative error).
 
 A partition gets the kind that is cheapest for a user who may see all
 of it (:meth:`SearchCostModel.partition_kind`); :meth:`SearchCostModel.search_cost` is
@@ -98,7 +102,7 @@ class SearchCostModel:
     ef_range: smallest and largest efSearch measured.
     fit: goodness of fit per model (R² and median relative error), for the report.
     ivf_recall: (b0, b1, b2, b3) of the IVF recall model (None: IVF not measured).
-    ivf_latency: (d0, d1, d2) of the IVF latency model.
+    ivf_latency: (d0, d1, d2, d3) of the IVF latency model.
     """
 
     k: int
@@ -109,7 +113,7 @@ class SearchCostModel:
     ef_range: tuple[int, int]
     fit: dict = field(default_factory=dict)
     ivf_recall: tuple[float, float, float, float] | None = None
-    ivf_latency: tuple[float, float, float] | None = None
+    ivf_latency: tuple[float, float, float, float] | None = None
 
     # ---- the models -------------------------------------------------------------------
     def recall(self, kind: str, n: int, s: float, effort: int) -> float:
@@ -131,8 +135,7 @@ class SearchCostModel:
         if kind == "flat":
             return float(_scan_latency(self.flat_latency, n, np.asarray(s, dtype=float)))
         if kind == "ivf":
-            d0, d1, d2 = self.ivf_latency
-            return math.exp(d0 + d1 * math.log(max(effort, 1)) + d2 * math.log(max(n, 2)))
+            return float(_ivf_latency(self.ivf_latency, n, np.asarray(s, dtype=float), np.asarray(effort, dtype=float)))
         c0, c1, c2, c3 = self.hnsw_latency
         le = math.log(max(effort, 1))
         return math.exp(c0 + c1 * le + c2 * le * le + c3 * math.log(max(n, 2)))
@@ -198,8 +201,7 @@ class SearchCostModel:
         if kind == "flat":
             return scan
         if kind == "ivf":
-            d0, d1, d2 = self.ivf_latency
-            return np.exp(d0 + d1 * np.log(self.ivf_effort(n, s)) + d2 * math.log(max(n, 2)))
+            return _ivf_latency(self.ivf_latency, n, s, self.ivf_effort(n, s))
         a0, a1, a2, a3 = self.hnsw_recall
         c0, c1, c2, c3 = self.hnsw_latency
         lo, hi = self.ef_range
@@ -241,6 +243,20 @@ def _scan_latency(f: tuple, n: float, s: np.ndarray) -> np.ndarray:
     f0, f1, f2, f3, m0 = f
     m = n * s
     return np.where(s >= FULL_SCAN, f0 + f1 * n, f0 + f2 * m + f3 * np.maximum(0.0, m - m0))
+
+
+def _ivf_latency(d: tuple, n: float, s: np.ndarray, nprobe: np.ndarray) -> np.ndarray:
+    """The IVF latency model (module docstring), vectorised."""
+    d0, d1, d2, d3 = d
+    nlist = ivf_cells(int(n))
+    rows = np.minimum(nprobe, nlist) * n / nlist
+    return d0 + d1 * nlist + d2 * rows + d3 * rows * s
+
+
+def _ivf_design(n: np.ndarray, s: np.ndarray, nprobe: np.ndarray) -> np.ndarray:
+    nlist = np.array([ivf_cells(int(v)) for v in n], dtype=float)
+    rows = np.minimum(nprobe, nlist) * n / nlist
+    return np.column_stack([np.ones_like(n), nlist, rows, rows * s])
 
 
 def _scan_design(n: np.ndarray, s: np.ndarray, m0: float) -> np.ndarray:
@@ -311,9 +327,9 @@ def fit_cost_model(measurements: pd.DataFrame, *, recall_floor: float) -> Search
         x_ivf = np.column_stack([np.ones(len(approximate)), np.log(approximate["effort"].to_numpy(float) / nl),
                                  np.log(approximate["selectivity"].to_numpy(float)), np.log(approximate["n"].to_numpy(float))])
         b, *_ = np.linalg.lstsq(x_ivf, _logit(approximate["recall"].to_numpy(float)), rcond=None)
-        x_ivf_lat = np.column_stack([np.ones(len(ivf)), np.log(ivf["effort"].to_numpy(float)), np.log(ivf["n"].to_numpy(float))])
-        y_ivf_lat = np.log(ivf["latency_s"].to_numpy(float))
-        d, *_ = np.linalg.lstsq(x_ivf_lat, y_ivf_lat, rcond=None)
+        x_ivf_lat = _ivf_design(ivf["n"].to_numpy(float), ivf["selectivity"].to_numpy(float), ivf["effort"].to_numpy(float))
+        y_ivf_lat = ivf["latency_s"].to_numpy(float)
+        d, _ = nnls(x_ivf_lat / y_ivf_lat[:, None], np.ones_like(y_ivf_lat))
         ivf_recall, ivf_latency = tuple(float(v) for v in b), tuple(float(v) for v in d)
     pred_recall = 1 / (1 + np.exp(-(x_recall @ a)))
     pred_lat = np.exp(x_lat @ c)
@@ -329,7 +345,8 @@ def fit_cost_model(measurements: pd.DataFrame, *, recall_floor: float) -> Search
     }
     if ivf_recall is not None:
         fit["ivf_recall_r2_logit"] = round(_r2(_logit(approximate["recall"].to_numpy(float)), x_ivf @ np.array(ivf_recall)), 4)
-        fit["ivf_latency_r2_log"] = round(_r2(y_ivf_lat, x_ivf_lat @ np.array(ivf_latency)), 4)
+        fit["ivf_latency_r2"] = round(_r2(y_ivf_lat, x_ivf_lat @ np.array(ivf_latency)), 4)
+        fit["ivf_latency_median_rel_error"] = round(float(np.median(np.abs(x_ivf_lat @ np.array(ivf_latency) / y_ivf_lat - 1))), 4)
     efs = hnsw["effort"].to_numpy(int)
     return SearchCostModel(
         k=int(ks[0]), recall_floor=float(recall_floor),

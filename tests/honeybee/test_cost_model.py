@@ -83,7 +83,7 @@ def test_fitting_refuses_bad_tables():
 
 
 def with_ivf_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """Add IVF measurements from known models: logit r = 3 + 1.2 ln(nprobe/nlist) + 0.3 ln s, cheap probes."""
+    """Add IVF measurements from known models: logit r = 3 + 1.2 ln(nprobe/nlist) + 0.3 ln s, linear latency."""
     from optimizers.honeybee_cost import ivf_cells
 
     rows = []
@@ -92,14 +92,16 @@ def with_ivf_rows(frame: pd.DataFrame) -> pd.DataFrame:
         for s in (1.0, 0.3, 0.1, 0.03):
             for nprobe in sorted({min(p, nlist) for p in (1, 2, 4, 8, 16, 32, 64)}):
                 recall = 1.0 if nprobe >= nlist else 1 / (1 + math.exp(-(3 + 1.2 * math.log(nprobe / nlist) + 0.3 * math.log(s))))
-                latency = math.exp(-12 + 0.8 * math.log(nprobe) + 0.3 * math.log(n))
+                probed = nprobe * n / nlist
+                latency = 2e-5 + 1e-8 * nlist + 1e-8 * probed + 2e-8 * probed * s
                 rows.append(("ivf", n, s, nprobe, 10, min(recall, 0.99), latency))
     return pd.concat([frame, pd.DataFrame(rows, columns=MEASUREMENT_COLUMNS)], ignore_index=True)
 
 
 def test_ivf_models_are_fitted_when_measured_and_nprobe_meets_the_floor():
     model = fit_cost_model(with_ivf_rows(synthetic_grid()), recall_floor=0.9)
-    assert model.ivf_recall is not None and model.fit["ivf_latency_r2_log"] > 0.999
+    assert model.ivf_recall is not None and model.fit["ivf_latency_r2"] > 0.999
+    assert model.ivf_latency == pytest.approx((2e-5, 1e-8, 1e-8, 2e-8), rel=1e-3)
     assert model.ivf_recall[1] == pytest.approx(1.2, abs=0.1)
     for s in (1.0, 0.1):
         choice = model.choose("ivf", 16_000, s)

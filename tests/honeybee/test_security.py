@@ -24,7 +24,7 @@ ALL_FLAT = SearchCostModel(k=10, recall_floor=0.9, hnsw_recall=(3.7, 1.0, 0.39, 
                            hnsw_latency=(0.0, 0.0, 0.0, 0.0), flat_latency=(2e-5, 5e-10, 9e-9, 0.0, 1000.0), ef_range=(16, 2048))
 ALL_IVF = SearchCostModel(k=10, recall_floor=0.9, hnsw_recall=(3.7, 1.0, 0.39, -0.53),
                           hnsw_latency=(0.0, 0.0, 0.0, 0.0), flat_latency=(1.0, 0.0, 0.0, 0.0, 1000.0), ef_range=(16, 2048),
-                          ivf_recall=(3.0, 1.2, 0.3, 0.0), ivf_latency=(-12.0, 0.8, 0.3))
+                          ivf_recall=(3.0, 1.2, 0.3, 0.0), ivf_latency=(1e-5, 0.0, 1e-9, 1e-9))
 
 
 @st.composite

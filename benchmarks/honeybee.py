@@ -1,7 +1,7 @@
 """HoneyBee side by side: QPS, latency, recall and storage of every strategy on one workload.
 
     .venv/bin/python -m benchmarks.honeybee [--scale medium] [--quick] [--budgets 1.1,1.2,1.4,1.7,2.0]
-                                            [--out results/benchmarks/honeybee]
+                                            [--build-threads 1] [--out results/benchmarks/honeybee]
 
 On a generated enterprise-RBAC workload (``--scale``: small 20k × 64, medium 100k × 128,
 large 1M × 128 vectors; ``--quick``: the tiny one, for a smoke run) at recall@10 ≥ 0.95:
@@ -59,7 +59,7 @@ def _figures(local) -> dict:
 
 
 def run(scale: str, budgets: list[float], out: Path, *, target: float = 0.95, k: int = 10,
-        max_index_gib: float = 4.0, seed: int = 0) -> dict:
+        max_index_gib: float = 4.0, seed: int = 0, build_threads: int = 1) -> dict:
     """Measure every strategy and HoneyBee's budget sweep; write JSON and figures; return the results."""
     console = Console()
     out.mkdir(parents=True, exist_ok=True)
@@ -81,7 +81,8 @@ def run(scale: str, budgets: list[float], out: Path, *, target: float = 0.95, k:
                                    "reason": f"its indexes would need more than max_index_gib = {max_index_gib}"}
             console.print(f"{strategy}: not built ({stats['per_user_storage']:.1f}× storage)")
             continue
-        local = run_locally(workload, [strategy], model, k=k, storage_budget=1.4, recall_target=target)[strategy]
+        local = run_locally(workload, [strategy], model, k=k, storage_budget=1.4, recall_target=target,
+                            build_threads=build_threads)[strategy]
         strategies[strategy] = _figures(local)
         latencies[strategy] = local.run.latency_s
         console.print(f"{strategy}: {strategies[strategy]['qps']:.0f} QPS, recall {strategies[strategy]['recall']:.3f}, "
@@ -89,7 +90,8 @@ def run(scale: str, budgets: list[float], out: Path, *, target: float = 0.95, k:
 
     sweep = {}
     for budget in budgets:
-        local = run_locally(workload, ["honeybee"], model, k=k, storage_budget=budget, recall_target=target)["honeybee"]
+        local = run_locally(workload, ["honeybee"], model, k=k, storage_budget=budget, recall_target=target,
+                            build_threads=build_threads)["honeybee"]
         sweep[str(budget)] = _figures(local)
         sweep[str(budget)]["qps_vs_rls"] = sweep[str(budget)]["qps"] / strategies["rls"]["qps"]
         console.print(f"honeybee at budget {budget}: {sweep[str(budget)]['qps']:.0f} QPS "
@@ -118,7 +120,8 @@ def run(scale: str, budgets: list[float], out: Path, *, target: float = 0.95, k:
                "headline": headline, "strategies": strategies, "not_built": not_built, "budget_sweep": sweep,
                "selectivity_buckets": buckets,
                "simulated": [],
-               "measured_on": "this host, one core per query, strategies run one after another in one process"}
+               "measured_on": "this host, one core per query, strategies run one after another in one process",
+               "build_threads": build_threads}
     (out / "honeybee.json").write_text(json.dumps(results, indent=2, default=float))
     _plot_storage(strategies, not_built, sweep, out / "latency_vs_storage.png", scale)
     _plot_buckets(buckets, out / "speedup_by_selectivity.png", scale)
@@ -187,10 +190,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the tiny workload and two budgets (a smoke run)")
     parser.add_argument("--budgets", default="1.1,1.2,1.4,1.7,2.0", help="HoneyBee storage budgets to sweep")
     parser.add_argument("--max-index-gib", type=float, default=4.0)
+    parser.add_argument("--build-threads", type=int, default=1, help="faiss threads for building indexes (queries: one)")
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args()
     budgets = [1.2, 2.0] if args.quick else [float(b) for b in args.budgets.split(",")]
-    run("tiny" if args.quick else args.scale, budgets, Path(args.out), max_index_gib=args.max_index_gib)
+    run("tiny" if args.quick else args.scale, budgets, Path(args.out), max_index_gib=args.max_index_gib,
+        build_threads=args.build_threads)
 
 
 if __name__ == "__main__":

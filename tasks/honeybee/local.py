@@ -38,8 +38,9 @@ class LocalRun:
 
 
 def run_locally(workload: Workload, strategies: list[str], model: SearchCostModel, *, k: int = 10,
-                storage_budget: float = 1.4, recall_target: float = 0.95) -> dict[str, LocalRun]:
-    """Plan, build, calibrate and measure ``strategies`` on ``workload`` in this process."""
+                storage_budget: float = 1.4, recall_target: float = 0.95, build_threads: int = 1) -> dict[str, LocalRun]:
+    """Plan, build, calibrate and measure ``strategies`` on ``workload`` in this process
+    (indexes built with ``build_threads`` faiss threads; queries always run on one)."""
     rbac = Rbac.of(workload)
     model = model.with_floor(recall_target)
     problem = build_problem(rbac, workload.query_users, model, storage_budget=storage_budget, name=workload.name)
@@ -51,7 +52,7 @@ def run_locally(workload: Workload, strategies: list[str], model: SearchCostMode
     out = {}
     for strategy in strategies:
         deployment = make_deployment(problem, plans[strategy], model, slots, near_tier=None)
-        built = server.build(strategy, deployment.specs)
+        built = server.build(strategy, deployment.specs, threads=build_threads)
 
         def search(jobs, strategy=strategy):
             return {pool: server.search(strategy, pool_jobs, k) for pool, pool_jobs in jobs.items()}

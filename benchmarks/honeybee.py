@@ -38,6 +38,7 @@ from rich.table import Table  # noqa: E402
 
 from optimizers.honeybee import STRATEGIES  # noqa: E402
 from tasks.honeybee.local import profile_locally, run_locally  # noqa: E402
+from tasks.honeybee.plans import index_gib  # noqa: E402
 from tasks.honeybee.profile import grid_for  # noqa: E402
 from tasks.honeybee.rbac import Rbac  # noqa: E402
 from tasks.honeybee.report import COLORS  # noqa: E402
@@ -45,7 +46,6 @@ from tasks.honeybee.workload import describe, generate_workload  # noqa: E402
 
 DEFAULT_OUT = "results/benchmarks/honeybee"
 BUCKETS = [(0.0, 0.01), (0.01, 0.05), (0.05, 0.2), (0.2, 1.0)]
-BYTES_PER_VECTOR_OVERHEAD = 320
 
 
 def _figures(local) -> dict:
@@ -72,11 +72,11 @@ def run(scale: str, budgets: list[float], out: Path, *, target: float = 0.95, k:
     profile_s = time.perf_counter() - start
     rbac = Rbac.of(workload)
     selectivity = np.array([rbac.user_mask(u).mean() for u in workload.query_users])
-    per_vector = 4 * workload.vectors.shape[1] + BYTES_PER_VECTOR_OVERHEAD
 
     strategies, latencies, not_built = {}, {}, {}
     for strategy in STRATEGIES:
-        if strategy == "per_user" and stats["per_user_storage"] * len(workload.vectors) * per_vector / 2**30 > max_index_gib:
+        if strategy == "per_user" and index_gib(stats["per_user_storage"], len(workload.vectors),
+                                                 workload.vectors.shape[1]) > max_index_gib:
             not_built[strategy] = {"storage": stats["per_user_storage"],
                                    "reason": f"its indexes would need more than max_index_gib = {max_index_gib}"}
             console.print(f"{strategy}: not built ({stats['per_user_storage']:.1f}× storage)")

@@ -30,13 +30,14 @@ from optimizers.honeybee_cost import fit_cost_model
 from tasks.honeybee import report
 from tasks.honeybee.evaluate import StrategyResult, calibrate_and_measure, ground_truth, summarize
 from tasks.honeybee.profile import grid_for
-from tasks.honeybee.plans import Deployment, build_problem, make_deployment, plan_all
+from tasks.honeybee.plans import (
+    Deployment, build_problem, index_bytes_per_vector, index_gib, make_deployment, plan_all,
+)
 from tasks.honeybee.rbac import Rbac
 from tasks.honeybee.settings import DEFAULT_INFRA, check_settings
 from tasks.honeybee.tasks import build_partitions, drop_partitions, profile_search, search_partitions
 from tasks.honeybee.workload import describe, ensure_generated, load_workload
 
-BYTES_PER_VECTOR_OVERHEAD = 320  # HNSW links and ids per stored vector, besides the vector itself
 SIMULATED = [
     "every pool's worker runs on this host's CPU: latencies are this host's, one core per query; "
     "pool capacities (documents a pool can hold) come from the catalog's memory of its device",
@@ -55,7 +56,7 @@ def profile(workload_dir: str, infra: InfraSpec, grid: str) -> pd.DataFrame:
 def pool_slots(infra: InfraSpec, dim: int, memory_share: float = 0.5) -> list[PoolSlot]:
     """How many documents each pool can hold: half its machines' memory (catalog) per stored vector."""
     catalog = load_catalog()
-    per_vector = 4 * dim + BYTES_PER_VECTOR_OVERHEAD
+    per_vector = index_bytes_per_vector(dim)
     return [PoolSlot(p.name, p.tier, memory_share * catalog.device(p.device).memory_gib * 2**30 * p.count / per_vector, p.count)
             for p in infra.pools]
 
@@ -128,9 +129,8 @@ def honeybee_stages(workload_dir: str, infra: str, storage_budget: float, recall
     query_ids = np.arange(len(workload.queries))
     truth = ground_truth(workload.vectors, workload.queries, query_ids, workload.query_users, rbac, k)
     results, built_all = [], []
-    per_vector = 4 * workload.vectors.shape[1] + BYTES_PER_VECTOR_OVERHEAD
     for strategy, deployment in deployments.items():
-        gib = deployment.plan.storage * len(workload.vectors) * per_vector / 2**30
+        gib = index_gib(deployment.plan.storage, len(workload.vectors), workload.vectors.shape[1])
         if gib > max_index_gib:
             results.append(not_built(deployment, f"not built: its indexes would take ≈{gib:.1f} GiB "
                                                   f"(> max_index_gib = {max_index_gib}); storage and predicted latency are the plan's"))

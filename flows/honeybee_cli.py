@@ -163,8 +163,6 @@ def update(
     The first update plans and builds the partitions for the workload and keeps them in the
     state folder; later updates start from that state. The workload folder is never written.
     """
-    import numpy as np
-
     from tasks.honeybee.changes import read_changes
     from tasks.honeybee.rbac import Rbac
     from tasks.honeybee.settings import check_settings

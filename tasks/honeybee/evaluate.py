@@ -121,11 +121,11 @@ def calibrate_and_measure(deployment: Deployment, query_ids: np.ndarray, users: 
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(len(query_ids), size=min(calibration, len(query_ids)), replace=False))
     scale, notes = 1.0, []
-    has_hnsw = any(not exact and deployment.specs[pid].kind in ("hnsw", "ivf")
-                   for route in deployment.routes.values() for pid, _, exact in route)  # something to raise
+    tunable = any(not exact and deployment.specs[pid].kind in ("hnsw", "ivf")
+                  for route in deployment.routes.values() for pid, _, exact in route)  # an effort to raise
     for _ in range(MAX_CALIBRATION_ROUNDS):
         run = run_queries(deployment, query_ids[sample], users, rbac, search, k, scale)
-        if recall_at_k(run.found, truth[sample]) >= min(target + CALIBRATION_MARGIN, 1.0) or not has_hnsw:
+        if recall_at_k(run.found, truth[sample]) >= min(target + CALIBRATION_MARGIN, 1.0) or not tunable:
             break
         scale *= EFFORT_STEP
     else:
@@ -133,7 +133,7 @@ def calibrate_and_measure(deployment: Deployment, query_ids: np.ndarray, users: 
                      f"{MAX_CALIBRATION_ROUNDS} rounds (effort ×{scale:.1f})")
     run = run_queries(deployment, query_ids, users, rbac, search, k, scale)
     for _ in range(3):  # the sample met the target but the whole set may not: raise until it does
-        if recall_at_k(run.found, truth) >= target or not has_hnsw:
+        if recall_at_k(run.found, truth) >= target or not tunable:
             break
         scale *= EFFORT_STEP
         run = run_queries(deployment, query_ids, users, rbac, search, k, scale)

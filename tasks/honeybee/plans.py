@@ -15,6 +15,17 @@ from tasks.honeybee.rbac import Rbac
 from tasks.honeybee.serve import PartitionSpec
 
 QUIET_CLASS_WEIGHT = 0.01  # queries credited to a user class that sent none: still routed, barely weighed
+INDEX_OVERHEAD_BYTES = 320  # HNSW links and ids per stored vector, besides the vector itself
+
+
+def index_bytes_per_vector(dim: int) -> int:
+    """Memory one stored vector takes in a partition index (float32 vector + graph links and ids)."""
+    return 4 * dim + INDEX_OVERHEAD_BYTES
+
+
+def index_gib(storage: float, n_docs: int, dim: int) -> float:
+    """GiB the indexes of a plan storing ``storage`` × ``n_docs`` vectors of ``dim`` take."""
+    return storage * n_docs * index_bytes_per_vector(dim) / 2**30
 
 
 def effective_roles(rbac: Rbac, roles: frozenset[str]) -> frozenset[str]:

@@ -72,6 +72,11 @@ class PartitionServer:
                                "nbytes": int(built[spec.pid].nbytes), "build_s": time.perf_counter() - start})
         return report
 
+    def permissions_changed(self, vectors: np.ndarray, rbac: Rbac) -> None:
+        """New vectors or permissions: every cached filter is dropped and rebuilt from ``rbac`` on use."""
+        self.vectors, self.rbac = vectors, rbac
+        self._filters.clear()
+
     def drop(self, strategy: str) -> None:
         """Free a strategy's partitions and filters."""
         self.partitions.pop(strategy, None)

@@ -114,9 +114,7 @@ class LiveDeployment:
         old_masks = {p: self.rbac.permitted_mask(roles) for p, roles in enumerate(self.plan.partitions)}
         self.tables = new
         self.rbac = Rbac(len(new.vectors), new.doc_roles, new.user_roles)
-        self.server.vectors = new.vectors
-        self.server.rbac = self.rbac
-        self.server._filters.clear()  # permissions changed: every filter is rebuilt from the new truth
+        self.server.permissions_changed(new.vectors, self.rbac)
 
         added = removed = touched = 0
         built = self.server.partitions[STRATEGY]

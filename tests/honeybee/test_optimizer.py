@@ -8,7 +8,7 @@ import pytest
 
 from optimizers.honeybee import (
     Block, PartitioningProblem, UserClass, _best_cover, candidate_partitions, plan_brute_force,
-    plan_greedy_merge, plan_honeybee, plan_milp, plan_per_role, plan_per_user, plan_rls, route_users,
+    plan_greedy_merge, plan_honeybee, plan_milp, plan_per_role, plan_per_user, plan_rls,
 )
 from optimizers.solve import InfeasibleError
 

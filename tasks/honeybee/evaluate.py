@@ -11,7 +11,9 @@ Every strategy is held to the same recall target the same way: searches start at
 efforts the cost model predicts for the floor, and while the measured recall@k on a
 calibration sample is below the target (plus a small margin), every HNSW efSearch and IVF
 nprobe is multiplied by 1.5 (the
-``rls`` baseline "raises ef until recall meets the target" this way).
+``rls`` baseline "raises ef until recall meets the target" this way). Strategies compared
+in one process are measured interleaved, chunk by chunk of the queries
+(:func:`measure_interleaved`), so the noise of a shared machine does not favour one.
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ class QueryRun:
     latency_s: np.ndarray  # (q,) seconds: partition searches + merge
     searches: np.ndarray  # (q,) partitions searched
     rejected_at_merge: int  # documents the final permission check dropped (0 unless a filter failed)
+
+    @classmethod
+    def concat(cls, runs: list["QueryRun"]) -> "QueryRun":
+        """Runs over consecutive chunks of the queries, as one run over all of them."""
+        return cls(np.concatenate([r.found for r in runs]), np.concatenate([r.latency_s for r in runs]),
+                   np.concatenate([r.searches for r in runs]), sum(r.rejected_at_merge for r in runs))
 
 
 def run_queries(deployment: Deployment, query_ids: np.ndarray, users: np.ndarray, rbac: Rbac, search: SearchFn,
@@ -113,31 +121,82 @@ class StrategyResult:
     notes: list[str] = field(default_factory=list)
 
 
-def calibrate_and_measure(deployment: Deployment, query_ids: np.ndarray, users: np.ndarray, truth: np.ndarray,
-                          rbac: Rbac, search: SearchFn, k: int, target: float, *, calibration: int = 300,
-                          seed: int = 0) -> tuple[QueryRun, float, list[str]]:
-    """Raise HNSW efforts until a calibration sample reaches ``target`` recall, then run all queries
-    (raising further, at most three times, if the whole set falls short where the sample did not)."""
+def calibrate(deployment: Deployment, query_ids: np.ndarray, users: np.ndarray, truth: np.ndarray, rbac: Rbac,
+              search: SearchFn, k: int, target: float, *, calibration: int = 300, seed: int = 0) -> tuple[float, list[str]]:
+    """The effort scale at which a calibration sample of the queries reaches ``target`` recall
+    (plus :data:`CALIBRATION_MARGIN`): efforts ×1.5 per round, from the model's."""
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(len(query_ids), size=min(calibration, len(query_ids)), replace=False))
     scale, notes = 1.0, []
-    tunable = any(not exact and deployment.specs[pid].kind in ("hnsw", "ivf")
-                  for route in deployment.routes.values() for pid, _, exact in route)  # an effort to raise
+    if not _tunable(deployment):
+        return scale, notes
     for _ in range(MAX_CALIBRATION_ROUNDS):
         run = run_queries(deployment, query_ids[sample], users, rbac, search, k, scale)
-        if recall_at_k(run.found, truth[sample]) >= min(target + CALIBRATION_MARGIN, 1.0) or not tunable:
-            break
+        if recall_at_k(run.found, truth[sample]) >= min(target + CALIBRATION_MARGIN, 1.0):
+            return scale, notes
         scale *= EFFORT_STEP
-    else:
-        notes.append(f"recall target {target} not reached on the calibration sample after "
-                     f"{MAX_CALIBRATION_ROUNDS} rounds (effort ×{scale:.1f})")
-    run = run_queries(deployment, query_ids, users, rbac, search, k, scale)
-    for _ in range(3):  # the sample met the target but the whole set may not: raise until it does
-        if recall_at_k(run.found, truth) >= target or not tunable:
-            break
-        scale *= EFFORT_STEP
-        run = run_queries(deployment, query_ids, users, rbac, search, k, scale)
-    return run, scale, notes
+    notes.append(f"recall target {target} not reached on the calibration sample after "
+                 f"{MAX_CALIBRATION_ROUNDS} rounds (effort ×{scale:.1f})")
+    return scale, notes
+
+
+def _tunable(deployment: Deployment) -> bool:
+    """Whether the deployment has an effort to raise (a graph walk or an IVF probe)."""
+    return any(not exact and deployment.specs[pid].kind in ("hnsw", "ivf")
+               for route in deployment.routes.values() for pid, _, exact in route)
+
+
+@dataclass
+class Contender:
+    """A deployed strategy ready to be measured: how to reach it and its calibrated effort scale."""
+
+    deployment: Deployment
+    search: SearchFn
+    scale: float = 1.0
+    notes: list[str] = field(default_factory=list)
+
+
+def measure_interleaved(contenders: dict[str, Contender], query_ids: np.ndarray, users: np.ndarray,
+                        truth: np.ndarray, rbac: Rbac, k: int, target: float, *,
+                        chunk: int = 250) -> dict[str, QueryRun]:
+    """Run every query for every contender, interleaved: chunk by chunk of ``query_ids``, each
+    contender in turn (the order rotating), so a noisy spell on a shared machine falls on all
+    of them alike instead of on whichever ran then.
+
+    A contender whose whole-set recall falls short of ``target`` (its calibration sample
+    met it) has its efforts raised and is re-run alone, at most three times; its
+    ``scale`` and ``notes`` say so.
+    """
+    names = list(contenders)
+    parts: dict[str, list[QueryRun]] = {name: [] for name in names}
+    for i, start in enumerate(range(0, len(query_ids), chunk) or [0]):
+        rows = query_ids[start : start + chunk]
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            c = contenders[name]
+            parts[name].append(run_queries(c.deployment, rows, users, rbac, c.search, k, c.scale))
+    runs = {name: QueryRun.concat(parts[name]) for name in names}
+    for name, c in contenders.items():
+        for _ in range(3):
+            if recall_at_k(runs[name].found, truth) >= target or not _tunable(c.deployment):
+                break
+            c.scale *= EFFORT_STEP
+            c.notes.append(f"whole query set below the recall target at the calibrated effort: raised to ×{c.scale:.2f} "
+                           "and re-run on its own")
+            runs[name] = run_queries(c.deployment, query_ids, users, rbac, c.search, k, c.scale)
+    return runs
+
+
+def calibrate_and_measure(deployment: Deployment, query_ids: np.ndarray, users: np.ndarray, truth: np.ndarray,
+                          rbac: Rbac, search: SearchFn, k: int, target: float, *, calibration: int = 300,
+                          seed: int = 0) -> tuple[QueryRun, float, list[str]]:
+    """One strategy: :func:`calibrate`, then run every query (raising efforts further, at most
+    three times, if the whole set falls short where the sample did not)."""
+    scale, notes = calibrate(deployment, query_ids, users, truth, rbac, search, k, target,
+                             calibration=calibration, seed=seed)
+    contender = Contender(deployment, search, scale, notes)
+    run = measure_interleaved({deployment.strategy: contender}, query_ids, users, truth, rbac, k, target,
+                              chunk=len(query_ids) or 1)[deployment.strategy]
+    return run, contender.scale, contender.notes
 
 
 def summarize(deployment: Deployment, run: QueryRun, truth: np.ndarray, query_ids: np.ndarray, users: np.ndarray,

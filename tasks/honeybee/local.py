@@ -6,13 +6,15 @@ in-process :class:`PartitionServer` standing in for the tier workers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from optimizers.honeybee import PoolSlot
 from optimizers.honeybee_cost import SearchCostModel, fit_cost_model
-from tasks.honeybee.evaluate import QueryRun, StrategyResult, calibrate_and_measure, ground_truth, summarize
+from tasks.honeybee.evaluate import (
+    Contender, QueryRun, StrategyResult, calibrate, ground_truth, measure_interleaved, summarize,
+)
 from tasks.honeybee.plans import Deployment, build_problem, make_deployment, plan_all
 from tasks.honeybee.profile import GRIDS, measure_search
 from tasks.honeybee.rbac import Rbac
@@ -38,29 +40,40 @@ class LocalRun:
 
 
 def run_locally(workload: Workload, strategies: list[str], model: SearchCostModel, *, k: int = 10,
-                storage_budget: float = 1.4, recall_target: float = 0.95, build_threads: int = 1) -> dict[str, LocalRun]:
+                storage_budget: float = 1.4, recall_target: float = 0.95, build_threads: int = 1,
+                extra_budgets: tuple[float, ...] = ()) -> dict[str, LocalRun]:
     """Plan, build, calibrate and measure ``strategies`` on ``workload`` in this process
-    (indexes built with ``build_threads`` faiss threads; queries always run on one)."""
+    (indexes built with ``build_threads`` faiss threads; queries always run on one).
+
+    Every strategy is built and calibrated first, then all are measured interleaved
+    (:func:`measure_interleaved`). ``extra_budgets`` adds HoneyBee planned at other storage
+    budgets, keyed ``honeybee@<budget>``.
+    """
     rbac = Rbac.of(workload)
     model = model.with_floor(recall_target)
     problem = build_problem(rbac, workload.query_users, model, storage_budget=storage_budget, name=workload.name)
     plans = plan_all(problem, tuple(strategies))
+    for budget in extra_budgets:
+        plans[f"honeybee@{budget:g}"] = plan_all(replace(problem, storage_budget=budget), ("honeybee",))["honeybee"]
     slots = [PoolSlot(LOCAL_POOL, "cloud", float("inf"))]
     query_ids = np.arange(len(workload.queries))
     truth = ground_truth(workload.vectors, workload.queries, query_ids, workload.query_users, rbac, k)
     server = PartitionServer(workload.vectors, workload.queries, rbac)
+    contenders, built = {}, {}
+    for name, plan in plans.items():
+        deployment = make_deployment(problem, plan, model, slots, near_tier=None)
+        built[name] = server.build(name, deployment.specs, threads=build_threads)
+
+        def search(jobs, name=name):
+            return {pool: server.search(name, pool_jobs, k) for pool, pool_jobs in jobs.items()}
+
+        scale, notes = calibrate(deployment, query_ids, workload.query_users, truth, rbac, search, k, recall_target)
+        contenders[name] = Contender(deployment, search, scale, notes)
+    runs = measure_interleaved(contenders, query_ids, workload.query_users, truth, rbac, k, recall_target)
     out = {}
-    for strategy in strategies:
-        deployment = make_deployment(problem, plans[strategy], model, slots, near_tier=None)
-        built = server.build(strategy, deployment.specs, threads=build_threads)
-
-        def search(jobs, strategy=strategy):
-            return {pool: server.search(strategy, pool_jobs, k) for pool, pool_jobs in jobs.items()}
-
-        run, scale, notes = calibrate_and_measure(deployment, query_ids, workload.query_users, truth, rbac, search, k,
-                                                  recall_target)
-        result = summarize(deployment, run, truth, query_ids, workload.query_users, rbac, recall_target, scale,
-                           built, notes)
-        server.drop(strategy)
-        out[strategy] = LocalRun(result, run, deployment)
+    for name, c in contenders.items():
+        result = summarize(c.deployment, runs[name], truth, query_ids, workload.query_users, rbac, recall_target,
+                           c.scale, built[name], c.notes)
+        server.drop(name)
+        out[name] = LocalRun(result, runs[name], c.deployment)
     return out

@@ -8,7 +8,8 @@ What is shipped:
   ``logical_graph.csv``): its headerless CSVs and its accuracy table (see
   :data:`JELLYBEAN_TABLES`);
 - every infrastructure spec ``data/**/*.infra.yaml``, as its pools table (``infra.pools``);
-- every workflow spec ``data/**/*.workflow.yaml``, as its nodes table (``jellybean.workflow``).
+- every workflow spec ``data/**/*.workflow.yaml``, as its nodes table (``jellybean.workflow``);
+- every spot-instance trace ``data/spot-traces/*.csv`` (``lazarus.spot_trace``), headerless.
 
 Headerless CSVs are read as the JellyBean loader reads them: cells stripped, blank lines
 skipped, trailing empty fields dropped (one shipped row ends in a comma). Numeric cells
@@ -44,6 +45,7 @@ JELLYBEAN_TABLES: dict[str, tuple[str, list[str], list[str]]] = {
 }
 EXECUTION_PROFILE = ("jellybean.execution_profile", ["operator", "worker", "variant", "latency_ms"], ["latency_ms"])
 POOL_COLUMNS = ["name", "tier", "device", "count"]
+SPOT_TRACE = ("lazarus.spot_trace", ["time_ms", "event", "node"], ["time_ms"])
 
 Reader = Callable[[Path], pd.DataFrame]
 
@@ -182,6 +184,9 @@ def _shipped(root: Path) -> list[tuple[Path, str, Reader]]:
         found.append((spec, "infra.pools", read_infra_pools))
     for spec in sorted(data.rglob("*.workflow.yaml")):
         found.append((spec, "jellybean.workflow", read_workflow_nodes))
+    product, columns, numeric = SPOT_TRACE
+    for trace in sorted((data / "spot-traces").glob("*.csv")):
+        found.append((trace, product, _headerless(columns, numeric)))
     return found
 
 

@@ -1,0 +1,585 @@
+"""Lazarus's decision: how many replicas each expert gets, and which nodes hold them.
+
+After Wu et al., "Lazarus: Resilient and Elastic Training of Mixture-of-Experts Models"
+(arXiv:2407.04656v2; section numbers below are that version's). Experts are replicated in
+proportion to their load, and the replicas are placed so that, when nodes fail, the survivors
+most likely still hold every expert and training goes on without a restart from checkpoint.
+
+N nodes, each with ``c`` expert slots; E experts, expert ``e`` with load ``t_e`` (tokens routed to
+it); every expert at least ``f`` replicas. A replica takes one slot. As in §4.1, one node may hold
+several replicas of the same expert (more of that expert's tokens are then processed there), so
+``r_e`` may exceed N. What survives a failure is decided by the *nodes* holding an expert, its
+holder set ``H_e`` (``|H_e| ≤ min(r_e, N)``); duplicates on a node add compute, not resilience.
+
+Replica rule (:func:`allocate_replicas`, §4.1 Eq. 1). Walk the experts by load, *lightest first*
+(ties by id); with ``A`` the replicas given to the experts already walked::
+
+    r_e = max( ⌊ t_e / Σ_{e' not yet walked} t_e' · (N·c − A) ⌋, f )
+
+No cap at N. The last (heaviest) expert's share is everything left, so Σ r_e = N·c exactly, and
+by induction the walk never overshoots: the lightest of the ``m`` experts left takes at most
+``max(B/m, f)`` of the budget ``B``, so ``B − r ≥ f·(m−1)`` whenever ``B ≥ f·m``. A heavier expert
+never gets fewer replicas than a lighter one (the paper states ``r_e ≥ r_{e−1}``): an expert not
+raised to f takes ``r ≤ t·B/T`` (T the load left), leaving at least ``(T − t)·B/T``, so the next,
+heavier expert's share is at least ``r``. All-zero loads count as equal loads; the
+arithmetic is exact (fractions). §6.2: when the cluster has too few slots for f replicas of every
+expert (N·c < E·f, e.g. GPT-L's 16 experts on 5 nodes of 6 slots), Lazarus stops enforcing f;
+:func:`plan_lazarus` / :func:`plan_strategy` then use the largest f that fits (≥ 1) and say so in the
+plan's notes, while :func:`allocate_replicas` itself raises.
+
+Maximum Rank Overlap (:func:`place_mro`, §4.1 "Expert placement", Theorem 1, proof in §A.2). The
+experts are taken in ascending order of replicas (the paper's order: ascending load, which the
+rule above makes ascending in r; ties by load, then id). ``S_e`` is the set of nodes holding ``e``.
+
+* E ≤ c: the i-th expert goes on the first ``min(r_i, N)`` nodes; so ``S_1 ⊆ S_2 ⊆ …`` and the model
+  is lost iff the first ``r_1`` nodes all fail, which bounds every placement (the lightest expert
+  spans at most ``r_1`` nodes): optimal. Replicas beyond N (r_i > N) go to the vacant slots.
+* E > c: cut the ordered experts into ``⌈E/c⌉`` consecutive groups of c (the last one may be
+  smaller); group i gets its own block of nodes, as many as its first (least replicated,
+  "representative") expert has replicas — the last block is cut to the nodes left,
+  ``min(N − Σ earlier blocks, r_rep)`` — and every node of the block holds one replica of every
+  expert of the group. The blocks always fit (a full group's representative has at most the
+  group's mean, so the earlier blocks take < N nodes). The replicas still to place go to the
+  vacant slots "uniformly" (the paper's word, not specified further): here one at a time, walking
+  the experts in the same order, each on the node with the most free slots that does not hold the
+  expert yet, else (no such node has room) as another replica on a node with room that does.
+  The model survives iff every block keeps a live node: a non-representative expert's holders
+  include its group's block, and where the last block was cut, its leftovers can only land on
+  the block's own nodes (every other node is full). So the leftover rule never changes recovery.
+
+Theorem 1 says MRO maximizes the recovery probability for every number of failed nodes, for the
+placement problem of §A.2 (an expert may repeat on a node). Brute force over every placement of
+every replica vector on small clusters (N ≤ 5, c ≤ 3, E ≤ 5: 309 vectors; the tests) agrees
+wherever the last block keeps its representative's full width — the E ≤ c case and every E > c
+case whose blocks fit in N. Where the last block is cut, the theorem fails: the last group's
+leftovers can only repeat on the block's own nodes (every other node is full), so that group
+survives on fewer nodes than its least replicated expert has replicas. Smallest case: N=3, c=2,
+r=(2,2,2) — blocks of 2 nodes and 1 node, so one failure loses the model 1/3 of the time, while
+the triangle {0,1}, {1,2}, {0,2} survives any single failure. With N=4, c=3, r=(3,3,3,3) one expert
+ends up on a single node, so even f=3 replicas do not make one failure safe, contrary to §4.1's
+guarantee for < f failures. 16 of the 309 vectors are such exceptions (94 have a cut last block).
+This module follows the paper's construction as written and so inherits them; in §6's own
+settings (E ∈ {8, 12, 16}, c = 6, f = 2, 5–10 nodes) every expert kept ≥ 2 holder nodes for the
+loads tried (Zipf-like, flat, random), except where §6.2 lowers f to 1.
+
+Baselines (§6.3, Figure 8): :func:`place_spread` — "distributes each expert's replicas across
+different nodes in a round-robin fashion": a cursor walks the nodes cyclically; the experts are
+dealt in id order, one replica each round (first replicas of all experts, then second replicas,
+…), each to the next node with a free slot that does not hold that expert yet (else the next
+node with a free slot). :func:`place_compact` — "packs an expert's replicas on a minimum number of
+nodes": experts in descending order of replicas (ties by id); each fills whole empty nodes while
+it has ≥ c replicas left, and puts the rest on the node with the fewest free slots that still
+takes them all (best fit), splitting over the nodes with the most free slots only when none can.
+An expert with r ≤ c then sits on one node, which is why compact loses the model on almost any
+failure. ``reconfig_uniform`` is §6.1's DS(FT): DeepSpeed-MoE's expert parallelism — EP size ``P`` =
+the smallest divisor of E with E/P ≤ c (GPT-S: 8 experts → P = 2, 4 slots used; GPT-M: 12 → 2, 6
+slots; GPT-L: 16 → 4, 4 slots), ⌊N/P⌋ EP groups each holding one replica of every expert (node k
+of a group holds experts k·E/P … (k+1)·E/P − 1), nodes beyond a multiple of P idle — with
+Lazarus's reconfiguration, so it recovers whenever every expert keeps a live replica.
+
+Recovery (:func:`recovery_probability`): ``failed`` nodes go down, chosen uniformly among the
+N; the model survives iff every ``H_e`` keeps a live node. Expert ``e`` is lost iff ``H_e ⊆ F``, and
+only the minimal holder sets ``M`` matter (a lost superset implies a lost subset), so::
+
+    P(survive) = 1 − Σ_{∅≠S⊆M} (−1)^{|S|+1} C(N − |∪S|, failed − |∪S|) / C(N, failed)
+
+computed exactly: every failure set is enumerated when ``C(N, failed) ≤ 200_000``; beyond that
+the inclusion–exclusion sum is accumulated over the distinct unions ``∪S`` (terms whose union
+exceeds ``failed`` nodes are zero and are pruned with all their supersets). This is one MoE
+layer. Figure 8's probabilities are "for a model at a given training step" (§6.3): Lazarus plans every
+layer separately (§4.1), and the model survives iff every layer does — the recovery of one
+:class:`Placement` holding all layers' experts side by side (layer ℓ's expert e as ℓ·E + e, ``L·c``
+slots per node).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Sequence
+
+import numpy as np
+
+STRATEGIES = ("lazarus", "reconfig_uniform", "spread", "compact")
+ENUMERATION_LIMIT = 200_000  # failure sets enumerated one by one up to this many
+UNION_LIMIT = 1_000_000  # distinct inclusion–exclusion unions kept before giving up as infeasible
+
+
+class PlacementError(ValueError):
+    """Replicas or a placement that cannot be built as asked; the message names the value."""
+
+
+# ---- the placement ---------------------------------------------------------------------------
+
+@dataclass
+class Placement:
+    """Which expert replicas each node holds.
+
+    Parameters
+    ----------
+    nodes: node → the expert ids in its slots (at most ``slots``; an expert may fill several slots
+        of one node, §4.1).
+    slots: ``c``, expert slots per node.
+    n_experts: E; experts are ``0..E−1`` (one held nowhere is lost before any failure).
+    """
+
+    nodes: list[list[int]]
+    slots: int
+    n_experts: int
+
+    def __post_init__(self) -> None:
+        self.nodes = [[int(e) for e in held] for held in self.nodes]
+        for n, held in enumerate(self.nodes):
+            if len(held) > self.slots:
+                raise PlacementError(f"node {n} holds {len(held)} replicas > {self.slots} slots")
+            bad = [e for e in held if not 0 <= e < self.n_experts]
+            if bad:
+                raise PlacementError(f"node {n} holds expert {bad[0]}, outside 0..{self.n_experts - 1}")
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def holders(self) -> list[list[int]]:
+        """Expert → the sorted distinct nodes holding it (its holder set)."""
+        out: list[list[int]] = [[] for _ in range(self.n_experts)]
+        for n, held in enumerate(self.nodes):
+            for e in sorted(set(held)):
+                out[e].append(n)
+        return out
+
+    def replicas(self, expert: int) -> set[int]:
+        """The nodes holding ``expert``."""
+        return {n for n, held in enumerate(self.nodes) if expert in held}
+
+    def experts_on(self, node: int) -> list[int]:
+        """The replicas ``node`` holds (an expert repeats once per slot it fills)."""
+        return list(self.nodes[node])
+
+    def replica_counts(self) -> list[int]:
+        """Expert → how many replicas (slots) it has, over all nodes."""
+        counts = Counter(e for held in self.nodes for e in held)
+        return [counts[e] for e in range(self.n_experts)]
+
+    def to_dict(self) -> dict:
+        return {"nodes": [list(held) for held in self.nodes], "slots": self.slots, "n_experts": self.n_experts}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Placement":
+        return cls(nodes=[list(held) for held in data["nodes"]], slots=int(data["slots"]),
+                   n_experts=int(data["n_experts"]))
+
+
+@dataclass
+class LazarusPlan:
+    """A strategy's replica counts and placement, and how long planning took."""
+
+    strategy: str
+    replicas: list[int]
+    placement: Placement
+    solve_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"strategy": self.strategy, "replicas": list(self.replicas), "placement": self.placement.to_dict(),
+                "solve_seconds": self.solve_seconds, "notes": list(self.notes)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LazarusPlan":
+        return cls(strategy=data["strategy"], replicas=[int(r) for r in data["replicas"]],
+                   placement=Placement.from_dict(data["placement"]), solve_seconds=float(data["solve_seconds"]),
+                   notes=list(data.get("notes", [])))
+
+
+# ---- replica counts --------------------------------------------------------------------------
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise PlacementError(f"{name} must be an integer ≥ 1, got {name} = {value!r}")
+
+
+def _check_cluster(n_experts: int, n_nodes: int, slots: int, f: int) -> None:
+    """Raise PlacementError naming the value when the cluster cannot hold f replicas of every expert."""
+    _check_positive_int("n_nodes", n_nodes)
+    _check_positive_int("slots", slots)
+    _check_positive_int("f", f)
+    if n_experts < 1:
+        raise PlacementError("loads is empty: there must be at least one expert")
+    if f > n_nodes:
+        raise PlacementError(f"f = {f} replicas per expert > {n_nodes} nodes: f counts node failures survived")
+    if n_experts > n_nodes * slots:
+        raise PlacementError(f"E = {n_experts} experts > N·c = {n_nodes} nodes × {slots} slots = {n_nodes * slots}: "
+                             "not every expert fits once")
+    if n_nodes * slots < n_experts * f:
+        raise PlacementError(f"N nodes × c slots = {n_nodes} × {slots} = {n_nodes * slots} < "
+                             f"E experts × f = {n_experts} × {f} = {n_experts * f}")
+
+
+def _check_loads(loads: Sequence[float]) -> np.ndarray:
+    """Loads as a float array; NaN, infinite or negative loads raise PlacementError naming the value."""
+    t = np.asarray(loads, dtype=float).reshape(-1)
+    for e, value in enumerate(t):
+        if not np.isfinite(value) or value < 0:
+            raise PlacementError(f"load of expert {e} must be a finite number ≥ 0, got {value!r}")
+    return t
+
+
+def allocate_replicas(loads: Sequence[float], n_nodes: int, slots: int, f: int) -> np.ndarray:
+    """Replicas per expert by the paper's load-proportional rule (§4.1 Eq. 1; module docstring).
+
+    Parameters
+    ----------
+    loads: t_e, tokens routed to each expert (≥ 0; all zero means equal).
+    n_nodes: N, nodes in the cluster.
+    slots: c, expert slots per node.
+    f: minimum replicas of every expert (1 ≤ f ≤ N).
+
+    Returns an integer array indexed like ``loads`` with r_e ≥ f and Σ r_e = N·c; r_e may exceed N
+    (an expert then repeats on nodes). Raises :class:`PlacementError` naming the bad value.
+    """
+    t = _check_loads(loads)
+    n_experts = len(t)
+    _check_cluster(n_experts, n_nodes, slots, f)
+    exact = [Fraction(x) for x in t]
+    if sum(exact) == 0:
+        exact = [Fraction(1)] * n_experts
+    budget = n_nodes * slots
+    remaining_load, allocated = sum(exact), 0
+    replicas = np.zeros(n_experts, dtype=int)
+    for e in sorted(range(n_experts), key=lambda e: (exact[e], e)):  # lightest first
+        share = math.floor(exact[e] * (budget - allocated) / remaining_load)  # the last one: all that is left
+        replicas[e] = max(share, f)
+        allocated += int(replicas[e])
+        remaining_load -= exact[e]
+    assert allocated == budget, (allocated, budget)  # see the module docstring
+    return replicas
+
+
+def _ep_size(n_experts: int, slots: int) -> int:
+    """DeepSpeed-MoE's EP size P: the smallest divisor of E with E/P experts fitting in c slots (§6.1)."""
+    return next(p for p in range(1, n_experts + 1) if n_experts % p == 0 and n_experts // p <= slots)
+
+
+def uniform_replicas(loads: Sequence[float], n_nodes: int, slots: int, f: int) -> np.ndarray:
+    """Replicas per expert under DS(FT)'s traditional expert parallelism (§6.1): ⌊N/P⌋ each, one per
+    EP group of P nodes (module docstring). Neither the loads nor ``f`` change it (they are checked
+    only); a cluster of fewer than P nodes cannot hold every expert and raises."""
+    t = _check_loads(loads)
+    n_experts = len(t)
+    _check_positive_int("n_nodes", n_nodes)
+    _check_positive_int("slots", slots)
+    _check_positive_int("f", f)
+    if n_experts < 1:
+        raise PlacementError("loads is empty: there must be at least one expert")
+    if n_experts > n_nodes * slots:
+        raise PlacementError(f"E = {n_experts} experts > N·c = {n_nodes} nodes × {slots} slots = {n_nodes * slots}: "
+                             "not every expert fits once")
+    ep = _ep_size(n_experts, slots)
+    if n_nodes < ep:
+        raise PlacementError(f"expert parallelism needs EP size P = {ep} nodes for {n_experts} experts in "
+                             f"{slots} slots, but N = {n_nodes}")
+    return np.full(n_experts, n_nodes // ep, dtype=int)
+
+
+# ---- placements ------------------------------------------------------------------------------
+
+def _check_replicas(replicas: Sequence[int], slots: int, n_nodes: int | None) -> tuple[list[int], int]:
+    """Replica counts as ints and the node count; raise PlacementError when they cannot be placed."""
+    r = [int(x) for x in np.asarray(replicas).reshape(-1)]
+    if not r:
+        raise PlacementError("replicas is empty: there must be at least one expert")
+    _check_positive_int("slots", slots)
+    if n_nodes is None:
+        if sum(r) % slots:
+            raise PlacementError(f"Σ replicas = {sum(r)} is not a multiple of {slots} slots; pass n_nodes")
+        n_nodes = sum(r) // slots
+    _check_positive_int("n_nodes", n_nodes)
+    for e, count in enumerate(r):
+        if count < 1:
+            raise PlacementError(f"expert {e} has {count} replicas; every expert needs at least 1")
+    if sum(r) > n_nodes * slots:
+        raise PlacementError(f"Σ replicas = {sum(r)} > N·c = {n_nodes} nodes × {slots} slots = {n_nodes * slots}")
+    return r, n_nodes
+
+
+def _fill_vacant(nodes: list[list[int]], leftovers: dict[int, int], order: Sequence[int], slots: int) -> None:
+    """Place ``leftovers[e]`` more replicas of each expert, walking ``order``: each one on the node with
+    the most free slots that does not hold the expert yet (lowest index on ties), else on the node
+    with the most free slots. There is always room while Σ r ≤ N·c."""
+    for e in order:
+        need = leftovers.get(e, 0)
+        if need <= 0:
+            continue
+        fresh = sorted((n for n in range(len(nodes)) if len(nodes[n]) < slots and e not in nodes[n]),
+                       key=lambda n: (len(nodes[n]), n))[:need]  # one each: picking them in turn is the same
+        for n in fresh:
+            nodes[n].append(e)
+        if need > len(fresh):
+            room = [(len(held), n) for n, held in enumerate(nodes) if len(held) < slots]
+            heapq.heapify(room)
+            for _ in range(need - len(fresh)):
+                used, n = heapq.heappop(room)
+                nodes[n].append(e)
+                if used + 1 < slots:
+                    heapq.heappush(room, (used + 1, n))
+
+
+def place_mro(replicas: Sequence[int], loads: Sequence[float], slots: int, n_nodes: int | None = None) -> Placement:
+    """Maximum Rank Overlap placement (§4.1, Theorem 1; module docstring).
+
+    Parameters
+    ----------
+    replicas: r_e per expert (r_e ≥ 1, Σ r_e ≤ N·c; r_e > N repeats the expert on nodes).
+    loads: t_e per expert; breaks ties between equal replica counts in the ascending order.
+    slots: c, expert slots per node.
+    n_nodes: N; defaults to Σ r_e / c (every slot used).
+    """
+    r, n_nodes = _check_replicas(replicas, slots, n_nodes)
+    t = _check_loads(loads)
+    if len(t) != len(r):
+        raise PlacementError(f"loads has {len(t)} experts but replicas has {len(r)}")
+    n_experts = len(r)
+    order = sorted(range(n_experts), key=lambda e: (r[e], t[e], e))  # least replicated first
+    nodes: list[list[int]] = [[] for _ in range(n_nodes)]
+    leftovers: dict[int, int] = {}
+    if n_experts <= slots:  # nested: the i-th expert on the first min(r_i, N) nodes
+        for e in order:
+            for n in range(min(r[e], n_nodes)):
+                nodes[n].append(e)
+            leftovers[e] = r[e] - min(r[e], n_nodes)
+    else:  # ⌈E/c⌉ groups of c consecutive experts, each on its own block of nodes
+        cursor = 0
+        for start in range(0, n_experts, slots):
+            group = order[start:start + slots]
+            width = min(r[group[0]], n_nodes - cursor)  # the representative's replicas; the last block is cut
+            for n in range(cursor, cursor + width):
+                nodes[n].extend(group)
+            for e in group:
+                leftovers[e] = r[e] - width
+            cursor += width
+    _fill_vacant(nodes, leftovers, order, slots)
+    return Placement(nodes, slots, n_experts)
+
+
+def place_spread(replicas: Sequence[int], slots: int, n_nodes: int | None = None) -> Placement:
+    """Round-robin spread (§6.3's baseline): deal the first replica of every expert (id order), then
+    the second ones, …, each to the next node (cyclically, from where the last one went) with a free
+    slot that does not hold that expert yet, else to the next node with a free slot.
+
+    Parameters
+    ----------
+    replicas: r_e per expert (r_e ≥ 1, Σ r_e ≤ N·c).
+    slots: c, expert slots per node.
+    n_nodes: N; defaults to Σ r_e / c.
+    """
+    r, n_nodes = _check_replicas(replicas, slots, n_nodes)
+    nodes: list[list[int]] = [[] for _ in range(n_nodes)]
+    cursor = 0
+    for j in range(max(r)):
+        for e in range(len(r)):
+            if r[e] <= j:
+                continue
+            first_open = chosen = None
+            for step in range(n_nodes):
+                n = (cursor + step) % n_nodes
+                if len(nodes[n]) < slots:
+                    first_open = n if first_open is None else first_open
+                    if e not in nodes[n]:
+                        chosen = n
+                        break
+            n = first_open if chosen is None else chosen  # Σ r ≤ N·c: some node has room
+            nodes[n].append(e)
+            cursor = n + 1
+    return Placement(nodes, slots, len(r))
+
+
+def place_compact(replicas: Sequence[int], slots: int, n_nodes: int | None = None) -> Placement:
+    """Compact (§6.3's baseline): each expert's replicas on as few nodes as possible — experts by
+    descending replicas (ties by id), whole empty nodes while ≥ c replicas are left, the rest on the
+    fullest node that still takes them all, split over the emptiest nodes only when none can.
+
+    Parameters
+    ----------
+    replicas: r_e per expert (r_e ≥ 1, Σ r_e ≤ N·c).
+    slots: c, expert slots per node.
+    n_nodes: N; defaults to Σ r_e / c.
+    """
+    r, n_nodes = _check_replicas(replicas, slots, n_nodes)
+    nodes: list[list[int]] = [[] for _ in range(n_nodes)]
+    for e in sorted(range(len(r)), key=lambda e: (-r[e], e)):
+        left = r[e]
+        while left:
+            free = [slots - len(held) for held in nodes]
+            empty = [n for n in range(n_nodes) if free[n] == slots]
+            fits = [n for n in range(n_nodes) if free[n] >= left]
+            if left >= slots and empty:
+                n = empty[0]
+            elif fits:
+                n = min(fits, key=lambda n: (free[n], n))  # best fit
+            else:
+                n = max(range(n_nodes), key=lambda n: (free[n], -n))  # most room
+            take = min(left, free[n])
+            nodes[n].extend([e] * take)
+            left -= take
+    return Placement(nodes, slots, len(r))
+
+
+def _place_ep_groups(n_experts: int, slots: int, n_nodes: int) -> Placement:
+    """DeepSpeed-MoE's expert parallelism (§6.1): ⌊N/P⌋ EP groups of P consecutive nodes; node k of a
+    group holds experts k·E/P … (k+1)·E/P − 1; the N mod P nodes left over hold nothing."""
+    ep = _ep_size(n_experts, slots)
+    per = n_experts // ep
+    nodes: list[list[int]] = [[] for _ in range(n_nodes)]
+    for group in range(n_nodes // ep):
+        for k in range(ep):
+            nodes[group * ep + k] = list(range(k * per, (k + 1) * per))
+    return Placement(nodes, slots, n_experts)
+
+
+# ---- recovery --------------------------------------------------------------------------------
+
+def _minimal_sets(placement: Placement) -> list[int]:
+    """The distinct minimal holder sets, as node bitmasks (a lost superset implies a lost subset)."""
+    masks = sorted({sum(1 << n for n in h) for h in placement.holders}, key=lambda m: (m.bit_count(), m))
+    minimal: list[int] = []
+    for m in masks:
+        if not any(s & m == s for s in minimal):
+            minimal.append(m)
+    return minimal
+
+
+def _lost_by_enumeration(minimal: list[int], n_nodes: int, failed: int) -> int:
+    """How many failure sets of size ``failed`` contain some minimal holder set."""
+    bits = [1 << n for n in range(n_nodes)]
+    lost = 0
+    for combo in itertools.combinations(bits, failed):
+        down = sum(combo)
+        if any(m & down == m for m in minimal):
+            lost += 1
+    return lost
+
+
+def _lost_by_inclusion_exclusion(minimal: list[int], n_nodes: int, failed: int) -> int:
+    """The same count as Σ_{∅≠S} (−1)^{|S|+1} C(N − |∪S|, failed − |∪S|), summed per distinct union.
+
+    ``g[U]`` = Σ over subsets S of the sets seen so far with ∪S = U of (−1)^{|S|}; unions with more
+    than ``failed`` nodes contribute nothing, nor do their supersets, so they are dropped.
+    """
+    g: dict[int, int] = {0: 1}
+    for m in minimal:
+        if m.bit_count() > failed:
+            continue
+        update: dict[int, int] = {}
+        for union, coef in g.items():
+            grown = union | m
+            if grown.bit_count() <= failed:
+                update[grown] = update.get(grown, 0) - coef
+        for union, coef in update.items():
+            total = g.get(union, 0) + coef
+            if total:
+                g[union] = total
+            else:
+                g.pop(union, None)
+        if len(g) > UNION_LIMIT:
+            raise PlacementError(f"exact recovery probability not feasible: more than {UNION_LIMIT} distinct "
+                                 f"unions of {len(minimal)} minimal holder sets at {failed} failed nodes")
+    return -sum(coef * math.comb(n_nodes - union.bit_count(), failed - union.bit_count())
+                for union, coef in g.items() if union)
+
+
+def recovery_probability(placement: Placement, n_nodes: int, failed: int, *, method: str = "auto") -> float:
+    """Exact probability that every expert keeps a live replica when ``failed`` of the ``n_nodes`` nodes,
+    chosen uniformly at random, go down.
+
+    Parameters
+    ----------
+    placement: who holds what.
+    n_nodes: N (≥ the placement's nodes; nodes beyond them hold nothing).
+    failed: how many nodes fail, 0 ≤ failed ≤ N.
+    method: "enumerate" (every failure set), "inclusion_exclusion" (over minimal holder sets), or
+        "auto": enumerate when C(N, failed) ≤ 200_000, else inclusion–exclusion. All are exact.
+
+    Raises :class:`PlacementError` when neither is feasible: more than ``UNION_LIMIT`` distinct
+    unions of ≤ ``failed`` nodes (many minimal sets and many failed nodes, e.g. a spread placement
+    of 64 experts on 1000 nodes with 50 failed; MRO's few shared holder sets reach further).
+    """
+    if n_nodes < placement.n_nodes:
+        raise PlacementError(f"n_nodes = {n_nodes} < the {placement.n_nodes} nodes of the placement")
+    if isinstance(failed, bool) or not isinstance(failed, (int, np.integer)) or not 0 <= failed <= n_nodes:
+        raise PlacementError(f"failed must be an integer in 0..{n_nodes}, got failed = {failed!r}")
+    if method not in ("auto", "enumerate", "inclusion_exclusion"):
+        raise PlacementError(f"unknown method {method!r}; choose auto, enumerate or inclusion_exclusion")
+    minimal = _minimal_sets(placement)
+    if 0 in minimal:  # an expert held nowhere is lost already
+        return 0.0
+    ways = math.comb(n_nodes, failed)
+    if method == "enumerate" or (method == "auto" and ways <= ENUMERATION_LIMIT):
+        lost = _lost_by_enumeration(minimal, n_nodes, failed)
+    else:
+        lost = _lost_by_inclusion_exclusion(minimal, n_nodes, failed)
+    return float(Fraction(ways - lost, ways))
+
+
+def recovery_curve(placement: Placement, n_nodes: int) -> dict[int, float]:
+    """Recovery probability for every number of failed nodes, 0..N (exact; see
+    :func:`recovery_probability` for when that is not feasible on large clusters)."""
+    return {k: recovery_probability(placement, n_nodes, k) for k in range(n_nodes + 1)}
+
+
+
+
+# ---- strategies ------------------------------------------------------------------------------
+
+def _usable_f(n_experts: int, n_nodes: int, slots: int, f: int) -> tuple[int, list[str]]:
+    """f, or — when the cluster is too small for f replicas of every expert (§6.2) — the largest
+    f' ≥ 1 with E·f' ≤ N·c, with a note saying so. Anything invalid is left to the callee to report."""
+    counts = (n_nodes, slots, f)
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in counts):
+        if n_experts <= n_nodes * slots < n_experts * f:
+            lowered = min(n_nodes * slots // n_experts, n_nodes)
+            return lowered, [f"f lowered from {f} to {lowered}: N·c = {n_nodes}×{slots} = {n_nodes * slots} "
+                             f"slots < E·f = {n_experts}×{f} (the paper stops enforcing f then, §6.2)"]
+    return f, []
+
+
+def plan_lazarus(loads: Sequence[float], n_nodes: int, slots: int, f: int) -> LazarusPlan:
+    """Lazarus's plan: load-proportional replicas (:func:`allocate_replicas`) placed by MRO.
+
+    Parameters
+    ----------
+    loads: t_e, tokens routed to each expert.
+    n_nodes: N, nodes (after failures, the survivors: re-planning is this same call).
+    slots: c, expert slots per node.
+    f: minimum replicas per expert; lowered, with a note, when N·c < E·f (§6.2).
+    """
+    start = time.perf_counter()
+    f, notes = _usable_f(len(np.asarray(loads).reshape(-1)), n_nodes, slots, f)
+    replicas = allocate_replicas(loads, n_nodes, slots, f)
+    placement = place_mro(replicas, loads, slots, n_nodes)
+    return LazarusPlan("lazarus", replicas.tolist(), placement, time.perf_counter() - start, notes)
+
+
+def plan_strategy(name: str, loads: Sequence[float], n_nodes: int, slots: int, f: int) -> LazarusPlan:
+    """The plan of one named strategy (:data:`STRATEGIES`): "lazarus" (paper-rule replicas + MRO),
+    "reconfig_uniform" (DS(FT): DeepSpeed expert parallelism, §6.1), "spread" (paper-rule replicas +
+    round-robin spread, §6.3) and "compact" (paper-rule replicas + compact, §6.3)."""
+    if name not in STRATEGIES:
+        raise PlacementError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+    if name == "lazarus":
+        return plan_lazarus(loads, n_nodes, slots, f)
+    start = time.perf_counter()
+    if name == "reconfig_uniform":
+        replicas = uniform_replicas(loads, n_nodes, slots, f)
+        placement = _place_ep_groups(len(replicas), slots, n_nodes)
+        return LazarusPlan(name, replicas.tolist(), placement, time.perf_counter() - start)
+    f, notes = _usable_f(len(np.asarray(loads).reshape(-1)), n_nodes, slots, f)
+    replicas = allocate_replicas(loads, n_nodes, slots, f)
+    place = place_spread if name == "spread" else place_compact
+    placement = place(replicas, slots, n_nodes)
+    return LazarusPlan(name, replicas.tolist(), placement, time.perf_counter() - start, notes)

@@ -1,0 +1,1 @@
+"""Tests of the MoE (Lazarus) runtime."""

@@ -1,0 +1,254 @@
+"""The coordinator of an elastic MoE run: admits nodes, re-plans on failures, joins and load shifts.
+
+It runs beside the flow (a thread) and talks to the nodes only through the control plane
+(:mod:`tasks.lazarus.control`). What it decides comes from the optimizer
+(:func:`optimizers.lazarus.plan_strategy`) under a :class:`Policy`:
+
+- ``lazarus``: the paper's replica rule and MRO placement; after a failure the survivors
+  re-plan and continue from where they were, fetching the experts they now need from each
+  other; a checkpoint is restored only when some expert has no surviving replica.
+- ``reconfig_uniform``: the same reconfiguration with uniform replicas and spread placement
+  (the paper's DS(FT) baseline).
+- ``checkpoint_restart``: fixed expert parallelism (uniform replicas, spread, never re-planned
+  from loads); every failure stops everyone and restores the last checkpoint (DeepSpeed-MoE).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from infra.store import ArtifactStore
+from optimizers.lazarus import PlacementError, plan_strategy
+from tasks.lazarus.checkpoint import latest_checkpoint
+from tasks.lazarus.control import ControlPlane, Epoch
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a strategy plans and what it does when a node fails."""
+
+    name: str
+    placement: str  # an optimizers.lazarus strategy
+    on_failure: str  # "reconfigure" (keep going on the survivors) or "restart" (restore the last checkpoint)
+    rebalance: bool  # re-plan replicas from router loads every ``rebalance_every`` steps
+
+
+POLICIES = {
+    "lazarus": Policy("lazarus", "lazarus", "reconfigure", True),
+    "reconfig_uniform": Policy("reconfig_uniform", "reconfig_uniform", "reconfigure", False),
+    "checkpoint_restart": Policy("checkpoint_restart", "reconfig_uniform", "restart", False),
+}
+
+
+@dataclass
+class Recovery:
+    """One failure and what it took to get training going again (seconds)."""
+
+    epoch: int
+    failed: list[str]
+    survivors: list[str]
+    committed: int  # steps every survivor had committed (training resumes here unless restored)
+    restored_step: int | None
+    detected_s: float | None  # kill → first survivor's report
+    replan_s: float  # survivors' reports complete → new plan published
+    setup_s: float | None = None  # plan published → every member ready (process group, state fetch/restore)
+    fetch_s: float | None = None  # slowest member's expert-state fetch
+    restore_s: float | None = None  # slowest member's checkpoint load
+    lost_steps: int = 0  # committed steps thrown away (restored to an older checkpoint)
+
+
+@dataclass
+class Coordinator:
+    """Drives one run's epochs. ``alive(node)`` says whether a node's process still runs;
+    ``killed_at(node)`` when the fault injector killed it (None if it did not)."""
+
+    control: ControlPlane
+    policy: Policy
+    n_expert: int
+    slots: int
+    f: int
+    store: ArtifactStore
+    checkpoint_prefix: str
+    alive: Callable[[str], bool]
+    killed_at: Callable[[str], float | None] = lambda node: None
+    rebalance_every: int = 20
+    report_timeout_s: float = 20.0
+    epochs: list[Epoch] = field(default_factory=list)
+    recoveries: list[Recovery] = field(default_factory=list)
+    joins: list[dict] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    _admitted: list[str] = field(default_factory=list)
+    _handled: set = field(default_factory=set)
+    _last_rebalance: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # ---- planning -----------------------------------------------------------------------
+    def _plan(self, members: list[str], loads: list[float]) -> tuple[list[list[int]], list[int]]:
+        plan = plan_strategy(self.policy.placement, loads, len(members), self.slots, self.f)
+        return plan.placement.nodes, [int(r) for r in plan.replicas]
+
+    def _loads(self) -> list[float]:
+        """Router loads summed over the latest heartbeats (uniform before any step)."""
+        total = np.zeros(self.n_expert)
+        for beat in self.control.heartbeats().values():
+            if beat and beat.get("loads"):
+                total += np.asarray(beat["loads"], dtype=float)
+        return list(total) if total.sum() > 0 else [1.0] * self.n_expert
+
+    @property
+    def current(self) -> Epoch | None:
+        return self.epochs[-1] if self.epochs else None
+
+    def _publish(self, epoch: Epoch, *, at_boundary: bool = False) -> None:
+        self.epochs.append(epoch)
+        self.control.publish(epoch, at_boundary=at_boundary)
+
+    # ---- the run ----------------------------------------------------------------------------
+    def start(self, members: list[str]) -> Epoch:
+        """Epoch 0 over ``members`` (registered nodes), planned from uniform loads."""
+        loads = [1.0] * self.n_expert
+        placement, replicas = self._plan(members, loads)
+        epoch = Epoch(0, list(members), placement, 0, "start", held=[[] for _ in members], restore_step=0,
+                      dense_source=None, replicas=replicas, loads=loads)
+        self._publish(epoch)
+        return epoch
+
+    def admit(self, node: str) -> None:
+        """Let a registered node join at the members' next step boundary."""
+        with self._lock:
+            self._admitted.append(node)
+
+    def run(self, poll_s: float = 0.05) -> None:
+        """Poll until :meth:`stop` (run it in a thread)."""
+        while not self._stop.is_set():
+            try:
+                self.step()
+            except Exception as exc:  # keep coordinating; the run's report carries the error
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+            time.sleep(poll_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.control.stop()
+
+    def step(self) -> None:
+        """One look at the control plane: failures first, then joins, then load shifts."""
+        epoch = self.current
+        if epoch is None:
+            return
+        if epoch.number not in self._handled and self.control.failures(epoch.number):
+            self._handled.add(epoch.number)
+            self._recover(epoch)
+            return
+        with self._lock:
+            joining = [n for n in self._admitted if n not in epoch.members and self.alive(n)]
+            self._admitted = [n for n in self._admitted if n not in joining]
+        if joining:
+            self._join(epoch, joining)
+            return
+        if self.policy.rebalance and self.rebalance_every:
+            beats = [b for n, b in self.control.heartbeats().items() if n in epoch.members and b]
+            committed = min((b["committed"] for b in beats if b["epoch"] == epoch.number), default=0)
+            if committed - max(self._last_rebalance, epoch.resume_step) >= self.rebalance_every:
+                self._last_rebalance = committed
+                self._rebalance(epoch)
+
+    def _join(self, epoch: Epoch, joining: list[str]) -> None:
+        members = epoch.members + joining
+        loads = self._loads()
+        placement, replicas = self._plan(members, loads)
+        held = [list(p) for p in epoch.placement] + [[] for _ in joining]
+        nxt = Epoch(epoch.number + 1, members, placement, -1, "join", held=held, dense_source=0, replicas=replicas,
+                    loads=loads, notes=[f"{', '.join(joining)} joined"])
+        self.joins.append({"epoch": nxt.number, "nodes": joining, "time": time.time()})
+        self._publish(nxt, at_boundary=True)
+
+    def _rebalance(self, epoch: Epoch) -> None:
+        loads = self._loads()
+        placement, replicas = self._plan(epoch.members, loads)
+        if replicas == epoch.replicas and placement == epoch.placement:
+            return
+        nxt = Epoch(epoch.number + 1, list(epoch.members), placement, -1, "rebalance",
+                    held=[list(p) for p in epoch.placement], dense_source=0, replicas=replicas, loads=loads)
+        self._publish(nxt, at_boundary=True)
+
+    def _recover(self, epoch: Epoch) -> None:
+        """Wait for every live member's report, then re-plan over the survivors."""
+        deadline = time.monotonic() + self.report_timeout_s
+        while True:
+            reports = self.control.failures(epoch.number)
+            waiting = [n for n in epoch.members if n not in reports and self.alive(n)]
+            if not waiting or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        reports = self.control.failures(epoch.number)
+        survivors = [n for n in epoch.members if n in reports and self.alive(n)]
+        failed = [n for n in epoch.members if n not in survivors]
+        with self._lock:  # nodes admitted but not yet in an epoch come along
+            survivors += [n for n in self._admitted if self.alive(n) and n not in survivors]
+            self._admitted = []
+        kills = [t for t in (self.killed_at(n) for n in failed) if t is not None]
+        first_report = min((r["time"] for r in reports.values()), default=None)
+        detected = first_report - min(kills) if kills and first_report is not None else None
+        committed = min((r["committed"] for n, r in reports.items() if n in survivors), default=0)
+        loads = self._loads()
+        start = time.perf_counter()
+        restore, notes = None, []
+        try:
+            placement, replicas = self._plan(survivors, loads)
+        except PlacementError as exc:  # too few survivors for f replicas of every expert
+            notes.append(f"no plan over {len(survivors)} survivors: {exc}")
+            self.errors.append(notes[-1])
+            self.stop()
+            return
+        held = [list(epoch.placement[epoch.rank_of(n)]) if n in epoch.members else [] for n in survivors]
+        surviving = set().union(*map(set, held)) if held else set()
+        if self.policy.on_failure == "restart":
+            restore = latest_checkpoint(self.store, self.checkpoint_prefix)
+            notes.append(f"{self.policy.name}: every failure restores the last checkpoint")
+        elif surviving != set(range(self.n_expert)):
+            restore = latest_checkpoint(self.store, self.checkpoint_prefix)
+            lost = sorted(set(range(self.n_expert)) - surviving)
+            notes.append(f"experts {lost} have no surviving replica: restoring the checkpoint of step {restore}")
+        if restore is not None:
+            held = [[] for _ in survivors]
+        nxt = Epoch(epoch.number + 1, survivors, placement, restore if restore is not None else committed, "failure",
+                    held=held, restore_step=restore, dense_source=None if restore is not None else 0,
+                    replicas=replicas, loads=loads, notes=notes + [f"{', '.join(failed)} failed"])
+        self._publish(nxt)
+        recovery = Recovery(epoch.number, failed, survivors, committed, restore, detected,
+                            replan_s=time.perf_counter() - start, lost_steps=committed - restore if restore is not None else 0)
+        self.recoveries.append(recovery)
+        threading.Thread(target=self._time_setup, args=(nxt, recovery), daemon=True).start()
+
+    def _time_setup(self, epoch: Epoch, recovery: Recovery) -> None:
+        """Fill in how long the members took to be ready in ``epoch`` (set-up, fetch, restore)."""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not self._stop.is_set():
+            ready = self.control.ready(epoch.number)
+            if set(epoch.members) <= set(ready):
+                recovery.setup_s = max(r["time"] for r in ready.values()) - epoch.created
+                recovery.fetch_s = max(r.get("fetch_s", 0.0) for r in ready.values())
+                recovery.restore_s = max(r.get("restore_s", 0.0) for r in ready.values())
+                return
+            time.sleep(0.05)
+
+    def finished(self, steps: int) -> bool:
+        """Whether the current members have committed ``steps`` steps."""
+        epoch = self.current
+        beats = self.control.heartbeats()
+        return bool(epoch) and all(beats.get(n) and beats[n]["committed"] >= steps for n in epoch.members)
+
+
+def checkpoint_interval(checkpoint_s: float, mtbf_s: float, step_s: float) -> int:
+    """Steps between checkpoints by Young's rule, √(2 · checkpoint cost · MTBF), at least 1."""
+    if not math.isfinite(mtbf_s) or mtbf_s <= 0:
+        return 10**9
+    return max(1, round(math.sqrt(2 * checkpoint_s * mtbf_s) / max(step_s, 1e-9)))

@@ -83,21 +83,19 @@ def worker_env() -> dict[str, str]:
 
 
 def embedded_cluster(spec: InfraSpec, *, host: str = "127.0.0.1", dashboard: bool = False) -> SpecCluster:
-    """Start one Nanny worker per pool, each advertising its pool's resources."""
-    workers = {
-        pool.name: {
-            "cls": Nanny,
-            "options": {
-                "name": pool.name,
-                "host": host,
-                "nthreads": min(pool.count, MAX_THREADS_PER_WORKER),
-                "resources": pool.resources(),
-                "env": worker_env(),
-                "memory_limit": 0,
-            },
-        }
-        for pool in spec.pools
-    }
+    """Start one Nanny worker per pool (per machine where the pool asks for it), each
+    advertising its resources."""
+    workers = {}
+    for pool in spec.pools:
+        options = {"host": host, "env": worker_env(), "memory_limit": 0}
+        if pool.worker_per_machine:
+            for machine in pool.machine_names():
+                workers[machine] = {"cls": Nanny, "options": {**options, "name": machine, "nthreads": 1,
+                                                             "resources": {k: 1 for k in pool.resources()}}}
+        else:
+            workers[pool.name] = {"cls": Nanny, "options": {**options, "name": pool.name,
+                                                           "nthreads": min(pool.count, MAX_THREADS_PER_WORKER),
+                                                           "resources": pool.resources()}}
     scheduler = {
         "cls": Scheduler,
         # The dashboard always listens somewhere; keep it on a free port of this host only.

@@ -26,7 +26,12 @@ POOL_NAME = r"^[a-z0-9][a-z0-9_-]*$"
 
 
 class Pool(BaseModel):
-    """A group of identical machines in one tier."""
+    """A group of identical machines in one tier.
+
+    ``worker_per_machine``: the embedded cluster gives each machine its own worker process
+    (named after the machine) instead of one worker for the pool — for systems where a
+    machine must be able to fail alone (Lazarus's training nodes).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -34,6 +39,7 @@ class Pool(BaseModel):
     tier: str
     device: str
     count: Annotated[int, Field(ge=1, le=10_000)] = 1
+    worker_per_machine: bool = False
 
     @field_validator("tier")
     @classmethod

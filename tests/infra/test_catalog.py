@@ -20,6 +20,7 @@ REQUIRED_DEVICES = {
     "cpu-small": "cpu", "cpu-medium": "cpu", "cpu-large": "cpu",
     "jetson-orin-nano": "edge", "jetson-agx-orin": "edge",
     "t4": "gpu", "v100": "gpu", "a40": "gpu", "l40s": "gpu", "a100": "gpu", "h100": "gpu", "h200": "gpu",
+    "a10g": "gpu", "rtx3090": "gpu",  # the Lazarus simulator's nodes (the paper's testbed and AWS G5)
 }
 FIGURES = ("tflops_fp16", "tflops_fp32", "memory_gib", "memory_gbps", "usd_per_hour", "tdp_watts")
 

@@ -4,6 +4,11 @@
   ``time_ms,event,node``) — time_ms a number ≥ 0 and never decreasing, event ``add`` or
   ``remove``, node a non-empty name. What one column cannot show (a node removed that was
   never added) is checked by :func:`infra.traces.load_spot_trace`.
+- ``lazarus.evaluation``: one row per strategy of a run (``flows.lazarus``): goodput > 0,
+  steps ≥ 0, failures/restores/lost steps ≥ 0, and the loss curve's largest deviation from
+  the uninterrupted run below 0.1. Float32 reductions in another order alone move a
+  200-step curve by up to ~0.04 (measured with no failure at all); a run that lost or
+  repeated an update, or dropped optimizer state, drifts further and fails the stage.
 """
 
 import great_expectations as gx
@@ -24,4 +29,21 @@ def spot_trace_suite() -> list:
         E.ExpectColumnValuesToBeIncreasing(column="time_ms", strictly=False),
         E.ExpectColumnValuesToBeInSet(column="event", value_set=["add", "remove"]),
         E.ExpectColumnValueLengthsToBeBetween(column="node", min_value=1),
+    ]
+
+
+EVALUATION_COLUMNS = ["strategy", "wall_s", "steps", "goodput_tokens_s", "failures", "restores", "lost_steps", "joins",
+                      "detect_s", "replan_s", "setup_s", "fetch_s", "restore_s", "final_loss", "max_loss_deviation",
+                      "completed"]
+
+
+@contract("lazarus.evaluation")
+def evaluation_suite() -> list:
+    return [
+        E.ExpectTableColumnsToMatchSet(column_set=EVALUATION_COLUMNS, exact_match=True),
+        E.ExpectColumnValuesToBeInSet(column="strategy", value_set=["lazarus", "reconfig_uniform", "checkpoint_restart"]),
+        E.ExpectColumnValuesToBeUnique(column="strategy"),
+        E.ExpectColumnValuesToBeBetween(column="goodput_tokens_s", min_value=0, strict_min=True),
+        *[E.ExpectColumnValuesToBeBetween(column=c, min_value=0) for c in ("steps", "failures", "restores", "lost_steps")],
+        E.ExpectColumnValuesToBeBetween(column="max_loss_deviation", min_value=0, max_value=0.1),
     ]

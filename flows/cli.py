@@ -43,11 +43,13 @@ console = Console(stderr=True)
 CONFIG_KEYS = {  # what a run config (--config) may set, per system; path-valued keys are resolved
     "jellybean": ("workflow", "infra", "rate"),
     "honeybee": ("workload", "infra", "storage_budget", "recall_target", "k", "near_tier", "max_index_gib"),
+    "lazarus": ("infra", "strategies", "trace", "time_scale", "seed"),
 }
-PATH_KEYS = ("workflow", "infra", "workload")
+PATH_KEYS = ("workflow", "infra", "workload", "trace")
 SYSTEMS = {
     "jellybean": "serve ML inference workflows across device/hub/edge/cloud tiers at least cost",
     "honeybee": "role-based access control for vector search by overlapping partitions",
+    "lazarus": "resilient, elastic MoE training that keeps going when nodes die",
 }
 
 
@@ -132,6 +134,10 @@ def run_system(system: str, scale: str, config: Optional[Path], scheduler: Optio
             if store:
                 _fail("--store: honeybee runs write results/ only (artifact-store publishing is jellybean's so far)")
             return honeybee(scale=scale, scheduler=scheduler, results_dir=results_dir, **params)
+        if system == "lazarus":
+            from flows.lazarus import lazarus
+
+            return lazarus(scale=scale, scheduler=scheduler, results_dir=results_dir, store=store, **params)
         from flows.jellybean import jellybean
 
         return jellybean(scale=scale, scheduler=scheduler, results_dir=results_dir, store=store, **params)
@@ -150,6 +156,9 @@ def _check_run_inputs(system: str, params: dict, config: Optional[Path]) -> None
         check_servable(load_workflow(params.get("workflow", DEFAULT_WORKFLOW), rate=params.get("rate")))
         load_infra_spec(params.get("infra", DEFAULT_INFRA))
         return
+    if system == "lazarus":
+        _check_lazarus_inputs(params, config or "--config")
+        return
     from tasks.honeybee.settings import DEFAULT_INFRA as HONEYBEE_INFRA, check_settings
     from tasks.honeybee.workload import load_workload
 
@@ -158,6 +167,27 @@ def _check_run_inputs(system: str, params: dict, config: Optional[Path]) -> None
     load_infra_spec(params.get("infra", HONEYBEE_INFRA))
     if "workload" in params:
         load_workload(params["workload"])
+
+
+def _check_lazarus_inputs(params: dict, source) -> None:
+    from infra.errors import InputError
+    from infra.spec import load_infra_spec
+    from infra.traces import load_spot_trace
+
+    strategies = ("lazarus", "reconfig_uniform", "checkpoint_restart")
+    chosen = params.get("strategies", list(strategies))
+    if not isinstance(chosen, list) or not chosen or any(s not in strategies for s in chosen):
+        raise InputError(source, "strategies", chosen, f"expected a list of {', '.join(strategies)}")
+    scale = params.get("time_scale", 0.01)
+    if not isinstance(scale, (int, float)) or not 0 < scale <= 1:
+        raise InputError(source, "time_scale", scale, "expected a number in (0, 1]: trace seconds per real second")
+    spec = load_infra_spec(params.get("infra", Path(__file__).resolve().parents[1] / "data" / "lazarus.infra.yaml"))
+    machines = sum(p.count for p in spec.pools if p.worker_per_machine)
+    if machines < 4:
+        raise InputError(params.get("infra", "infra"), "pools", machines,
+                         "Lazarus needs ≥ 4 machines with worker_per_machine: true (one worker process per training node)")
+    if "trace" in params:
+        load_spot_trace(params["trace"])
 
 
 @app.command("list")

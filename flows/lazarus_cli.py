@@ -2,7 +2,8 @@
 
 - ``plan``: replica counts and placement for a cluster and the experts' loads, with the
   exact probability that the survivors still hold every expert for each number of failed
-  nodes.
+  nodes;
+- ``kill``: preempt a training node of the running ``tierflow run lazarus`` (SIGKILL).
 
 Nothing here imports Prefect (see flows/cli.py).
 """
@@ -59,13 +60,17 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="print one JSON document"),
 ) -> None:
     """Replicas and placement (node → experts) with the exact recovery probability per failed-node count."""
-    from optimizers.lazarus import STRATEGIES, PlacementError, plan_strategy
+    from optimizers.lazarus import STRATEGIES, PlacementError, allocate_replicas, plan_strategy
 
     cli = _cli()
     names = list(STRATEGIES) if strategy == "all" else [strategy]
     if names[0] not in STRATEGIES:
         cli._fail(f"--strategy: {strategy!r} is not one of {', '.join(STRATEGIES)} or all")
     parsed = parse_loads(loads)
+    try:  # the request itself must be satisfiable (a re-plan after failures may lower f; a request may not)
+        allocate_replicas(parsed, nodes, slots, f)
+    except PlacementError as exc:
+        cli._fail(f"lazarus plan: {exc}")
     plans = {}
     for name in names:
         try:
@@ -91,3 +96,30 @@ def plan(
         row = [plans[n]["recovery_probability"][str(k)] for n in names]
         curve.add_row(str(k), *("—" if v is None else f"{v:.4f}" for v in row))
     console.print(curve)
+
+
+@lazarus_app.command("kill")
+def kill(node: str = typer.Argument(..., help="a node of the running run, e.g. node2")) -> None:
+    """Kill a training node of the running Lazarus run (SIGKILL, like a spot preemption)."""
+    import os
+    import signal
+
+    from infra.prefect_server import tierflow_home
+    from tasks.lazarus.control import ControlPlane
+
+    cli = _cli()
+    current = tierflow_home() / "lazarus" / "current.json"
+    try:
+        run = json.loads(current.read_text())
+        control = ControlPlane.connect(run["host"], int(run["port"]), timeout_s=5)
+        registered = control.registered()
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        cli._fail(f"no running Lazarus run to kill a node of ({current}: {exc})")
+    if node not in registered:
+        cli._fail(f"NODE: {node!r} is not a node of the running run; its nodes: {', '.join(sorted(registered))}")
+    control.record_kill(node)
+    try:
+        os.kill(int(registered[node]["pid"]), signal.SIGKILL)
+    except ProcessLookupError:
+        cli._fail(f"NODE: {node!r} is not running any more (pid {registered[node]['pid']})")
+    Console().print(f"killed {node} (pid {registered[node]['pid']}); the survivors re-plan and go on")

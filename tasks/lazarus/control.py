@@ -10,9 +10,14 @@ nodes reach) holds small JSON records under these keys:
     pending              the next epoch number, set while the members of the current one must
                          switch at a step boundary (a node joined, or loads shifted)
     hb/<id>              a node's heartbeat: epoch, committed steps, router loads, time
-    fail/<g>/<id>        a node of epoch g saw a peer fail: its committed steps and the error
+    fail/<g>/<id>        a node of epoch g saw a peer fail: its committed steps, the experts it
+                         holds in memory and the error
+    arrive/<g>           how many members of epoch g have arrived to form its process group
+    abort/<g>            epoch g will never form (a member died before it did): its members
+                         report and wait for the next
     ready/<g>/<id>       a node is training in epoch g: how long set-up, fetch and restore took
     loss/<step>          the global loss of a committed step (written by rank 0)
+    kill/<id>            when a node was killed from outside the run (``tierflow lazarus kill``)
     stop                 the coordinator ends the run
 
 Each epoch's process group lives under its own prefix (``pg/<g>/``) of the same store, so a
@@ -157,11 +162,26 @@ class ControlPlane:
     def heartbeats(self) -> dict[str, dict]:
         return {k.split("/", 1)[1]: self._get(k) for k in self.keys("hb/")}
 
-    def report_failure(self, epoch: int, node: str, committed: int, error: str) -> None:
-        self._put(f"fail/{epoch}/{node}", {"committed": committed, "error": error[:500], "time": time.time()})
+    def report_failure(self, epoch: int, node: str, committed: int, held: list[int], error: str) -> None:
+        """A node of ``epoch`` saw a collective fail: its committed steps and the experts it holds
+        in memory (none when it has no model yet)."""
+        self._put(f"fail/{epoch}/{node}", {"committed": committed, "held": held, "error": error[:500],
+                                           "time": time.time()})
 
     def failures(self, epoch: int) -> dict[str, dict]:
         return {k.rsplit("/", 1)[1]: self._get(k) for k in self.keys(f"fail/{epoch}/")}
+
+    def arrive(self, epoch: int) -> None:
+        self.store.add(f"arrive/{epoch}", 1)
+
+    def arrived(self, epoch: int) -> int:
+        return int(self.store.add(f"arrive/{epoch}", 0))
+
+    def abort(self, epoch: int) -> None:
+        self.store.set(f"abort/{epoch}", "1")
+
+    def aborted(self, epoch: int) -> bool:
+        return self.store.check([f"abort/{epoch}"])
 
     def report_ready(self, epoch: int, node: str, timings: dict) -> None:
         self._put(f"ready/{epoch}/{node}", {**timings, "time": time.time()})
@@ -174,6 +194,13 @@ class ControlPlane:
 
     def losses(self) -> dict[int, dict]:
         return {int(k.split("/", 1)[1]): self._get(k) for k in self.keys("loss/")}
+
+    def record_kill(self, node: str) -> None:
+        """Note when ``node`` was killed (by ``tierflow lazarus kill``), for the detection time."""
+        self._put(f"kill/{node}", time.time())
+
+    def killed_at(self, node: str) -> float | None:
+        return self._get(f"kill/{node}")
 
     def stop(self) -> None:
         self.store.set("stop", "1")

@@ -53,14 +53,14 @@ class Recovery:
     epoch: int
     failed: list[str]
     survivors: list[str]
-    committed: int  # steps every survivor had committed (training resumes here unless restored)
+    committed: int  # steps every survivor holding experts had committed (training resumes here unless restored)
     restored_step: int | None
     detected_s: float | None  # kill → first survivor's report
     replan_s: float  # survivors' reports complete → new plan published
     setup_s: float | None = None  # plan published → every member ready (process group, state fetch/restore)
     fetch_s: float | None = None  # slowest member's expert-state fetch
     restore_s: float | None = None  # slowest member's checkpoint load
-    lost_steps: int = 0  # committed steps thrown away (restored to an older checkpoint)
+    lost_steps: int = 0  # committed steps thrown away: the furthest survivor's, back to the checkpoint restored
 
 
 @dataclass
@@ -143,10 +143,18 @@ class Coordinator:
         epoch = self.current
         if epoch is None:
             return
-        if epoch.number not in self._handled and self.control.failures(epoch.number):
-            self._handled.add(epoch.number)
-            self._recover(epoch)
-            return
+        # a failure may hit the epoch the members train in while the next (a join, a
+        # rebalance) is published but not yet entered: look at both
+        for number in (epoch.number, epoch.number - 1):
+            if number >= 0 and number not in self._handled and self.control.failures(number):
+                self._handled.update({epoch.number, number})
+                self._recover(self.epochs[number], epoch)
+                return
+        if epoch.number not in self._handled and not self.control.aborted(epoch.number):
+            # a member that dies before the epoch's group forms would leave the others waiting
+            ready = self.control.ready(epoch.number)
+            if any(n not in ready and not self.alive(n) for n in epoch.members):
+                self.control.abort(epoch.number)
         with self._lock:
             joining = [n for n in self._admitted if n not in epoch.members and self.alive(n)]
             self._admitted = [n for n in self._admitted if n not in joining]
@@ -179,52 +187,65 @@ class Coordinator:
                     held=[list(p) for p in epoch.placement], dense_source=0, replicas=replicas, loads=loads)
         self._publish(nxt, at_boundary=True)
 
-    def _recover(self, epoch: Epoch) -> None:
-        """Wait for every live member's report, then re-plan over the survivors."""
+    def _recover(self, failed_epoch: Epoch, latest: Epoch) -> None:
+        """Wait for every live node's report, then re-plan over the survivors.
+
+        ``failed_epoch`` is the epoch whose collectives failed; ``latest`` the newest published
+        (the same, or a join/rebalance its members had not entered yet). Every live node of
+        either reports its committed steps and the experts it holds in memory; the new plan
+        fetches from those, or restores the checkpoint when some expert is held by nobody.
+        """
+        everyone = list(dict.fromkeys(failed_epoch.members + latest.members))
         deadline = time.monotonic() + self.report_timeout_s
-        while True:
-            reports = self.control.failures(epoch.number)
-            waiting = [n for n in epoch.members if n not in reports and self.alive(n)]
-            if not waiting or time.monotonic() > deadline:
+        while time.monotonic() < deadline:
+            reports = {**self.control.failures(failed_epoch.number), **self.control.failures(latest.number)}
+            if not [n for n in everyone if n not in reports and self.alive(n)]:
                 break
             time.sleep(0.02)
-        reports = self.control.failures(epoch.number)
-        survivors = [n for n in epoch.members if n in reports and self.alive(n)]
-        failed = [n for n in epoch.members if n not in survivors]
+        reports = {**self.control.failures(failed_epoch.number), **self.control.failures(latest.number)}
+        survivors = [n for n in everyone if n in reports and self.alive(n)]
         with self._lock:  # nodes admitted but not yet in an epoch come along
             survivors += [n for n in self._admitted if self.alive(n) and n not in survivors]
             self._admitted = []
+        failed = [n for n in everyone if n not in survivors]
         kills = [t for t in (self.killed_at(n) for n in failed) if t is not None]
         first_report = min((r["time"] for r in reports.values()), default=None)
         detected = first_report - min(kills) if kills and first_report is not None else None
-        committed = min((r["committed"] for n, r in reports.items() if n in survivors), default=0)
-        loads = self._loads()
-        start = time.perf_counter()
-        restore, notes = None, []
-        try:
-            placement, replicas = self._plan(survivors, loads)
-        except PlacementError as exc:  # too few survivors for f replicas of every expert
-            notes.append(f"no plan over {len(survivors)} survivors: {exc}")
-            self.errors.append(notes[-1])
+        with_state = [n for n in survivors if n in reports and reports[n].get("held")]
+        committed = min((reports[n]["committed"] for n in with_state), default=0)
+        if not survivors:
+            self.errors.append("every node failed: nothing left to train on")
             self.stop()
             return
-        held = [list(epoch.placement[epoch.rank_of(n)]) if n in epoch.members else [] for n in survivors]
-        surviving = set().union(*map(set, held)) if held else set()
+        loads = self._loads()
+        start = time.perf_counter()
+        try:
+            placement, replicas = self._plan(survivors, loads)
+        except PlacementError as exc:  # fewer survivors than the model's experts need slots
+            self.errors.append(f"no plan over {len(survivors)} survivors: {exc}")
+            self.stop()
+            return
+        held = [list(reports[n].get("held", [])) if n in reports else [] for n in survivors]
+        surviving = set().union(*map(set, held))
+        restore, notes = None, []
         if self.policy.on_failure == "restart":
-            restore = latest_checkpoint(self.store, self.checkpoint_prefix)
+            restore = latest_checkpoint(self.store, self.checkpoint_prefix) or 0
             notes.append(f"{self.policy.name}: every failure restores the last checkpoint")
         elif surviving != set(range(self.n_expert)):
-            restore = latest_checkpoint(self.store, self.checkpoint_prefix)
+            restore = latest_checkpoint(self.store, self.checkpoint_prefix) or 0
             lost = sorted(set(range(self.n_expert)) - surviving)
             notes.append(f"experts {lost} have no surviving replica: restoring the checkpoint of step {restore}")
         if restore is not None:
             held = [[] for _ in survivors]
-        nxt = Epoch(epoch.number + 1, survivors, placement, restore if restore is not None else committed, "failure",
-                    held=held, restore_step=restore, dense_source=None if restore is not None else 0,
-                    replicas=replicas, loads=loads, notes=notes + [f"{', '.join(failed)} failed"])
+        source = next((i for i, h in enumerate(held) if h), None)  # a member with the dense weights in memory
+        nxt = Epoch(latest.number + 1, survivors, placement, restore if restore is not None else committed, "failure",
+                    held=held, restore_step=restore, dense_source=source, replicas=replicas, loads=loads,
+                    notes=notes + [f"{', '.join(failed) or 'nobody'} failed"])
         self._publish(nxt)
-        recovery = Recovery(epoch.number, failed, survivors, committed, restore, detected,
-                            replan_s=time.perf_counter() - start, lost_steps=committed - restore if restore is not None else 0)
+        progress = max((reports[n]["committed"] for n in survivors if n in reports), default=0)
+        recovery = Recovery(failed_epoch.number, failed, survivors, committed, restore, detected,
+                            replan_s=time.perf_counter() - start,
+                            lost_steps=max(progress - restore, 0) if restore is not None else 0)
         self.recoveries.append(recovery)
         threading.Thread(target=self._time_setup, args=(nxt, recovery), daemon=True).start()
 

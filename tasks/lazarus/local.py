@@ -1,10 +1,12 @@
-"""An elastic run on this machine: node processes, the control plane and the coordinator in one place.
+"""An elastic run: node processes, the control plane and the coordinator in one place.
 
-The flow runs nodes on tier-tagged Dask workers; this launcher runs them as plain
-processes (``multiprocessing`` spawn) — what the tests and the benchmark use, and what a
-user gets with ``tierflow lazarus train``. Failures are real: :meth:`LocalRun.kill` sends
-SIGKILL to a node's process mid-step; :meth:`LocalRun.add_node` starts a new one, which the
-coordinator absorbs at the members' next step boundary.
+:class:`ElasticRun` owns the control plane (:mod:`tasks.lazarus.control`) and the
+:class:`~tasks.lazarus.coordinator.Coordinator`; a *launcher* starts, watches and kills node
+processes. :class:`ProcessLauncher` runs them as plain processes on this host
+(``multiprocessing`` spawn) — what the tests and the benchmark use; the flow uses the Dask
+launcher in :mod:`tasks.lazarus.tasks`, one node per tier-tagged worker. Failures are real:
+:meth:`ElasticRun.kill` sends SIGKILL to a node's process mid-step; :meth:`ElasticRun.add_node`
+starts a new one, which the coordinator absorbs at the members' next step boundary.
 """
 
 from __future__ import annotations
@@ -15,11 +17,22 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from infra.store import open_store
 from tasks.lazarus.control import ControlPlane
 from tasks.lazarus.coordinator import POLICIES, Coordinator
 from tasks.lazarus.node import RunSettings, run_node
+
+
+class Launcher(Protocol):
+    """Starts node processes and knows whether they live."""
+
+    def start(self, node: str, port: int, settings: RunSettings) -> None: ...
+    def alive(self, node: str) -> bool: ...
+    def kill(self, node: str, pid: int) -> None: ...
+    def reports(self, timeout_s: float) -> dict[str, dict]: ...
+    def close(self) -> None: ...
 
 
 def _node_main(node: str, port: int, settings: RunSettings, results) -> None:
@@ -29,15 +42,60 @@ def _node_main(node: str, port: int, settings: RunSettings, results) -> None:
         results.put((node, {"node": node, "outcome": f"error: {type(exc).__name__}: {exc}"}))
 
 
+class ProcessLauncher:
+    """Nodes as ``multiprocessing`` (spawn) processes on this host."""
+
+    def __init__(self) -> None:
+        self._mp = mp.get_context("spawn")
+        self._results = self._mp.Queue()
+        self.processes: dict[str, mp.Process] = {}
+        self._reports: dict[str, dict] = {}
+
+    def start(self, node: str, port: int, settings: RunSettings) -> None:
+        process = self._mp.Process(target=_node_main, args=(node, port, settings, self._results),
+                                   name=f"lazarus-{node}", daemon=True)
+        process.start()
+        self.processes[node] = process
+
+    def alive(self, node: str) -> bool:
+        process = self.processes.get(node)
+        return process is not None and process.is_alive()
+
+    def kill(self, node: str, pid: int) -> None:
+        os.kill(self.processes[node].pid, signal.SIGKILL)
+
+    def reports(self, timeout_s: float) -> dict[str, dict]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(not p.is_alive() for p in self.processes.values()) and self._results.empty():
+                break
+            try:
+                node, report = self._results.get(timeout=0.1)
+                self._reports[node] = report
+            except Exception:  # queue.Empty
+                continue
+        return dict(self._reports)
+
+    def close(self) -> None:
+        for process in self.processes.values():
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+                if process.is_alive():
+                    process.kill()
+
+
 @dataclass
-class LocalRun:
-    """Nodes as processes on this host under one coordinator.
+class ElasticRun:
+    """Nodes under one coordinator.
 
     Parameters
     ----------
     settings: what every node trains.
     policy: ``lazarus``, ``reconfig_uniform`` or ``checkpoint_restart``.
     slots: expert slots per node (c); f: at least this many replicas of every expert.
+    launcher: how node processes start (default: :class:`ProcessLauncher`).
+    host: the address nodes reach the control plane at.
     """
 
     settings: RunSettings
@@ -45,43 +103,48 @@ class LocalRun:
     slots: int = 4
     f: int = 2
     rebalance_every: int = 20
-    processes: dict[str, mp.Process] = field(default_factory=dict)
-    reports: dict[str, dict] = field(default_factory=dict)
+    launcher: Launcher | None = None
+    host: str = "127.0.0.1"
     kills: dict[str, float] = field(default_factory=dict)
+    nodes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._mp = mp.get_context("spawn")
-        self._results = self._mp.Queue()
-        self.control = ControlPlane.host()
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy {self.policy!r} is not one of {', '.join(POLICIES)}")
+        self.launcher = self.launcher or ProcessLauncher()
+        self.control = ControlPlane.host(self.host)
         config = self.settings.model_config()
         self.coordinator = Coordinator(
             self.control, POLICIES[self.policy], config.n_expert, self.slots, self.f,
             open_store(self.settings.store_url), self.settings.checkpoint_prefix,
-            alive=self.alive, killed_at=self.kills.get, rebalance_every=self.rebalance_every,
+            alive=self.alive, killed_at=self.killed_at, rebalance_every=self.rebalance_every,
             report_timeout_s=2 * self.settings.timeout_s + 30)
         self._thread: threading.Thread | None = None
-        self._count = 0
         self.started_at: float | None = None
 
     # ---- nodes ------------------------------------------------------------------------------
     def spawn(self) -> str:
         """Start one node process (not yet admitted); returns its id."""
-        node = f"node{self._count}"
-        self._count += 1
-        process = self._mp.Process(target=_node_main, args=(node, self.control.port, self.settings, self._results),
-                                   name=f"lazarus-{node}", daemon=True)
-        process.start()
-        self.processes[node] = process
+        node = f"node{len(self.nodes)}"
+        self.nodes.append(node)
+        self.launcher.start(node, self.control.port, self.settings)
         return node
 
+    def describe(self) -> dict:
+        """Where this run's control plane is, for ``tierflow lazarus kill`` and status."""
+        return {"host": self.host, "port": self.control.port, "policy": self.policy, "nodes": list(self.nodes)}
+
     def alive(self, node: str) -> bool:
-        process = self.processes.get(node)
-        return process is not None and process.is_alive()
+        return self.launcher.alive(node)
+
+    def killed_at(self, node: str) -> float | None:
+        """When ``node`` was killed: by this run, or from outside (``tierflow lazarus kill``)."""
+        return self.kills.get(node) or self.control.killed_at(node)
 
     def kill(self, node: str) -> None:
         """SIGKILL ``node``'s process (a preemption: no goodbye)."""
         self.kills[node] = time.time()
-        os.kill(self.processes[node].pid, signal.SIGKILL)
+        self.launcher.kill(node, self.control.registered().get(node, {}).get("pid", -1))
 
     def add_node(self) -> str:
         """Start a node and let it join at the next step boundary."""
@@ -94,15 +157,18 @@ class LocalRun:
         """Let a started, registered node join at the members' next step boundary."""
         self.coordinator.admit(node)
 
-    def wait_registered(self, nodes: list[str], timeout_s: float = 120) -> None:
+    def members(self) -> list[str]:
+        epoch = self.coordinator.current
+        return list(epoch.members) if epoch else []
+
+    def wait_registered(self, nodes: list[str], timeout_s: float = 180) -> None:
         deadline = time.monotonic() + timeout_s
         while not set(nodes) <= set(self.control.registered()):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nodes {sorted(set(nodes) - set(self.control.registered()))} did not register")
             dead = [n for n in nodes if not self.alive(n)]
             if dead:
-                self._collect(0.5)
-                raise RuntimeError(f"node {dead[0]} exited before registering: {self.reports.get(dead[0])}")
+                raise RuntimeError(f"node {dead[0]} exited before registering: {self.launcher.reports(0.5).get(dead[0])}")
             time.sleep(0.05)
 
     # ---- the run ----------------------------------------------------------------------------
@@ -129,45 +195,29 @@ class LocalRun:
                 raise RuntimeError(f"coordinator: {self.coordinator.errors[-1]}")
             time.sleep(0.02)
 
+    def done(self) -> bool:
+        """The members finished, or nobody is left to train."""
+        return self.coordinator.finished(self.settings.steps) or not any(self.alive(n) for n in self.nodes) \
+            or self.control.stopped()
+
     def finish(self, timeout_s: float = 600) -> dict:
         """Wait for the members to finish, stop everything, return the run's record."""
         deadline = time.monotonic() + timeout_s
-        while not self.coordinator.finished(self.settings.steps):
-            if time.monotonic() > deadline:
-                break
-            if not any(self.alive(n) for n in self.processes):
-                break
+        while not self.done() and time.monotonic() < deadline:
             time.sleep(0.05)
         wall = time.time() - (self.started_at or time.time())
+        timed_out = not self.done()
+        losses = self.control.losses()
         self.close()
-        losses = self.control.losses() if self._control_open else {}
-        return {"wall_s": wall, "losses": {k: v["loss"] for k, v in sorted(losses.items())},
+        return {"policy": self.policy, "wall_s": wall, "losses": {k: v["loss"] for k, v in sorted(losses.items())},
                 "loss_records": losses, "recoveries": self.coordinator.recoveries, "joins": self.coordinator.joins,
-                "epochs": self.coordinator.epochs, "errors": self.coordinator.errors, "nodes": self.reports,
-                "kills": dict(self.kills)}
-
-    _control_open = True
+                "epochs": self.coordinator.epochs, "errors": self.coordinator.errors,
+                "nodes": self.launcher.reports(10), "kills": dict(self.kills), "timed_out": timed_out}
 
     def close(self) -> None:
-        """Stop the coordinator and every node (SIGTERM, then SIGKILL)."""
+        """Stop the coordinator and every node (they exit on the stop record; stragglers are terminated)."""
         self.coordinator.stop()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self._collect(10)
-        for process in self.processes.values():
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
-                if process.is_alive():
-                    process.kill()
-
-    def _collect(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if all(not p.is_alive() for p in self.processes.values()) and self._results.empty():
-                break
-            try:
-                node, report = self._results.get(timeout=0.1)
-                self.reports[node] = report
-            except Exception:  # queue.Empty
-                continue
+        self.launcher.reports(10)
+        self.launcher.close()

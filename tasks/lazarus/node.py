@@ -84,6 +84,10 @@ class RunSettings:
         return MoEConfig(**self.config)
 
 
+class EpochAborted(RuntimeError):
+    """An epoch was given up before its process group formed."""
+
+
 @dataclass
 class NodeReport:
     """What one node did over the run."""
@@ -130,12 +134,17 @@ class _Node:
         self.snapshot: tuple[int, dict, dict] | None = None  # (committed before the step, dense, experts)
         self.report = NodeReport(node)
 
+    def held(self) -> list[int]:
+        """The experts this node holds in memory (a node still without a model holds none)."""
+        return list(self.model.local_experts) if self.model is not None else []
+
     # ---- entering an epoch ------------------------------------------------------------------
     def enter(self, epoch: Epoch) -> dict:
         """Join ``epoch``'s group, build its model and move the state in; returns timings."""
         start = time.perf_counter()
         _leave_group()
         rank = epoch.rank_of(self.node)
+        self._gather(epoch)
         dist.init_process_group("gloo", store=self.control.process_group_store(epoch.number), rank=rank,
                                 world_size=len(epoch.members), timeout=timedelta(seconds=self.settings.timeout_s))
         placement = Placement(epoch.placement, max(map(len, epoch.placement)), self.config.n_expert)
@@ -161,6 +170,19 @@ class _Node:
         self.report.epochs.append(epoch.number)
         timings["total_s"] = time.perf_counter() - start
         return timings
+
+    def _gather(self, epoch: Epoch) -> None:
+        """Wait, at the store, for every member to arrive before forming the group: a member that
+        died first makes the coordinator abort the epoch, and nobody is left waiting in a
+        rendezvous until its timeout."""
+        self.control.arrive(epoch.number)
+        deadline = time.monotonic() + self.settings.timeout_s
+        while self.control.arrived(epoch.number) < len(epoch.members):
+            if self.control.aborted(epoch.number) or self.control.latest_epoch() > epoch.number:
+                raise EpochAborted(f"epoch {epoch.number} aborted: a member died before it formed")
+            if time.monotonic() > deadline:
+                raise EpochAborted(f"epoch {epoch.number}: members did not all arrive in {self.settings.timeout_s} s")
+            time.sleep(0.01)
 
     def _agree_on_resume(self, has_state: bool) -> int:
         mine = torch.tensor([self.committed if has_state else 2**62], dtype=torch.int64)
@@ -257,7 +279,7 @@ class _Node:
             return "done"
         except RuntimeError as exc:  # a collective failed: a peer died or timed out
             self.report.failures_seen += 1
-            self.control.report_failure(epoch.number, self.node, self.committed, str(exc))
+            self.control.report_failure(epoch.number, self.node, self.committed, self.held(), str(exc))
             return "failed"
 
 
@@ -286,7 +308,7 @@ def run_node(node: str, host: str, port: int, settings: RunSettings) -> dict:
                 timings = worker.enter(epoch)
             except RuntimeError as exc:  # a peer died while the epoch was being set up
                 worker.report.failures_seen += 1
-                control.report_failure(epoch.number, node, worker.committed, f"during set-up: {exc}")
+                control.report_failure(epoch.number, node, worker.committed, worker.held(), f"during set-up: {exc}")
                 continue
             control.report_ready(epoch.number, node, timings)
             outcome = worker.train(epoch)
@@ -302,6 +324,12 @@ def run_node(node: str, host: str, port: int, settings: RunSettings) -> dict:
 def uninterrupted_losses(settings: RunSettings) -> list[float]:
     """The loss of every step of the same run in one process, with no failure: what an
     elastic run's loss curve must follow (the same weights, batches and updates)."""
+    return uninterrupted_run(settings)[0]
+
+
+def uninterrupted_run(settings: RunSettings) -> tuple[list[float], list[float]]:
+    """:func:`uninterrupted_losses` and the tokens the router sent to each expert over the run
+    (summed over MoE layers): the loads a plan is made from."""
     from tasks.moe.model import GPTMoE
 
     torch.set_num_threads(1)
@@ -322,4 +350,4 @@ def uninterrupted_losses(settings: RunSettings) -> list[float]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
         losses.append(loss.item())
-    return losses
+    return losses, model.expert_loads().sum(0).double().tolist()

@@ -20,7 +20,7 @@ the loss being a product of two batch means).
 
 A training step (:func:`train_step`) averages dense gradients over ranks (all-reduce / R),
 sums each expert's gradient over its replicas and divides by R
-(:func:`~tasks.moe.dispatch.allreduce_expert_grads`), clips on the global norm and steps
+(one all-reduce, :func:`sync_gradients`), clips on the global norm and steps
 AdamW — the single-process step on all ranks' batches with loss = the mean of the ranks'
 losses.
 
@@ -40,8 +40,7 @@ import torch.nn as nn
 
 from infra.errors import InputError
 from optimizers.lazarus import Placement
-from tasks.moe.dispatch import (allreduce_expert_grads, combine_tokens, dispatch_tokens, expert_replica_groups,
-                                plan_dispatch)
+from tasks.moe.dispatch import combine_tokens, dispatch_tokens, plan_dispatch
 from tasks.moe.model import Expert, GPTMoE, MoEConfig, MoELayer, Routing
 
 State = dict[str, dict]  # {"params": {name: tensor}, "optimizer": {name: {key: value}}, ...}
@@ -121,13 +120,13 @@ class ExpertParallelMoE(GPTMoE):
     config: model shape.
     placement: which experts each rank holds; node ``i`` is rank ``i`` of ``group``.
     rank: this process's rank in ``group``.
-    group: the process group of all the placement's ranks; default (and, because replica
-        groups are made with ``dist.new_group``, necessarily) the whole world.
+    group: the process group of all the placement's ranks; default (and necessarily: the
+        gradient all-reduce spans it) the whole world.
     seed: ``torch.manual_seed(seed); GPTMoE(config)`` gives the same weights, so every rank
         (and a single-process reference built that way) starts identical.
 
-    Construction is collective (it creates the replica groups): all ranks build the model
-    together. ``forward(idx, targets)`` returns ``(logits, loss, stats)`` like
+    Construction is local (no collective): a new placement needs no new process group.
+    ``forward(idx, targets)`` returns ``(logits, loss, stats)`` like
     :class:`GPTMoE`, with ``counts`` summed over ranks and, per MoE layer, ``rank_counts``
     (R, E) and ``processed`` (E,) rows this rank's replicas computed.
     """
@@ -141,7 +140,6 @@ class ExpertParallelMoE(GPTMoE):
         for block in self.blocks:
             if isinstance(block.ffn, MoELayer):
                 block.ffn = ExpertParallelLayer(block.ffn, local, placement.holders, rank, group)
-        self.replica_groups = expert_replica_groups(placement.holders, dist.get_world_size())
 
     @property
     def local_experts(self) -> list[int]:
@@ -168,7 +166,7 @@ def _check_placement(config: MoEConfig, placement: Placement, rank: int, group) 
     world = dist.get_world_size(group)
     if world != dist.get_world_size():
         raise InputError("ExpertParallelMoE", "group", world, f"must span the whole world of {dist.get_world_size()} "
-                         "ranks (replica groups are created over the world)")
+                         "ranks (the gradient all-reduce spans the world)")
     if placement.n_experts != config.n_expert:
         raise InputError("ExpertParallelMoE", "placement.n_experts", placement.n_experts,
                          f"must equal config.n_expert={config.n_expert}")
@@ -189,20 +187,44 @@ def sync_gradients(model: ExpertParallelMoE) -> None:
     """Average dense gradients over ranks; sum each expert's over its replicas, divided by R.
 
     With each rank's loss the mean over its own tokens, the gradients are then those of the
-    mean of the ranks' losses. Collective over the model's group and replica groups.
+    mean of the ranks' losses. One all-reduce over the world carries both: the dense
+    gradients, and a slot per (MoE layer, expert) that each rank fills for the experts it
+    holds (zeros elsewhere), so a slot sums its expert's replicas. Per-replica-set groups
+    would move less data but every new placement would have to create them all (a
+    rendezvous per group), which is what makes re-planning slow; here a new placement needs
+    no new group.
     """
     world = dist.get_world_size(model.group)
     dense = model.dense_parameters()
     for p in dense:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in dense])
+    layers, n_expert = model.moe_layers(), model.config.n_expert
+    slot = _expert_numel(model.config)
+    dense_numel = sum(p.numel() for p in dense)
+    flat = torch.zeros(dense_numel + len(layers) * n_expert * slot, dtype=dense[0].grad.dtype)
+    torch.cat([p.grad.reshape(-1) for p in dense], out=flat[:dense_numel])
+    for i, layer in enumerate(layers):
+        for e in layer.local_experts:
+            start = dense_numel + (i * n_expert + e) * slot
+            grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in layer.experts[str(e)].parameters()]
+            flat[start : start + slot] = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=model.group)
     flat /= world
-    for p, g in zip(dense, flat.split([p.numel() for p in dense])):
+    for p, g in zip(dense, flat[:dense_numel].split([p.numel() for p in dense])):
         p.grad.copy_(g.view_as(p))
-    allreduce_expert_grads(model.expert_parameters(), model.placement.holders, model.replica_groups, model.rank,
-                           average_over=world)
+    for i, layer in enumerate(layers):
+        for e in layer.local_experts:
+            start = dense_numel + (i * n_expert + e) * slot
+            params = list(layer.experts[str(e)].parameters())
+            for q, g in zip(params, flat[start : start + slot].split([q.numel() for q in params])):
+                q.grad = g.view_as(q).clone()
+
+
+def _expert_numel(config: MoEConfig) -> int:
+    """Parameters of one expert (its slot in the gradient all-reduce)."""
+    hidden = config.ffn_mult * config.n_embd
+    return 2 * config.n_embd * hidden + hidden + config.n_embd
 
 
 def global_grad_norm(model: ExpertParallelMoE) -> torch.Tensor:
@@ -370,8 +392,7 @@ def rebuild(model: ExpertParallelMoE, optimizer: torch.optim.Optimizer, new_plac
     leave the model and the optimizer; new ones are built and loaded from ``fetch(expert)``
     (an :func:`expert_state`), called before anything changes. ``optimizer`` is
     :func:`~tasks.moe.train.configure_optimizer`'s: a new matrix joins the param group with
-    weight decay, a bias the one without. Collective over ``group`` (the new world: the
-    replica groups are made again), which must already exist.
+    weight decay, a bias the one without. ``group`` (the new world) must already exist.
     """
     config = model.config
     _check_placement(config, new_placement, new_rank, group)
@@ -394,7 +415,6 @@ def rebuild(model: ExpertParallelMoE, optimizer: torch.optim.Optimizer, new_plac
             for p in params:
                 _param_group(optimizer, p)["params"].append(p)
             load_expert_state(model, optimizer, e, fetched[e])
-    model.replica_groups = expert_replica_groups(new_placement.holders, dist.get_world_size())
 
 
 def _param_group(optimizer: torch.optim.Optimizer, p: nn.Parameter) -> dict:

@@ -43,6 +43,7 @@ def test_plan_all_compares_mro_with_the_baselines():
 
 @pytest.mark.parametrize("args, says", [
     (["--nodes", 1, "--slots", 1, "--loads", "1,2"], "f = 2 replicas per expert > 1 nodes"),
+    (["--nodes", 3, "--slots", 1, "--f", 2, "--loads", "1,2"], "3 × 1 = 3 < E experts × f = 2 × 2 = 4"),
     (["--nodes", 2, "--slots", 4, "--f", 3, "--loads", "1,2"], "f = 3"),
     (["--nodes", 3, "--slots", 2, "--loads", "1,x"], "--loads: entry 2 is 'x'"),
     (["--nodes", 3, "--slots", 2, "--loads", "1,-4"], "-4"),

@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 import pytest
 
-from tasks.lazarus.local import LocalRun
+from tasks.lazarus.local import ElasticRun
 from tasks.lazarus.node import RunSettings, uninterrupted_losses
 from tasks.moe.model import CONFIGS
 
@@ -32,7 +32,7 @@ def _assert_follows(losses: dict[int, float], reference: list[float]) -> None:
 
 
 def test_killed_node_survivors_continue_without_a_checkpoint(tmp_path, reference):
-    run = LocalRun(_settings(str(tmp_path / "store"), checkpoint_every=4), policy="lazarus", slots=4, f=2)
+    run = ElasticRun(_settings(str(tmp_path / "store"), checkpoint_every=4), policy="lazarus", slots=4, f=2)
     run.start(4)
     run.wait_for_step(5)
     run.kill("node3")
@@ -48,7 +48,7 @@ def test_killed_node_survivors_continue_without_a_checkpoint(tmp_path, reference
 
 
 def test_losing_every_replica_of_an_expert_restores_the_last_checkpoint(tmp_path, reference):
-    run = LocalRun(_settings(str(tmp_path / "store"), checkpoint_every=3), policy="lazarus", slots=3, f=1)
+    run = ElasticRun(_settings(str(tmp_path / "store"), checkpoint_every=3), policy="lazarus", slots=3, f=1)
     run.start(4)  # 8 experts in 12 slots, f = 1: some expert has a single replica
     epoch = run.coordinator.current
     holders = {e: [n for n, held in zip(epoch.members, epoch.placement) if e in held] for e in range(8)}
@@ -64,7 +64,7 @@ def test_losing_every_replica_of_an_expert_restores_the_last_checkpoint(tmp_path
 
 
 def test_checkpoint_restart_restores_on_every_failure(tmp_path, reference):
-    run = LocalRun(_settings(str(tmp_path / "store"), checkpoint_every=4), policy="checkpoint_restart", slots=4, f=2)
+    run = ElasticRun(_settings(str(tmp_path / "store"), checkpoint_every=4), policy="checkpoint_restart", slots=4, f=2)
     run.start(4)
     run.wait_for_step(6)
     run.kill("node2")
@@ -75,7 +75,7 @@ def test_checkpoint_restart_restores_on_every_failure(tmp_path, reference):
 
 
 def test_a_joining_node_is_absorbed_at_a_step_boundary(tmp_path, reference):
-    run = LocalRun(_settings(str(tmp_path / "store")), policy="lazarus", slots=4, f=2)
+    run = ElasticRun(_settings(str(tmp_path / "store")), policy="lazarus", slots=4, f=2)
     joined = run.spawn()  # a process starts slower than 12 tiny steps run: have it wait, registered
     run.wait_registered([joined])
     run.start(3)

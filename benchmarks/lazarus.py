@@ -1,11 +1,12 @@
 """Lazarus side by side: real elastic training under failures, exact recovery odds, simulated scale.
 
-    .venv/bin/python -m benchmarks.lazarus [--steps 200] [--fail-every 8] [--rejoin-after 4]
+    .venv/bin/python -m benchmarks.lazarus [--steps 200] [--fail-every 15] [--rejoin-after 6]
                                            [--trace-nodes 6] [--quick] [--out results/benchmarks/lazarus]
 
 1. Real, here: the same MoE training (``tiny`` config, the shipped corpus) on 4 node
-   processes per strategy — ``lazarus``, ``reconfig_uniform``, ``checkpoint_restart`` — under
-   the same failure schedule (a node SIGKILLed every ``--fail-every`` s, a replacement
+   processes with 6 expert slots each (as the paper's GPUs), for each strategy —
+   ``lazarus``, ``reconfig_uniform``, ``checkpoint_restart`` — under the same failure
+   schedule (a node SIGKILLed every ``--fail-every`` s, a replacement
    ``--rejoin-after`` s later), then under the P3 spot trace's busiest 80 minutes squeezed
    into about a minute (capped at ``--trace-nodes`` nodes: this host has 2 cores). Goodput
    (useful tokens/s), recoveries broken down (detection, re-plan, set-up and state fetch,
@@ -61,7 +62,7 @@ def real_runs(scenario: str, settings: RunSettings, nodes: int, faults: list, co
         every = settings.checkpoint_every if policy == "checkpoint_restart" else settings.checkpoint_every * 5
         run_settings = RunSettings(**{**asdict(settings), "checkpoint_every": every,
                                       "checkpoint_prefix": f"lazarus/{scenario}/{policy}/{time.time_ns()}"})
-        run = ElasticRun(run_settings, policy, slots=4, f=2, rebalance_every=60)
+        run = ElasticRun(run_settings, policy, slots=6, f=2, rebalance_every=60)
         run.start(nodes)
         injector = FaultInjector(run, faults, seed=0, min_members=2)
         injector.start()
@@ -189,8 +190,8 @@ def run(out: Path, steps: int, fail_every: float, rejoin_after: float, trace_nod
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--fail-every", type=float, default=8.0)
-    parser.add_argument("--rejoin-after", type=float, default=4.0)
+    parser.add_argument("--fail-every", type=float, default=15.0)
+    parser.add_argument("--rejoin-after", type=float, default=6.0)
     parser.add_argument("--trace-nodes", type=int, default=6)
     parser.add_argument("--quick", action="store_true", help="fewer steps, no trace replay, a smaller simulated grid")
     parser.add_argument("--out", default=DEFAULT_OUT)

@@ -57,8 +57,8 @@ SCALES = {  # model, steps, nodes, slots per node, f, sequences per step, second
     # steps between load-driven re-plans (the paper: 200)
     "tiny": {"model": "tiny", "steps": 40, "nodes": 4, "slots": 4, "f": 2, "global_batch": 24,  # the tests'
              "fail_every_s": 4.0, "rejoin_after_s": None, "rebalance_every": 0},
-    "small": {"model": "tiny", "steps": 200, "nodes": 4, "slots": 4, "f": 2, "global_batch": 24,
-              "fail_every_s": 8.0, "rejoin_after_s": 4.0, "rebalance_every": 60},
+    "small": {"model": "tiny", "steps": 200, "nodes": 4, "slots": 6, "f": 2, "global_batch": 24,
+              "fail_every_s": 15.0, "rejoin_after_s": 6.0, "rebalance_every": 60},
     "medium": {"model": "small", "steps": 300, "nodes": 4, "slots": 4, "f": 2, "global_batch": 24,
                "fail_every_s": 20.0, "rejoin_after_s": 8.0, "rebalance_every": 100},
     "large": {"model": "small", "steps": 600, "nodes": 6, "slots": 4, "f": 2, "global_batch": 24,

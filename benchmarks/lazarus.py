@@ -44,7 +44,7 @@ from infra.traces import busiest_segment, load_spot_trace  # noqa: E402
 from optimizers.lazarus import plan_strategy, recovery_probability  # noqa: E402
 from tasks.lazarus.coordinator import POLICIES  # noqa: E402
 from tasks.lazarus.faults import FaultInjector, periodic_faults, trace_faults  # noqa: E402
-from tasks.lazarus.local import ElasticRun  # noqa: E402
+from tasks.lazarus.local import ElasticRun, summarize_run  # noqa: E402
 from tasks.lazarus.node import RunSettings, uninterrupted_losses  # noqa: E402
 from tasks.lazarus.simulate import headline, plot_simulated, replan_seconds, simulate_all, zipf_loads  # noqa: E402
 from tasks.moe.model import CONFIGS  # noqa: E402
@@ -69,29 +69,11 @@ def real_runs(scenario: str, settings: RunSettings, nodes: int, faults: list, co
         record = run.finish(timeout_s=900)
         injector.stop()
         losses = record["losses"]
-        recoveries = record["recoveries"]
-
-        def mean(values):
-            values = [v for v in values if v is not None]
-            return float(np.mean(values)) if values else None
-
-        out[policy] = {
-            "wall_s": record["wall_s"], "steps": len(losses),
-            "goodput_tokens_s": len(losses) * tokens_per_step / record["wall_s"],
-            "failures": len(recoveries), "restores": sum(r.restored_step is not None for r in recoveries),
-            "lost_steps": int(sum(r.lost_steps for r in recoveries)), "joins": len(record["joins"]),
-            "recovery_breakdown_s": {"detection": mean(r.detected_s for r in recoveries),
-                                     "replan": mean(r.replan_s for r in recoveries),
-                                     "setup": mean(r.setup_s for r in recoveries),
-                                     "state_fetch": mean(r.fetch_s for r in recoveries),
-                                     "checkpoint_restore": mean(r.restore_s for r in recoveries)},
-            "max_loss_deviation": max((abs(losses[s] - reference[s]) for s in losses), default=None),
-            "checkpoint_every": every, "errors": record["errors"], "timed_out": record["timed_out"],
-            "injected": injector.events, "load_average": os.getloadavg()[0],
-            "losses": [losses.get(s) for s in range(settings.steps)],
-        }
+        out[policy] = {**summarize_run(record, reference, tokens_per_step), "checkpoint_every": every,
+                       "errors": record["errors"], "timed_out": record["timed_out"], "injected": injector.events,
+                       "load_average": os.getloadavg()[0], "losses": [losses.get(s) for s in range(settings.steps)]}
         console.print(f"{scenario} / {policy}: {out[policy]['steps']} steps in {record['wall_s']:.1f} s, "
-                      f"{out[policy]['goodput_tokens_s']:.0f} tokens/s, {len(recoveries)} failures")
+                      f"{out[policy]['goodput_tokens_s']:.0f} tokens/s, {out[policy]['failures']} failures")
     for policy in POLICIES:
         out[policy]["lazarus_goodput_ratio"] = out["lazarus"]["goodput_tokens_s"] / out[policy]["goodput_tokens_s"]
     return out

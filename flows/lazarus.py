@@ -29,7 +29,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from distributed import Client  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
@@ -47,7 +46,7 @@ from optimizers.lazarus import plan_strategy, recovery_probability  # noqa: E402
 from tasks.lazarus.checkpoint import save_part  # noqa: E402
 from tasks.lazarus.coordinator import POLICIES, checkpoint_interval  # noqa: E402
 from tasks.lazarus.faults import FaultInjector, periodic_faults, trace_faults  # noqa: E402
-from tasks.lazarus.local import ElasticRun  # noqa: E402
+from tasks.lazarus.local import ElasticRun, summarize_run  # noqa: E402
 from tasks.lazarus.node import RunSettings, uninterrupted_run  # noqa: E402
 from tasks.lazarus.tasks import DaskLauncher  # noqa: E402
 from tasks.moe.model import CONFIGS, GPTMoE  # noqa: E402
@@ -117,30 +116,6 @@ def _run_strategy(policy: str, settings: RunSettings, client: Client, host: str,
     return record
 
 
-def _summarize(policy: str, record: dict, reference: list[float], tokens_per_step: int) -> dict:
-    losses = record["losses"]
-    steps = len(losses)
-    deviation = max((abs(losses[s] - reference[s]) for s in losses if s < len(reference)), default=float("nan"))
-    recoveries = record["recoveries"]
-
-    def mean(values):
-        values = [v for v in values if v is not None]
-        return float(np.mean(values)) if values else float("nan")
-
-    return {
-        "strategy": policy, "wall_s": record["wall_s"], "steps": steps,
-        "goodput_tokens_s": steps * tokens_per_step / record["wall_s"] if record["wall_s"] > 0 else float("nan"),
-        "failures": len(recoveries), "restores": sum(r.restored_step is not None for r in recoveries),
-        "lost_steps": int(sum(r.lost_steps for r in recoveries)),
-        "joins": len(record["joins"]),
-        "detect_s": mean(r.detected_s for r in recoveries), "replan_s": mean(r.replan_s for r in recoveries),
-        "setup_s": mean(r.setup_s for r in recoveries), "fetch_s": mean(r.fetch_s for r in recoveries),
-        "restore_s": mean(r.restore_s for r in recoveries),
-        "final_loss": losses[max(losses)] if losses else float("nan"), "max_loss_deviation": deviation,
-        "completed": not record["timed_out"] and steps == len(reference) and not record["errors"],
-    }
-
-
 def _plot(records: dict, reference: list[float], table: pd.DataFrame, plans: dict, out: Path) -> list[str]:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     axes[0].plot(range(len(reference)), reference, color="black", lw=2, label="uninterrupted (1 process)")
@@ -205,7 +180,7 @@ def lazarus_stages(scheduler: str, infra: str, scale: str, strategies: list[str]
                                              shape["rebalance_every"], logger)
 
     tokens_per_step = base.global_batch * config.block_size
-    table = pd.DataFrame([_summarize(p, records[p], profile["reference"], tokens_per_step) for p in strategies])
+    table = pd.DataFrame([summarize_run(records[p], profile["reference"], tokens_per_step) for p in strategies])
     table.to_csv(out / "strategies.csv", index=False)
     (out / "records.json").write_text(json.dumps(  # kept even when the contract below fails the stage
         {p: {"losses": r["losses"], "reference": profile["reference"], "injected": r["injected"], "errors": r["errors"],

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
 from infra.store import open_store
 from tasks.lazarus.control import ControlPlane
 from tasks.lazarus.coordinator import POLICIES, Coordinator
@@ -221,3 +223,30 @@ class ElasticRun:
             self._thread.join(timeout=5)
         self.launcher.reports(10)
         self.launcher.close()
+
+
+def summarize_run(record: dict, reference: list[float], tokens_per_step: int) -> dict:
+    """One row for a finished run (:meth:`ElasticRun.finish`): goodput, failures and what they cost
+    (mean detection, re-plan, set-up, expert-state fetch and checkpoint restore seconds), and how far
+    its loss curve strayed from the uninterrupted ``reference``."""
+    losses = record["losses"]
+    steps = len(losses)
+    deviation = max((abs(losses[s] - reference[s]) for s in losses if s < len(reference)), default=float("nan"))
+    recoveries = record["recoveries"]
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return float(np.mean(values)) if values else float("nan")
+
+    return {
+        "strategy": record["policy"], "wall_s": record["wall_s"], "steps": steps,
+        "goodput_tokens_s": steps * tokens_per_step / record["wall_s"] if record["wall_s"] > 0 else float("nan"),
+        "failures": len(recoveries), "restores": sum(r.restored_step is not None for r in recoveries),
+        "lost_steps": int(sum(r.lost_steps for r in recoveries)),
+        "joins": len(record["joins"]),
+        "detect_s": mean(r.detected_s for r in recoveries), "replan_s": mean(r.replan_s for r in recoveries),
+        "setup_s": mean(r.setup_s for r in recoveries), "fetch_s": mean(r.fetch_s for r in recoveries),
+        "restore_s": mean(r.restore_s for r in recoveries),
+        "final_loss": losses[max(losses)] if losses else float("nan"), "max_loss_deviation": deviation,
+        "completed": not record["timed_out"] and steps == len(reference) and not record["errors"],
+    }

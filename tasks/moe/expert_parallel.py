@@ -246,9 +246,12 @@ def train_step(model: ExpertParallelMoE, optimizer: torch.optim.Optimizer,
                batch: tuple[torch.Tensor, torch.Tensor], grad_clip: float = 1.0, share: float | None = None) -> dict:
     """One optimizer step on this rank's ``batch`` = (x, y), together with every other rank.
 
-    forward → backward → :func:`sync_gradients` → clip to ``grad_clip`` on
-    :func:`global_grad_norm` (0: no clipping) → ``optimizer.step()``. The learning rate is
+    forward → backward → :func:`sync_gradients` → :func:`global_grad_norm` → the global
+    loss → clip to ``grad_clip`` (0: no clipping) → ``optimizer.step()``. The learning rate is
     the caller's (set it in ``optimizer.param_groups`` first, as the reference does).
+
+    Every collective comes before the update, so a step that raises (a peer died) has changed
+    nothing: an elastic run can redo it on the survivors without applying it twice.
 
     ``share``: this rank's fraction of the global batch when ranks hold different numbers of
     rows (None: equal shares). The rank's loss is weighted by ``share · R`` before the
@@ -266,11 +269,12 @@ def train_step(model: ExpertParallelMoE, optimizer: torch.optim.Optimizer,
     (loss * (weight * world)).backward()
     sync_gradients(model)
     norm = global_grad_norm(model)
+    global_loss = loss.detach().clone() * weight
+    dist.all_reduce(global_loss, op=dist.ReduceOp.SUM, group=model.group)
+    # the step's last collective is behind us: from here on nothing can fail half-way
     if grad_clip > 0:
         torch.nn.utils.clip_grads_with_norm_(list(model.parameters()), grad_clip, norm)
     optimizer.step()
-    global_loss = loss.detach().clone() * weight
-    dist.all_reduce(global_loss, op=dist.ReduceOp.SUM, group=model.group)
     return {"loss": global_loss.item(), "local_loss": loss.item(),
             "grad_norm": norm.item(), "counts": stats["counts"], "processed": stats["processed"]}
 

@@ -10,6 +10,7 @@ single-process reference computed here. Float64, so the comparison can be tight.
 from __future__ import annotations
 
 import dataclasses
+import os
 import functools
 import time
 from datetime import timedelta
@@ -227,3 +228,65 @@ def test_expert_and_dense_state_carry_weights_and_adam_moments_to_another_model(
                 assert torch.equal(optimizers[0].state[p][key], optimizers[1].state[q][key])
     finally:
         dist.destroy_process_group()
+
+
+# ---- a peer dying in the middle of a step ------------------------------------------------------
+
+DYING_WORLD = 3
+
+
+def _dying_worker(rank: int, port: int, out: str) -> None:
+    """Every rank takes one full step, counting its all-reduces; in the second step the last
+    rank exits at its last all-reduce and the others record what the failed step left behind."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=DYING_WORLD,
+                            timeout=timedelta(seconds=20))
+    placement = plan_lazarus(LOADS, n_nodes=DYING_WORLD, slots=6, f=2).placement
+    model = ExpertParallelMoE(_config(2), placement, rank, seed=SEED).double()
+    optimizer = configure_optimizer(model, LR)
+    batches = _global_batches()
+    calls = {"n": 0}
+    real_all_reduce = dist.all_reduce
+
+    def counting_all_reduce(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == calls.get("die_at"):
+            os._exit(0)  # dies without entering the step's last collective
+        return real_all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
+    train_step(model, optimizer, _rank_slice(batches[0], rank, DYING_WORLD))
+    per_step, calls["n"] = calls["n"], 0
+    if rank == DYING_WORLD - 1:
+        calls["die_at"] = per_step
+    before = {"weights": {k: v.clone() for k, v in model.state_dict().items()},
+              "moments": [{k: v.clone() for k, v in optimizer.state[p].items()} for p in model.parameters()]}
+    try:
+        train_step(model, optimizer, _rank_slice(batches[1], rank, DYING_WORLD))
+        raised = None
+    except RuntimeError as exc:
+        raised = str(exc)
+    after = {"weights": model.state_dict(),
+             "moments": [dict(optimizer.state[p]) for p in model.parameters()]}
+    torch.save({"raised": raised, "before": before, "after": after}, Path(out) / f"rank{rank}.pt")
+    os._exit(0)  # the group is broken; do not wait on it to shut down
+
+
+def test_a_step_a_peer_dies_in_raises_and_leaves_weights_and_adam_moments_untouched(tmp_path):
+    """The failed step must change nothing on the survivors, or an elastic run that redoes it
+    on them applies the update twice (the loss then drifts from the uninterrupted run)."""
+    port = free_port("127.0.0.1")
+    workers = mp.start_processes(_dying_worker, args=(port, str(tmp_path)), nprocs=DYING_WORLD, join=False,
+                                 start_method="spawn")
+    for process in workers.processes:
+        process.join(DEADLINE_S)
+        assert not process.is_alive(), "a worker hung on the dead peer"
+    for rank in range(DYING_WORLD - 1):
+        report = torch.load(tmp_path / f"rank{rank}.pt")
+        assert report["raised"], f"rank {rank}: the step with a dead peer did not fail"
+        for name, value in report["before"]["weights"].items():
+            assert torch.equal(report["after"]["weights"][name], value), f"rank {rank}: {name} changed"
+        for before, after in zip(report["before"]["moments"], report["after"]["moments"]):
+            assert before.keys() == after.keys()
+            for key in before:
+                assert torch.equal(torch.as_tensor(after[key]), torch.as_tensor(before[key])), f"rank {rank}: {key}"

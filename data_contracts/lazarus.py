@@ -33,8 +33,8 @@ def spot_trace_suite() -> list:
 
 
 EVALUATION_COLUMNS = ["strategy", "wall_s", "steps", "goodput_tokens_s", "failures", "restores", "lost_steps", "joins",
-                      "detect_s", "replan_s", "setup_s", "fetch_s", "restore_s", "final_loss", "max_loss_deviation",
-                      "completed"]
+                      "detect_s", "replan_s", "relaunch_s", "setup_s", "fetch_s", "restore_s", "final_loss",
+                      "max_loss_deviation", "completed"]
 
 
 @contract("lazarus.evaluation")

@@ -119,6 +119,12 @@ class ControlPlane:
     def register(self, node: str, pid: int, host: str) -> None:
         self._put(f"node/{node}", {"pid": pid, "host": host, "time": time.time()})
 
+    def forget(self, node: str) -> None:
+        """Drop a node's registration and heartbeat (its process is being replaced by a fresh one)."""
+        for key in (f"node/{node}", f"hb/{node}"):
+            if self.store.check([key]):
+                self.store.delete_key(key)
+
     def registered(self) -> dict[str, dict]:
         return {k.split("/", 1)[1]: self._get(k) for k in self.keys("node/")}
 

@@ -10,7 +10,9 @@ It runs beside the flow (a thread) and talks to the nodes only through the contr
 - ``reconfig_uniform``: the same reconfiguration with uniform replicas and spread placement
   (the paper's DS(FT) baseline).
 - ``checkpoint_restart``: fixed expert parallelism (uniform replicas, spread, never re-planned
-  from loads); every failure stops everyone and restores the last checkpoint (DeepSpeed-MoE).
+  from loads); every failure stops the whole job — every node process is killed and started
+  afresh by the launcher (``relaunch``), as a DeepSpeed-MoE job is — and restores the last
+  checkpoint.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class Policy:
 
     name: str
     placement: str  # an optimizers.lazarus strategy
-    on_failure: str  # "reconfigure" (keep going on the survivors) or "restart" (restore the last checkpoint)
+    on_failure: str  # "reconfigure" (keep going on the survivors) or "restart" (relaunch, restore the last checkpoint)
     rebalance: bool  # re-plan replicas from router loads every ``rebalance_every`` steps
 
 
@@ -56,7 +58,8 @@ class Recovery:
     committed: int  # steps every survivor holding experts had committed (training resumes here unless restored)
     restored_step: int | None
     detected_s: float | None  # kill → first survivor's report
-    replan_s: float  # survivors' reports complete → new plan published
+    replan_s: float  # survivors' reports complete → new plan made
+    relaunch_s: float = 0.0  # every survivor's process killed and a fresh one registered (restart policy)
     setup_s: float | None = None  # plan published → every member ready (process group, state fetch/restore)
     fetch_s: float | None = None  # slowest member's expert-state fetch
     restore_s: float | None = None  # slowest member's checkpoint load
@@ -66,7 +69,9 @@ class Recovery:
 @dataclass
 class Coordinator:
     """Drives one run's epochs. ``alive(node)`` says whether a node's process still runs;
-    ``killed_at(node)`` when the fault injector killed it (None if it did not)."""
+    ``killed_at(node)`` when the fault injector killed it (None if it did not);
+    ``relaunch(nodes)`` replaces those nodes' processes by fresh ones under the same ids (needed by
+    a policy that restarts on failure)."""
 
     control: ControlPlane
     policy: Policy
@@ -77,6 +82,7 @@ class Coordinator:
     checkpoint_prefix: str
     alive: Callable[[str], bool]
     killed_at: Callable[[str], float | None] = lambda node: None
+    relaunch: Callable[[list[str]], list[str]] | None = None
     rebalance_every: int = 20
     report_timeout_s: float = 20.0
     epochs: list[Epoch] = field(default_factory=list)
@@ -237,6 +243,21 @@ class Coordinator:
             notes.append(f"experts {lost} have no surviving replica: restoring the checkpoint of step {restore}")
         if restore is not None:
             held = [[] for _ in survivors]
+        replan_s = time.perf_counter() - start
+        relaunch_s = 0.0
+        if self.policy.on_failure == "restart" and self.relaunch is not None:
+            t = time.perf_counter()
+            try:
+                up = self.relaunch(survivors)  # the job stops: no process outlives the failure
+                if up != survivors:  # preempted while the job restarted: it restarts without them
+                    survivors, failed = up, failed + [n for n in survivors if n not in up]
+                    placement, replicas = self._plan(survivors, loads)
+                    held = [[] for _ in survivors]
+            except Exception as exc:  # noqa: BLE001 - a job that cannot restart ends the run, saying why
+                self.errors.append(f"relaunching {', '.join(survivors)} failed: {type(exc).__name__}: {exc}")
+                self.stop()
+                return
+            relaunch_s = time.perf_counter() - t
         source = next((i for i, h in enumerate(held) if h), None)  # a member with the dense weights in memory
         nxt = Epoch(latest.number + 1, survivors, placement, restore if restore is not None else committed, "failure",
                     held=held, restore_step=restore, dense_source=source, replicas=replicas, loads=loads,
@@ -244,7 +265,7 @@ class Coordinator:
         self._publish(nxt)
         progress = max((reports[n]["committed"] for n in survivors if n in reports), default=0)
         recovery = Recovery(failed_epoch.number, failed, survivors, committed, restore, detected,
-                            replan_s=time.perf_counter() - start,
+                            replan_s=replan_s, relaunch_s=relaunch_s,
                             lost_steps=max(progress - restore, 0) if restore is not None else 0)
         self.recoveries.append(recovery)
         threading.Thread(target=self._time_setup, args=(nxt, recovery), daemon=True).start()

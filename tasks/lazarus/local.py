@@ -11,6 +11,7 @@ starts a new one, which the coordinator absorbs at the members' next step bounda
 
 from __future__ import annotations
 
+import contextvars
 import multiprocessing as mp
 import os
 import signal
@@ -54,6 +55,8 @@ class ProcessLauncher:
         self._reports: dict[str, dict] = {}
 
     def start(self, node: str, port: int, settings: RunSettings) -> None:
+        if node in self.processes:  # a relaunch: reap the killed process first
+            self.processes[node].join(5)
         process = self._mp.Process(target=_node_main, args=(node, port, settings, self._results),
                                    name=f"lazarus-{node}", daemon=True)
         process.start()
@@ -119,9 +122,10 @@ class ElasticRun:
         self.coordinator = Coordinator(
             self.control, POLICIES[self.policy], config.n_expert, self.slots, self.f,
             open_store(self.settings.store_url), self.settings.checkpoint_prefix,
-            alive=self.alive, killed_at=self.killed_at, rebalance_every=self.rebalance_every,
+            alive=self.alive, killed_at=self.killed_at, relaunch=self.relaunch, rebalance_every=self.rebalance_every,
             report_timeout_s=2 * self.settings.timeout_s + 30)
         self._thread: threading.Thread | None = None
+        self._relaunching = False
         self.started_at: float | None = None
 
     # ---- nodes ------------------------------------------------------------------------------
@@ -147,6 +151,35 @@ class ElasticRun:
         """SIGKILL ``node``'s process (a preemption: no goodbye)."""
         self.kills[node] = time.time()
         self.launcher.kill(node, self.control.registered().get(node, {}).get("pid", -1))
+
+    def relaunch(self, nodes: list[str]) -> list[str]:
+        """Kill ``nodes``' processes and start fresh ones under the same ids, as a job launcher
+        restarts a failed job (checkpoint_restart). Returns the nodes whose new process came up
+        and registered; one preempted meanwhile is left out (the job restarts without it)."""
+        self._relaunching = True  # between the kills and the starts no node lives: the run is not over
+        try:
+            return self._replace_processes(nodes)
+        finally:
+            self._relaunching = False
+
+    def _replace_processes(self, nodes: list[str], timeout_s: float = 180) -> list[str]:
+        registered = self.control.registered()
+        for node in nodes:
+            if self.alive(node):
+                self.launcher.kill(node, registered.get(node, {}).get("pid", -1))
+        deadline = time.monotonic() + 30
+        while any(self.alive(n) for n in nodes) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for node in nodes:
+            self.control.forget(node)
+            self.launcher.start(node, self.control.port, self.settings)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            registered = self.control.registered()
+            if all(n in registered or not self.alive(n) for n in nodes):
+                break
+            time.sleep(0.05)
+        return [n for n in nodes if n in registered and self.alive(n)]
 
     def add_node(self) -> str:
         """Start a node and let it join at the next step boundary."""
@@ -180,7 +213,11 @@ class ElasticRun:
         self.wait_registered(nodes)
         self.started_at = time.time()
         self.coordinator.start(nodes)
-        self._thread = threading.Thread(target=self.coordinator.run, name="lazarus-coordinator", daemon=True)
+        # the coordinator may start nodes (a relaunch): it runs in this thread's context, so under a
+        # flow run the Dask launcher can submit them as Prefect tasks
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self.coordinator.run,), name="lazarus-coordinator",
+                                        daemon=True)
         self._thread.start()
 
     def committed(self) -> int:
@@ -199,6 +236,8 @@ class ElasticRun:
 
     def done(self) -> bool:
         """The members finished, or nobody is left to train."""
+        if self._relaunching:
+            return False
         return self.coordinator.finished(self.settings.steps) or not any(self.alive(n) for n in self.nodes) \
             or self.control.stopped()
 
@@ -245,6 +284,7 @@ def summarize_run(record: dict, reference: list[float], tokens_per_step: int) ->
         "lost_steps": int(sum(r.lost_steps for r in recoveries)),
         "joins": len(record["joins"]),
         "detect_s": mean(r.detected_s for r in recoveries), "replan_s": mean(r.replan_s for r in recoveries),
+        "relaunch_s": mean(r.relaunch_s for r in recoveries),
         "setup_s": mean(r.setup_s for r in recoveries), "fetch_s": mean(r.fetch_s for r in recoveries),
         "restore_s": mean(r.restore_s for r in recoveries),
         "final_loss": losses[max(losses)] if losses else float("nan"), "max_loss_deviation": deviation,

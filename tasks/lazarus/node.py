@@ -280,6 +280,7 @@ class _Node:
         except RuntimeError as exc:  # a collective failed: a peer died or timed out
             self.report.failures_seen += 1
             self.control.report_failure(epoch.number, self.node, self.committed, self.held(), str(exc))
+            _leave_group()  # closes this node's connections: a peer still blocked on it fails now, not at its timeout
             return "failed"
 
 
@@ -295,9 +296,11 @@ def run_node(node: str, host: str, port: int, settings: RunSettings) -> dict:
     """Train as ``node`` until the run ends; returns this node's :class:`NodeReport` as a dict."""
     torch.set_num_threads(1)
     control = ControlPlane.connect(host, port)
+    # epochs published before this process registered were not meant for it (a relaunched
+    # node must not enter the epoch its previous process failed in)
+    seen = control.latest_epoch()
     control.register(node, os.getpid(), socket.gethostname())
     worker = _Node(node, control, settings)
-    seen = -1
     try:
         while True:
             epoch = control.wait_for_epoch(node, seen, settings.wait_s)

@@ -43,20 +43,32 @@ class DaskLauncher:
         self.workers: dict[str, str] = {}  # node → worker address
         self.pids: dict[str, int] = {}
         self._reports: dict[str, dict] = {}
+        self._dead: set[str] = set()  # addresses of workers this launcher killed
         self._lock = threading.Lock()
 
-    def _idle_worker(self) -> str:
+    def _idle_workers(self) -> list[str]:
         info = self.client.scheduler_info(n_workers=-1)["workers"]
         busy = {self.workers[n] for n, f in self.futures.items() if not _done(f) and self.alive(n)}
-        idle = sorted(a for a in info if a not in busy)
-        if not idle:
-            raise RuntimeError(f"no idle Dask worker for a new node ({len(info)} workers, all training)")
-        return idle[0]
+        return sorted(a for a in info if a not in busy and a not in self._dead)
 
-    def start(self, node: str, port: int, settings: RunSettings) -> None:
+    def start(self, node: str, port: int, settings: RunSettings, wait_s: float = 60.0) -> None:
+        """Run ``node`` on an idle worker; a worker killed a moment ago may still be listed, and the
+        Nanny's replacement takes a few seconds to appear, so wait up to ``wait_s`` for one."""
         with self._lock:
-            worker = self._idle_worker()
-            pid = self.client.run(os.getpid, workers=[worker])[worker]
+            deadline = time.monotonic() + wait_s
+            while True:
+                idle = self._idle_workers()
+                if idle:
+                    worker = idle[0]
+                    try:
+                        pid = self.client.run(os.getpid, workers=[worker])[worker]
+                        break
+                    except Exception:  # noqa: BLE001 - the worker died since the scheduler listed it
+                        self._dead.add(worker)
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no idle Dask worker for node {node} within {wait_s:.0f} s "
+                                       f"({len(self.workers)} nodes started so far, all workers busy or gone)")
+                time.sleep(0.2)
             with on_worker(worker):
                 self.futures[node] = train_node.submit(node, self.host, port, settings)
             self.workers[node], self.pids[node] = worker, pid
@@ -75,6 +87,8 @@ class DaskLauncher:
         if node not in self.pids:
             raise RuntimeError(f"cannot kill {node}: no worker of this launcher runs it")
         os.kill(self.pids[node], signal.SIGKILL)
+        self._dead.add(self.workers[node])
+        self._reports.pop(node, None)
 
     def reports(self, timeout_s: float) -> dict[str, dict]:
         deadline = time.monotonic() + timeout_s

@@ -63,14 +63,20 @@ def test_losing_every_replica_of_an_expert_restores_the_last_checkpoint(tmp_path
     _assert_follows(out["losses"], reference)
 
 
-def test_checkpoint_restart_restores_on_every_failure(tmp_path, reference):
+def test_checkpoint_restart_relaunches_every_process_and_restores_the_last_checkpoint(tmp_path, reference):
     run = ElasticRun(_settings(str(tmp_path / "store"), checkpoint_every=4), policy="checkpoint_restart", slots=4, f=2)
     run.start(4)
     run.wait_for_step(6)
+    pids = {node: record["pid"] for node, record in run.control.registered().items()}
     run.kill("node2")
     out = run.finish()
     (recovery,) = out["recoveries"]
     assert recovery.restored_step == 4 and recovery.lost_steps >= 2
+    assert recovery.survivors == ["node0", "node1", "node3"] and recovery.relaunch_s > 0
+    relaunched = run.control.registered()
+    for node in recovery.survivors:  # DeepSpeed-style: the job stops, no process survives a failure
+        assert relaunched[node]["pid"] != pids[node], f"{node} kept its process"
+        assert out["nodes"][node]["outcome"] == "done", out["nodes"]
     _assert_follows(out["losses"], reference)
 
 

@@ -4,6 +4,10 @@
   ``time_ms,event,node``) — time_ms a number ≥ 0 and never decreasing, event ``add`` or
   ``remove``, node a non-empty name. What one column cannot show (a node removed that was
   never added) is checked by :func:`infra.traces.load_spot_trace`.
+- ``moe.corpus``: the MoE runtime's training text (``data/moe-corpus.txt``), one row per
+  non-blank line: printable ASCII only (the character-level tokenizer's vocabulary stays
+  small and every run builds the same one), and enough of it (≥ 1,000 lines) that a model
+  cannot memorize it in the steps a run trains.
 - ``lazarus.evaluation``: one row per strategy of a run (``flows.lazarus``): goodput > 0,
   steps ≥ 0, failures/restores/lost steps ≥ 0, and the loss curve's largest deviation from
   the uninterrupted run below 0.1. Float32 reductions in another order alone move a
@@ -18,6 +22,18 @@ from data_contracts.common import NUMBER_TYPES, exact_columns
 
 E = gx.expectations
 SPOT_TRACE_COLUMNS = ["time_ms", "event", "node"]
+
+
+CORPUS_COLUMNS = ["line_no", "line"]
+
+
+@contract("moe.corpus")
+def moe_corpus_suite() -> list:
+    return [
+        *exact_columns(*CORPUS_COLUMNS),
+        E.ExpectTableRowCountToBeBetween(min_value=1000),
+        E.ExpectColumnValuesToMatchRegex(column="line", regex=r"^[ -~]+$"),
+    ]
 
 
 @contract("lazarus.spot_trace")

@@ -9,7 +9,8 @@ What is shipped:
   :data:`JELLYBEAN_TABLES`);
 - every infrastructure spec ``data/**/*.infra.yaml``, as its pools table (``infra.pools``);
 - every workflow spec ``data/**/*.workflow.yaml``, as its nodes table (``jellybean.workflow``);
-- every spot-instance trace ``data/spot-traces/*.csv`` (``lazarus.spot_trace``), headerless.
+- every spot-instance trace ``data/spot-traces/*.csv`` (``lazarus.spot_trace``), headerless;
+- the MoE training text ``data/moe-corpus.txt`` (``moe.corpus``), as its non-blank lines.
 
 Headerless CSVs are read as the JellyBean loader reads them: cells stripped, blank lines
 skipped, trailing empty fields dropped (one shipped row ends in a comma). Numeric cells
@@ -148,6 +149,16 @@ def read_workflow_nodes(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["node", "kind", "inputs", "variants", "rate"])
 
 
+def read_text_lines(path: Path) -> pd.DataFrame:
+    """A text file's non-blank lines, numbered from 1 (``line_no``, ``line``)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UnreadableDataset(f"{path}: not UTF-8 text (byte {exc.start}): {exc.reason}") from None
+    rows = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    return pd.DataFrame(rows, columns=["line_no", "line"])
+
+
 def read_csv(path: Path) -> pd.DataFrame:
     """A CSV with a header row."""
     try:
@@ -187,6 +198,8 @@ def _shipped(root: Path) -> list[tuple[Path, str, Reader]]:
     product, columns, numeric = SPOT_TRACE
     for trace in sorted((data / "spot-traces").glob("*.csv")):
         found.append((trace, product, _headerless(columns, numeric)))
+    if (data / "moe-corpus.txt").is_file():
+        found.append((data / "moe-corpus.txt", "moe.corpus", read_text_lines))
     return found
 
 

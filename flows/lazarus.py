@@ -43,13 +43,13 @@ from infra.spec import load_infra_spec  # noqa: E402
 from infra.store import open_store  # noqa: E402
 from infra.traces import busiest_segment, load_spot_trace  # noqa: E402
 from optimizers.lazarus import plan_strategy, recovery_probability  # noqa: E402
-from tasks.lazarus.checkpoint import save_part  # noqa: E402
+from tasks.lazarus.checkpoint import checkpoint_cost  # noqa: E402
 from tasks.lazarus.coordinator import POLICIES, checkpoint_interval  # noqa: E402
 from tasks.lazarus.faults import FaultInjector, periodic_faults, trace_faults  # noqa: E402
 from tasks.lazarus.local import ElasticRun, summarize_run  # noqa: E402
 from tasks.lazarus.node import RunSettings, uninterrupted_run  # noqa: E402
 from tasks.lazarus.tasks import DaskLauncher  # noqa: E402
-from tasks.moe.model import CONFIGS, GPTMoE  # noqa: E402
+from tasks.moe.model import CONFIGS  # noqa: E402
 
 DEFAULT_INFRA = Path(__file__).resolve().parents[1] / "data" / "lazarus.infra.yaml"
 SCALES = {  # model, steps, nodes, slots per node, f, sequences per step, seconds between failures, rejoin delay,
@@ -77,11 +77,8 @@ def profile_training(settings: RunSettings, pool: str) -> dict:
     start = time.perf_counter()
     losses, loads = uninterrupted_run(settings)
     step_s = (time.perf_counter() - start) / settings.steps
-    model = GPTMoE(settings.model_config())
-    store = open_store(settings.store_url)
-    start = time.perf_counter()
-    nbytes = save_part(store, f"{settings.checkpoint_prefix}-profile", 0, "dense", model.state_dict())
-    checkpoint_s = time.perf_counter() - start
+    checkpoint_s, nbytes = checkpoint_cost(open_store(settings.store_url), f"{settings.checkpoint_prefix}-profile",
+                                           settings.model_config())
     return {"reference": losses, "step_s": step_s, "checkpoint_s": checkpoint_s, "checkpoint_bytes": nbytes,
             "loads": loads}
 

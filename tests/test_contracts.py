@@ -41,7 +41,21 @@ def test_shipped_datasets_cover_the_catalog_and_jellybean_inputs(shipped_results
         (f"{vqa}/accuracy_profiles.json", "jellybean.accuracy_table"),
         ("data/vqa.infra.yaml", "infra.pools"),
         ("data/vqa.workflow.yaml", "jellybean.workflow"),
+        ("data/moe-corpus.txt", "moe.corpus"),
+        ("data/spot-traces/bamboo-p3-trace.csv", "lazarus.spot_trace"),
     } <= checked
+
+
+def test_a_corpus_line_outside_printable_ascii_breaks_its_contract(tmp_path):
+    from data_contracts.shipped import read_text_lines
+
+    corpus = tmp_path / "moe-corpus.txt"
+    lines = (ROOT / "data" / "moe-corpus.txt").read_text().splitlines()
+    lines[2] = lines[2] + " caf\u00e9\ttab"
+    corpus.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ContractError) as caught:
+        validate(read_text_lines(corpus), "moe.corpus", corpus)
+    assert "moe.corpus" in str(caught.value) and "caf\u00e9" in str(caught.value)
 
 
 def test_a_workflow_with_an_operator_without_variants_breaks_its_contract(tmp_path):

@@ -82,3 +82,17 @@ def load_part(store: ArtifactStore, prefix: str, step: int, name: str, config: M
         raise InputError(store.url(key), "<file>", key, f"checkpoint part unreadable: {exc}") from None
     except Exception as exc:  # torch's unpickler raises many kinds on corrupt bytes
         raise InputError(store.url(key), "<file>", key, f"corrupt checkpoint part: {exc}") from None
+
+
+def checkpoint_cost(store: ArtifactStore, prefix: str, config: MoEConfig) -> tuple[float, int]:
+    """(seconds, bytes) to write one whole checkpoint of a ``config`` model — its weights and both
+    Adam moments — to ``store`` under ``prefix``: the cost Young's rule weighs against lost work."""
+    import time
+
+    from tasks.moe.model import GPTMoE
+
+    weights = GPTMoE(config).state_dict()
+    state = {"weights": weights, **{m: {k: torch.zeros_like(v) for k, v in weights.items()} for m in ("exp_avg", "exp_avg_sq")}}
+    start = time.perf_counter()
+    nbytes = save_part(store, prefix, 0, "cost", state)
+    return time.perf_counter() - start, nbytes

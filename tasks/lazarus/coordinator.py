@@ -161,6 +161,8 @@ class Coordinator:
             ready = self.control.ready(epoch.number)
             if any(n not in ready and not self.alive(n) for n in epoch.members):
                 self.control.abort(epoch.number)
+        if not set(epoch.members) <= set(self.control.ready(epoch.number)):
+            return  # joins and re-plans switch members at a step boundary: wait until they all train
         with self._lock:
             joining = [n for n in self._admitted if n not in epoch.members and self.alive(n)]
             self._admitted = [n for n in self._admitted if n not in joining]

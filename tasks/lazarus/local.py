@@ -225,6 +225,18 @@ class ElasticRun:
         beats = self.control.heartbeats()
         return max((b["committed"] for n, b in beats.items() if b and self.alive(n)), default=0)
 
+    def progress(self) -> int:
+        """Useful steps so far: what the current members have committed in the current epoch (a step
+        some member later rolls back, or that a restore throws away, does not count)."""
+        epoch = self.coordinator.current
+        if epoch is None:
+            return 0
+        if self.coordinator.finished(self.settings.steps):
+            return self.settings.steps
+        beats = self.control.heartbeats()
+        counts = [beats[n]["committed"] for n in epoch.members if beats.get(n) and beats[n]["epoch"] == epoch.number]
+        return min(counts) if len(counts) == len(epoch.members) else max(epoch.resume_step, 0)
+
     def wait_for_step(self, step: int, timeout_s: float = 300) -> None:
         deadline = time.monotonic() + timeout_s
         while self.committed() < step:
@@ -248,9 +260,11 @@ class ElasticRun:
             time.sleep(0.05)
         wall = time.time() - (self.started_at or time.time())
         timed_out = not self.done()
+        progress = self.progress()
         losses = self.control.losses()
         self.close()
-        return {"policy": self.policy, "wall_s": wall, "losses": {k: v["loss"] for k, v in sorted(losses.items())},
+        return {"policy": self.policy, "wall_s": wall, "progress": progress,
+                "losses": {k: v["loss"] for k, v in sorted(losses.items())},
                 "loss_records": losses, "recoveries": self.coordinator.recoveries, "joins": self.coordinator.joins,
                 "epochs": self.coordinator.epochs, "errors": self.coordinator.errors,
                 "nodes": self.launcher.reports(10), "kills": dict(self.kills), "timed_out": timed_out}
@@ -266,11 +280,16 @@ class ElasticRun:
 
 def summarize_run(record: dict, reference: list[float], tokens_per_step: int) -> dict:
     """One row for a finished run (:meth:`ElasticRun.finish`): goodput, failures and what they cost
-    (mean detection, re-plan, set-up, expert-state fetch and checkpoint restore seconds), and how far
-    its loss curve strayed from the uninterrupted ``reference``."""
+    (mean detection, re-plan, relaunch, set-up, expert-state fetch and checkpoint restore seconds), and
+    how far its loss curve strayed from the uninterrupted ``reference``.
+
+    Goodput counts the useful steps — those the members hold when the run ends (all of them when it
+    finished; when it was stopped at a time horizon, what a rolled-back or restored step undid does
+    not count) — over the wall time."""
     losses = record["losses"]
-    steps = len(losses)
-    deviation = max((abs(losses[s] - reference[s]) for s in losses if s < len(reference)), default=float("nan"))
+    steps = min(record.get("progress", len(losses)), len(losses))
+    deviation = max((abs(losses[s] - reference[s]) for s in losses if s < min(steps, len(reference))),
+                    default=float("nan"))
     recoveries = record["recoveries"]
 
     def mean(values):

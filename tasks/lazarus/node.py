@@ -185,8 +185,11 @@ class _Node:
             time.sleep(0.01)
 
     def _agree_on_resume(self, has_state: bool) -> int:
-        mine = torch.tensor([self.committed if has_state else 2**62], dtype=torch.int64)
+        nothing = 2**62
+        mine = torch.tensor([self.committed if has_state else nothing], dtype=torch.int64)
         dist.all_reduce(mine, op=dist.ReduceOp.MIN)
+        if mine.item() == nothing:  # the plan says to keep state that no member has: never train from scratch
+            raise RuntimeError(f"no member of the epoch holds any state to continue from (node {self.node})")
         return int(mine.item())
 
     def _roll_back(self, model, optimizer, resume: int) -> None:
@@ -324,13 +327,14 @@ def run_node(node: str, host: str, port: int, settings: RunSettings) -> dict:
     return asdict(worker.report)
 
 
-def uninterrupted_losses(settings: RunSettings) -> list[float]:
+def uninterrupted_losses(settings: RunSettings, steps: int | None = None) -> list[float]:
     """The loss of every step of the same run in one process, with no failure: what an
-    elastic run's loss curve must follow (the same weights, batches and updates)."""
-    return uninterrupted_run(settings)[0]
+    elastic run's loss curve must follow (the same weights, batches and updates). ``steps``:
+    only the first so many (the learning-rate schedule is still the whole run's)."""
+    return uninterrupted_run(settings, steps)[0]
 
 
-def uninterrupted_run(settings: RunSettings) -> tuple[list[float], list[float]]:
+def uninterrupted_run(settings: RunSettings, steps: int | None = None) -> tuple[list[float], list[float]]:
     """:func:`uninterrupted_losses` and the tokens the router sent to each expert over the run
     (summed over MoE layers): the loads a plan is made from."""
     from tasks.moe.model import GPTMoE
@@ -342,7 +346,7 @@ def uninterrupted_run(settings: RunSettings) -> tuple[list[float], list[float]]:
     model = GPTMoE(config)
     optimizer = configure_optimizer(model, settings.lr, settings.weight_decay)
     losses = []
-    for step in range(settings.steps):
+    for step in range(settings.steps if steps is None else min(steps, settings.steps)):
         x, y = global_batch(tokens, step, settings.global_batch, config.block_size, settings.seed)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, settings.steps, settings.lr, "cosine", settings.warmup)

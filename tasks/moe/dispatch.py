@@ -15,8 +15,8 @@ The capacities sum to ``N_e``, so every replica receives exactly its capacity an
 padded.
 
 :func:`dispatch_tokens` and :func:`combine_tokens` carry the rows there and back with one
-all-to-all each; both are differentiable. :func:`expert_replica_groups` and
-:func:`allreduce_expert_grads` make the replicas of an expert agree on its gradient.
+all-to-all each; both are differentiable. (The replicas of an expert agree on its gradient
+through :func:`tasks.moe.expert_parallel.sync_gradients`.)
 
 Why a small autograd Function instead of ``torch.distributed.nn.functional.all_to_all_single``:
 in torch 2.13 that function works with gloo but warns (FutureWarning) on every call and
@@ -219,58 +219,3 @@ def combine_tokens(y_received: Tensor, ctx: DispatchContext, group: dist.Process
     original = torch.empty_like(ctx.send_order)
     original[ctx.send_order] = torch.arange(len(ctx.send_order), device=ctx.send_order.device)
     return returned[original]
-
-
-# --------------------------------------------------------------------------- replica gradients
-
-
-def expert_replica_groups(holders: list[list[int]], world_size: int) -> dict[tuple[int, ...], dist.ProcessGroup]:
-    """One process group per distinct holder set of two or more ranks, keyed by the sorted ranks.
-
-    ``torch.distributed.new_group`` is itself collective over the default group: every rank
-    must call it for every group, in the same order, even for groups it is not in. So every
-    rank must call this function with the same ``holders``, at the same point; the groups
-    are created in sorted order of their rank tuples. Keys for groups this rank is not in
-    map to ``GroupMember.NON_GROUP_MEMBER`` and are never used by it.
-    """
-    sets = sorted({tuple(sorted(ranks)) for ranks in holders if len(ranks) >= 2})
-    for ranks in sets:
-        if any(not 0 <= r < world_size for r in ranks):
-            raise ValueError(f"holder set {ranks} has a rank outside [0, {world_size})")
-    return {ranks: dist.new_group(ranks=list(ranks)) for ranks in sets}
-
-
-def allreduce_expert_grads(params_by_expert: dict[int, list[Tensor]], holders: list[list[int]],
-                           groups: dict[tuple[int, ...], dist.ProcessGroup], rank: int,
-                           average_over: int | None = None) -> None:
-    """Give every replica of an expert the expert's full gradient, in place.
-
-    Each replica's backward saw only the tokens dispatched to it, so the replicas' gradients
-    are partial sums of the gradient over all ranks' tokens: they are *summed* over the
-    replicas (their mean would be 1/|replicas| too small), then divided by ``average_over``.
-
-    ``average_over`` defaults to the world size: data-parallel training (DDP) averages the
-    dense gradients over ranks, i.e. descends the mean of the ranks' local losses, and the
-    expert gradient of that same objective is the replica sum over the world size. Pass 1
-    when the loss is summed over ranks.
-
-    Collective over each expert's replica group; ``params_by_expert`` holds this rank's
-    replicas (same parameters in the same order on every replica). A missing gradient
-    counts as zero (a replica that received no tokens). Experts are reduced in ascending
-    order, one order for all groups, so overlapping groups cannot deadlock.
-    """
-    scale = 1.0 / (dist.get_world_size() if average_over is None else average_over)
-    for e in sorted(params_by_expert):
-        if rank not in holders[e]:
-            raise ValueError(f"rank {rank} has parameters for expert {e} but is not among its holders {holders[e]}")
-        params = params_by_expert[e]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        if len(holders[e]) >= 2:
-            flat = torch.cat([p.grad.reshape(-1) for p in params])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=groups[tuple(sorted(holders[e]))])
-            for p, g in zip(params, flat.split([p.numel() for p in params])):
-                p.grad.copy_(g.view_as(p))
-        for p in params:
-            p.grad.mul_(scale)

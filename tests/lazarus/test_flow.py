@@ -43,3 +43,20 @@ def test_report_compares_recovery_probabilities(tiny_run):
     report = (out / "report.md").read_text()
     assert "Recovery probability" in report and "spread" in report and "compact" in report
     assert summary["recovery_probability_at_half"]["lazarus"] >= summary["recovery_probability_at_half"]["compact"]
+
+
+def test_a_spot_trace_replays_as_preemptions_and_arrivals(prefect_api, tmp_path):
+    from flows.lazarus import lazarus
+
+    trace = tmp_path / "trace.csv"  # four nodes granted, c preempted at 10 min, e granted at 16 min
+    trace.write_text("0,add,a\n0,add,b\n0,add,c\n0,add,d\n600000,remove,c\n960000,add,e\n")
+    summary = lazarus(scale="tiny", strategies=["lazarus"], trace=str(trace), time_scale=0.005,
+                      results_dir=str(tmp_path), run_id="trace")
+    assert summary["failure_schedule"].startswith("trace trace.csv")
+    records = json.loads((tmp_path / "lazarus" / "trace" / "records.json").read_text())["lazarus"]
+    injected = [(e["kind"], round(e["time_s"])) for e in records["injected"] if "node" in e]
+    assert injected[0] == ("remove", 3), "the preemption at 10 min, squeezed 200×, comes at 3 s"
+    assert ("add", 5) in injected, "the arrival at 16 min comes at 4.8 s"
+    table = pd.read_csv(tmp_path / "lazarus" / "trace" / "strategies.csv").set_index("strategy")
+    assert table.loc["lazarus", "failures"] >= 1 and table.loc["lazarus", "steps"] == 40
+    assert table.loc["lazarus", "max_loss_deviation"] < 0.05

@@ -165,6 +165,8 @@ def lazarus_stages(scheduler: str, infra: str, scale: str, strategies: list[str]
         faults = periodic_faults(shape["fail_every_s"], horizon, shape["rejoin_after_s"])
         mtbf_s = shape["fail_every_s"]
     step_s = max(profile["step_s"], 1e-3)
+    # Young's rule on the measured write; a distributed step on the shared workers takes about 3× the
+    # single-process one, and a checkpoint adds a barrier and the manifest (about 0.5 s here)
     restart_every = checkpoint_interval(profile["checkpoint_s"] + 0.5, mtbf_s, step_s * 3)
     intervals = {"checkpoint_restart": restart_every, "lazarus": restart_every * 5, "reconfig_uniform": restart_every * 5}
 

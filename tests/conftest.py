@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from infra import prefect_server
+from tests.aws import FAKE_AWS_ENV
 
 # Before anything imports Prefect: a private home, no analytics, and the API URL of the
 # server the `prefect_api` fixture starts (Prefect reads its settings once, at import).
@@ -40,3 +41,23 @@ def _flush_prefect_logs() -> None:
     loggers = [logging.getLogger(), *(l for l in logging.Logger.manager.loggerDict.values() if isinstance(l, logging.Logger))]
     for handler in {h for logger in loggers for h in logger.handlers if isinstance(h, APILogHandler)}:
         handler.flush()
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """moto's real S3 server on a free 127.0.0.1 port, with fake credentials in the env (which
+    processes started meanwhile inherit)."""
+    from moto.server import ThreadedMotoServer
+
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in FAKE_AWS_ENV.items():
+            env.setenv(name, value)
+        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "TIERFLOW_S3_ENDPOINT_URL"):
+            env.delenv(name, raising=False)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        try:
+            yield f"http://{host}:{port}"
+        finally:
+            server.stop()

@@ -5,7 +5,7 @@ import pytest
 
 from flows.jellybean import publish
 from infra.store import open_store
-from tests.infra.test_store import moto_endpoint, unique_bucket  # noqa: F401  (fixture)
+from tests.infra.test_store import unique_bucket
 
 
 @pytest.fixture

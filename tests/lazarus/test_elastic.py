@@ -5,10 +5,13 @@ Every run's loss curve is compared with the same training in one process without
 optimizer state, so the curves agree step for step (float32 reassociation aside).
 """
 
+import uuid
 from dataclasses import asdict
 
 import pytest
 
+from infra.store import open_store
+from tasks.lazarus.checkpoint import latest_checkpoint
 from tasks.lazarus.local import ElasticRun
 from tasks.lazarus.node import RunSettings, uninterrupted_losses
 from tasks.moe.model import CONFIGS
@@ -63,8 +66,12 @@ def test_losing_every_replica_of_an_expert_restores_the_last_checkpoint(tmp_path
     _assert_follows(out["losses"], reference)
 
 
-def test_checkpoint_restart_relaunches_every_process_and_restores_the_last_checkpoint(tmp_path, reference):
-    run = ElasticRun(_settings(str(tmp_path / "store"), checkpoint_every=4), policy="checkpoint_restart", slots=4, f=2)
+def test_checkpoint_restart_relaunches_every_process_and_restores_the_last_checkpoint_from_s3(
+        moto_endpoint, monkeypatch, reference):
+    monkeypatch.setenv("TIERFLOW_S3_ENDPOINT_URL", moto_endpoint)  # the node processes inherit it
+    url = f"s3://lazarus-{uuid.uuid4().hex[:8]}/run"
+    open_store(url, create_bucket=True)
+    run = ElasticRun(_settings(url, checkpoint_every=4), policy="checkpoint_restart", slots=4, f=2)
     run.start(4)
     run.wait_for_step(6)
     pids = {node: record["pid"] for node, record in run.control.registered().items()}
@@ -77,6 +84,7 @@ def test_checkpoint_restart_relaunches_every_process_and_restores_the_last_check
     for node in recovery.survivors:  # DeepSpeed-style: the job stops, no process survives a failure
         assert relaunched[node]["pid"] != pids[node], f"{node} kept its process"
         assert out["nodes"][node]["outcome"] == "done", out["nodes"]
+    assert latest_checkpoint(open_store(url), "lazarus/checkpoints") == 12  # the checkpoints are in the bucket
     _assert_follows(out["losses"], reference)
 
 

@@ -64,6 +64,21 @@ class Recovery:
     fetch_s: float | None = None  # slowest member's expert-state fetch
     restore_s: float | None = None  # slowest member's checkpoint load
     lost_steps: int = 0  # committed steps thrown away: the furthest survivor's, back to the checkpoint restored
+    waited_s: float = 0.0  # parked with too few nodes to hold every expert, until more arrived
+
+
+@dataclass
+class _Pending:
+    """A recovery between the survivors' reports and its new epoch (kept while it waits for nodes)."""
+
+    failed_epoch: Epoch
+    latest: Epoch
+    survivors: list[str]
+    failed: list[str]
+    reports: dict
+    detected: float | None
+    parked_since: float | None = None
+    why_parked: str = ""
 
 
 @dataclass
@@ -85,6 +100,7 @@ class Coordinator:
     relaunch: Callable[[list[str]], list[str]] | None = None
     rebalance_every: int = 20
     report_timeout_s: float = 20.0
+    wait_for_nodes_s: float = 120.0  # a recovery with too few nodes to hold every expert waits this long for more
     epochs: list[Epoch] = field(default_factory=list)
     recoveries: list[Recovery] = field(default_factory=list)
     joins: list[dict] = field(default_factory=list)
@@ -92,6 +108,7 @@ class Coordinator:
     _admitted: list[str] = field(default_factory=list)
     _handled: set = field(default_factory=set)
     _last_rebalance: int = 0
+    _parked: "_Pending | None" = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -148,6 +165,9 @@ class Coordinator:
         """One look at the control plane: failures first, then joins, then load shifts."""
         epoch = self.current
         if epoch is None:
+            return
+        if self._parked is not None:
+            self._unpark()
             return
         # a failure may hit the epoch the members train in while the next (a join, a
         # rebalance) is published but not yet entered: look at both
@@ -219,6 +239,12 @@ class Coordinator:
         kills = [t for t in (self.killed_at(n) for n in failed) if t is not None]
         first_report = min((r["time"] for r in reports.values()), default=None)
         detected = first_report - min(kills) if kills and first_report is not None else None
+        self._resume(_Pending(failed_epoch, latest, survivors, failed, reports, detected))
+
+    def _resume(self, p: "_Pending") -> None:
+        """Plan over ``p``'s survivors and publish the epoch they continue in; with too few of them
+        to hold every expert, park until nodes arrive (:meth:`_unpark`) instead of giving up."""
+        survivors, reports = p.survivors, p.reports
         with_state = [n for n in survivors if n in reports and reports[n].get("held")]
         committed = min((reports[n]["committed"] for n in with_state), default=0)
         if not survivors:
@@ -230,12 +256,15 @@ class Coordinator:
         try:
             placement, replicas = self._plan(survivors, loads)
         except PlacementError as exc:  # fewer survivors than the model's experts need slots
-            self.errors.append(f"no plan over {len(survivors)} survivors: {exc}")
-            self.stop()
+            p.parked_since = p.parked_since or time.monotonic()
+            p.why_parked = str(exc)
+            self._parked = p
             return
         held = [list(reports[n].get("held", [])) if n in reports else [] for n in survivors]
         surviving = set().union(*map(set, held))
         restore, notes = None, []
+        if p.parked_since is not None:
+            notes.append(f"waited {time.monotonic() - p.parked_since:.1f} s for nodes ({p.why_parked})")
         if self.policy.on_failure == "restart":
             restore = latest_checkpoint(self.store, self.checkpoint_prefix) or 0
             notes.append(f"{self.policy.name}: every failure restores the last checkpoint")
@@ -246,7 +275,7 @@ class Coordinator:
         if restore is not None:
             held = [[] for _ in survivors]
         replan_s = time.perf_counter() - start
-        relaunch_s = 0.0
+        relaunch_s, failed = 0.0, list(p.failed)
         if self.policy.on_failure == "restart" and self.relaunch is not None:
             t = time.perf_counter()
             try:
@@ -261,16 +290,35 @@ class Coordinator:
                 return
             relaunch_s = time.perf_counter() - t
         source = next((i for i, h in enumerate(held) if h), None)  # a member with the dense weights in memory
-        nxt = Epoch(latest.number + 1, survivors, placement, restore if restore is not None else committed, "failure",
-                    held=held, restore_step=restore, dense_source=source, replicas=replicas, loads=loads,
+        nxt = Epoch(self.current.number + 1, survivors, placement, restore if restore is not None else committed,
+                    "failure", held=held, restore_step=restore, dense_source=source, replicas=replicas, loads=loads,
                     notes=notes + [f"{', '.join(failed) or 'nobody'} failed"])
         self._publish(nxt)
         progress = max((reports[n]["committed"] for n in survivors if n in reports), default=0)
-        recovery = Recovery(failed_epoch.number, failed, survivors, committed, restore, detected,
+        recovery = Recovery(p.failed_epoch.number, failed, survivors, committed, restore, p.detected,
                             replan_s=replan_s, relaunch_s=relaunch_s,
+                            waited_s=time.monotonic() - p.parked_since if p.parked_since is not None else 0.0,
                             lost_steps=max(progress - restore, 0) if restore is not None else 0)
         self.recoveries.append(recovery)
         threading.Thread(target=self._time_setup, args=(nxt, recovery), daemon=True).start()
+
+    def _unpark(self) -> None:
+        """A parked recovery goes on once nodes arrive (or ends the run after ``wait_for_nodes_s``)."""
+        p = self._parked
+        with self._lock:
+            arrived = [n for n in self._admitted if self.alive(n) and n not in p.survivors]
+            self._admitted = [n for n in self._admitted if n not in arrived]
+        lost = [n for n in p.survivors if not self.alive(n)]
+        if arrived or lost:
+            self._parked = None
+            p.survivors = [n for n in p.survivors if n not in lost] + arrived
+            p.failed = p.failed + lost
+            self._resume(p)
+        elif time.monotonic() - p.parked_since > self.wait_for_nodes_s:
+            self._parked = None
+            self.errors.append(f"no plan over {len(p.survivors)} survivors and no node arrived in "
+                               f"{self.wait_for_nodes_s:.0f} s: {p.why_parked}")
+            self.stop()
 
     def _time_setup(self, epoch: Epoch, recovery: Recovery) -> None:
         """Fill in how long the members took to be ready in ``epoch`` (set-up, fetch, restore)."""

@@ -5,6 +5,7 @@ Every run's loss curve is compared with the same training in one process without
 optimizer state, so the curves agree step for step (float32 reassociation aside).
 """
 
+import time
 import uuid
 from dataclasses import asdict
 
@@ -101,4 +102,26 @@ def test_a_joining_node_is_absorbed_at_a_step_boundary(tmp_path, reference):
     assert last.reason == "join" and joined in last.members and len(last.members) == 4
     assert out["nodes"][joined]["outcome"] == "done" and out["nodes"][joined]["steps_run"] > 0
     assert not out["recoveries"]
+    _assert_follows(out["losses"], reference)
+
+
+def test_too_few_survivors_to_hold_every_expert_wait_for_a_node_then_go_on(tmp_path, reference):
+    run = ElasticRun(_settings(str(tmp_path / "store"), checkpoint_every=4), policy="lazarus", slots=4, f=2)
+    spare = run.spawn()
+    run.wait_registered([spare])
+    run.start(3)  # 12 slots for 8 experts
+    run.wait_for_step(5)
+    run.kill("node2")
+    run.kill("node3")  # one node left: 4 slots cannot hold 8 experts
+    deadline = time.monotonic() + 60
+    while run.coordinator._parked is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert run.coordinator._parked is not None, "the recovery did not wait for nodes"
+    assert not run.coordinator.errors, "too few nodes is a wait, not the end of the run"
+    run.admit(spare)
+    out = run.finish()
+    assert not out["errors"]
+    recovery = out["recoveries"][-1]
+    assert recovery.survivors == ["node1", spare] and recovery.waited_s > 0
+    assert any(note.startswith("waited") for note in out["epochs"][-1].notes)
     _assert_follows(out["losses"], reference)

@@ -53,3 +53,32 @@ def test_bad_input_is_one_clear_line(args, says):
     result = tierflow("lazarus", "plan", *args)
     assert result.returncode == 2
     assert says in result.stderr and "Traceback" not in result.stderr
+
+
+def test_kill_preempts_a_node_of_the_running_run_and_the_survivors_go_on(tmp_path):
+    from dataclasses import asdict
+
+    from infra.prefect_server import tierflow_home
+    from tasks.lazarus.local import ElasticRun
+    from tasks.lazarus.node import RunSettings
+    from tasks.moe.model import CONFIGS
+
+    settings = RunSettings(config=asdict(CONFIGS["tiny"]), steps=100, store_url=str(tmp_path / "store"), timeout_s=30)
+    run = ElasticRun(settings, policy="lazarus", slots=4, f=2)
+    run.start(4)
+    current = tierflow_home() / "lazarus" / "current.json"  # what `tierflow run lazarus` writes
+    current.parent.mkdir(parents=True, exist_ok=True)
+    current.write_text(json.dumps(run.describe()))
+    try:
+        run.wait_for_step(3)
+        unknown = tierflow("lazarus", "kill", "node9")
+        assert unknown.returncode != 0 and "node0, node1, node2, node3" in unknown.stderr + unknown.stdout
+        killed = tierflow("lazarus", "kill", "node1")
+        assert killed.returncode == 0, killed.stderr
+        out = run.finish()
+    finally:
+        current.unlink()
+    recovery = out["recoveries"][0]
+    assert recovery.failed == ["node1"] and recovery.restored_step is None
+    assert recovery.detected_s is not None, "the CLI records when it killed the node"
+    assert sorted(out["losses"]) == list(range(100))

@@ -223,6 +223,10 @@ class Coordinator:
         either reports its committed steps and the experts it holds in memory; the new plan
         fetches from those, or restores the checkpoint when some expert is held by nobody.
         """
+        # nodes still gathering to form either epoch (a joiner, say) give up and report now,
+        # instead of waiting out their rendezvous for members that failed
+        self.control.abort(failed_epoch.number)
+        self.control.abort(latest.number)
         everyone = list(dict.fromkeys(failed_epoch.members + latest.members))
         deadline = time.monotonic() + self.report_timeout_s
         while time.monotonic() < deadline:

@@ -315,6 +315,7 @@ def run_node(node: str, host: str, port: int, settings: RunSettings) -> dict:
             except RuntimeError as exc:  # a peer died while the epoch was being set up
                 worker.report.failures_seen += 1
                 control.report_failure(epoch.number, node, worker.committed, worker.held(), f"during set-up: {exc}")
+                _leave_group()  # peers blocked on this node fail now, not at their timeout
                 continue
             control.report_ready(epoch.number, node, timings)
             outcome = worker.train(epoch)

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from dataclasses import asdict
 
 import torch
 
 from infra.errors import InputError
 from infra.store import ArtifactStore, StoreError
-from tasks.moe.model import MoEConfig
+from tasks.moe.model import GPTMoE, MoEConfig
 
 
 def _step_prefix(prefix: str, step: int) -> str:
@@ -87,10 +88,6 @@ def load_part(store: ArtifactStore, prefix: str, step: int, name: str, config: M
 def checkpoint_cost(store: ArtifactStore, prefix: str, config: MoEConfig) -> tuple[float, int]:
     """(seconds, bytes) to write one whole checkpoint of a ``config`` model — its weights and both
     Adam moments — to ``store`` under ``prefix``: the cost Young's rule weighs against lost work."""
-    import time
-
-    from tasks.moe.model import GPTMoE
-
     weights = GPTMoE(config).state_dict()
     state = {"weights": weights, **{m: {k: torch.zeros_like(v) for k, v in weights.items()} for m in ("exp_avg", "exp_avg_sq")}}
     start = time.perf_counter()

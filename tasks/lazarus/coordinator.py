@@ -72,7 +72,6 @@ class _Pending:
     """A recovery between the survivors' reports and its new epoch (kept while it waits for nodes)."""
 
     failed_epoch: Epoch
-    latest: Epoch
     survivors: list[str]
     failed: list[str]
     reports: dict
@@ -176,12 +175,12 @@ class Coordinator:
                 self._handled.update({epoch.number, number})
                 self._recover(self.epochs[number], epoch)
                 return
+        ready = self.control.ready(epoch.number)
         if epoch.number not in self._handled and not self.control.aborted(epoch.number):
             # a member that dies before the epoch's group forms would leave the others waiting
-            ready = self.control.ready(epoch.number)
             if any(n not in ready and not self.alive(n) for n in epoch.members):
                 self.control.abort(epoch.number)
-        if not set(epoch.members) <= set(self.control.ready(epoch.number)):
+        if not set(epoch.members) <= set(ready):
             return  # joins and re-plans switch members at a step boundary: wait until they all train
         with self._lock:
             joining = [n for n in self._admitted if n not in epoch.members and self.alive(n)]
@@ -243,7 +242,7 @@ class Coordinator:
         kills = [t for t in (self.killed_at(n) for n in failed) if t is not None]
         first_report = min((r["time"] for r in reports.values()), default=None)
         detected = first_report - min(kills) if kills and first_report is not None else None
-        self._resume(_Pending(failed_epoch, latest, survivors, failed, reports, detected))
+        self._resume(_Pending(failed_epoch, survivors, failed, reports, detected))
 
     def _resume(self, p: "_Pending") -> None:
         """Plan over ``p``'s survivors and publish the epoch they continue in; with too few of them

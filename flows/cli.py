@@ -22,6 +22,7 @@ from rich.table import Table
 # the server's URL is only known once _ensure_server() has run.
 from flows.honeybee_cli import honeybee_app
 from flows.lazarus_cli import lazarus_app
+from flows.lm_cli import lm_app
 from tasks.jellybean.workflow import DEFAULT_INFRA, DEFAULT_WORKFLOW
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -38,6 +39,7 @@ app.add_typer(cluster_app, name="cluster")
 app.add_typer(jellybean_app, name="jellybean")
 app.add_typer(honeybee_app, name="honeybee")
 app.add_typer(lazarus_app, name="lazarus")
+app.add_typer(lm_app, name="lm")
 
 console = Console(stderr=True)
 CONFIG_KEYS = {  # what a run config (--config) may set, per system; path-valued keys are resolved

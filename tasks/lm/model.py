@@ -1,0 +1,264 @@
+"""A Llama-architecture decoder in plain torch, reading and writing a paged KV cache.
+
+RMSNorm, rotary position embeddings (rotate-half form), grouped-query attention and a SwiGLU
+feed-forward; weights from :mod:`tasks.lm.weights`. One forward takes a *flat* batch: the new
+tokens of many sequences side by side, each with its position and the cache slot its key and
+value go to. The linear layers see all tokens at once; attention runs per group of sequences
+(all decoding sequences together, each prefill chunk on its own) against the keys and values
+the cache holds for them.
+
+Weights come in three formats (``weight_format``):
+
+- ``float32``: everything in fp32, the reference the correctness tests compare at tight tolerance;
+- ``bfloat16``: the matrix multiplies in bf16, the residual stream and norms in fp32 (all-bf16
+  overflows this model's residual stream; see ../shared/facts/smollm2-on-this-cpu.md);
+- ``int4``: the linear layers run on 4-bit codes with a scale and zero per 32 inputs through
+  torch's int4 weight-only matmul (bf16 activations). For a Q4_1 GGUF these are the file's own
+  codes, so nothing is re-quantized; other checkpoints are quantized min/max per group. The
+  output head stays bf16. Decoding is memory-bound on a CPU, and int4 reads 8× fewer bytes than fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tasks.lm.kvcache import PagedKVCache
+from tasks.lm.weights import LlamaConfig
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences whose attention runs as one padded call: B sequences × T new tokens each."""
+
+    rows: torch.Tensor  # [B*T] indices into the flat batch, sequence-major
+    block_table: torch.Tensor  # [B, n_blocks] cache blocks per sequence (padded with the null block)
+    mask: torch.Tensor  # [B, 1, T*G, n_blocks*block_size] True where a query may attend a key
+    batch: int
+    tokens: int
+
+
+@dataclass
+class FlatBatch:
+    tokens: torch.Tensor  # [N]
+    positions: torch.Tensor  # [N]
+    slots: torch.Tensor  # [N] flat cache slot of each token's key/value
+    groups: list[AttentionGroup]
+    logit_rows: torch.Tensor  # [M] rows whose next-token logits are wanted
+
+
+WEIGHT_FORMATS = ("float32", "bfloat16", "int4")
+INT4_GROUP = 32
+
+
+@dataclass
+class Int4Weight:
+    """A linear layer's weight as packed 4-bit codes: w = (code - 8) * scale + zero per group."""
+
+    packed: torch.Tensor
+    scales_zeros: torch.Tensor  # [in / group, out, 2] bf16
+    out_features: int
+
+
+def int4_weight(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> Int4Weight:
+    """From codes in 0..15 [out, in] and a scale and minimum per group [out, in / group]
+    (w = scale * code + minimum, the Q4_1 form)."""
+    zero = minimum + 8 * scale  # torch's kernel centres the codes: (code - 8) * scale + zero
+    scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(torch.bfloat16)
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+    return Int4Weight(packed, scales_zeros, codes.shape[0])
+
+
+def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Min/max 4-bit quantization per group of INT4_GROUP inputs: (codes, scale, minimum)."""
+    groups = w.reshape(w.shape[0], -1, INT4_GROUP)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = ((high - low) / 15).clamp_min(1e-12)
+    codes = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
+    return codes.reshape(w.shape), scale, low
+
+
+def linear(x, weight):
+    """x @ weight.T with the weight in its own format; the result is float32."""
+    if isinstance(weight, Int4Weight):
+        return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), weight.packed, INT4_GROUP, weight.scales_zeros).float()
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight)
+    return F.linear(x.to(weight.dtype), weight).float()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wqkv = None  # q, k and v projections fused: [(H + 2 * KV) * head_dim, dim]
+        self.wo = None
+
+    def forward(self, x, batch: FlatBatch, rope, k_pool, v_pool):
+        n, h, kvh, hd = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = linear(x, self.wqkv).view(n, h + 2 * kvh, hd)
+        cos, sin = rope
+        qk = qkv[:, : h + kvh] * cos + rotate_half(qkv[:, : h + kvh]) * sin
+        q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kvh:]
+        block_size = k_pool.shape[1]
+        k_pool.view(-1, kvh, hd)[batch.slots] = k.to(k_pool.dtype)
+        v_pool.view(-1, kvh, hd)[batch.slots] = v.to(v_pool.dtype)
+        out = torch.empty(n, h * hd, dtype=x.dtype)
+        groups = h // kvh
+        for g in batch.groups:
+            b, t = g.batch, g.tokens
+            # grouped-query attention without repeating keys: a KV head's G query heads become
+            # G query rows, so each (sequence, KV head) is one small attention of T*G rows
+            qg = q[g.rows].view(b, t, kvh, groups, hd).permute(0, 2, 1, 3, 4).reshape(b, kvh, t * groups, hd)
+            length = g.block_table.shape[1] * block_size
+            keys = k_pool[g.block_table].view(b, length, kvh, hd).transpose(1, 2)
+            values = v_pool[g.block_table].view(b, length, kvh, hd).transpose(1, 2)
+            y = F.scaled_dot_product_attention(qg.to(keys.dtype), keys, values, attn_mask=g.mask)
+            out[g.rows] = y.view(b, kvh, t, groups, hd).permute(0, 2, 1, 3, 4).reshape(b * t, h * hd).to(out.dtype)
+        return linear(out, self.wo)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.w_gate_up = None  # gate and up projections fused: [2 * ffn_dim, dim]
+        self.w_down = None
+
+    def forward(self, x):
+        gate, up = linear(x, self.w_gate_up).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.w_down)
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn = FeedForward(config)
+
+    def forward(self, x, batch, rope, k_pool, v_pool):
+        x = x + self.attn(self.attn_norm(x), batch, rope, k_pool, v_pool)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim))
+        angles = torch.outer(torch.arange(config.context_length).float(), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)
+        self.register_buffer("rope_cos", angles.cos(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.lm_head_weight = None  # set by load_weights: the output (or tied embedding) in compute dtype
+
+    @classmethod
+    def from_weights(cls, config: LlamaConfig, weights: dict[str, torch.Tensor], weight_format: str = "float32",
+                     q4_1: dict | None = None) -> "Llama":
+        """The model with ``weights`` (from :func:`tasks.lm.weights.load_checkpoint`) in ``weight_format``;
+        ``q4_1`` (the checkpoint's stored 4-bit blocks) makes ``int4`` use the file's own codes."""
+        if weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"weight_format {weight_format!r} is not one of {WEIGHT_FORMATS}")
+        model = cls(config)
+        model.weight_format = weight_format
+        model.load_weights(weights, weight_format, q4_1 or {})
+        return model.eval()
+
+    @torch.no_grad()
+    def load_weights(self, weights, weight_format, q4_1) -> None:
+        self.tok_embeddings.weight.copy_(weights["tok_embeddings"])
+        self.norm.weight.copy_(weights["norm"])
+
+        def fused(i: int, names: tuple[str, ...]):
+            keys = [f"layers.{i}.{name}" for name in names]
+            if weight_format == "int4":
+                if all(key in q4_1 for key in keys):
+                    parts = [q4_1[key] for key in keys]
+                    codes, scale, minimum = (torch.from_numpy(np.concatenate([getattr(p, f) for p in parts]))
+                                             for f in ("codes", "scale", "minimum"))
+                else:
+                    codes, scale, minimum = quantize_int4(torch.cat([weights[key] for key in keys]))
+                return int4_weight(codes, scale, minimum)
+            dtype = torch.float32 if weight_format == "float32" else torch.bfloat16
+            return torch.cat([weights[key] for key in keys]).to(dtype).contiguous()
+
+        for i, layer in enumerate(self.layers):
+            layer.attn_norm.weight.copy_(weights[f"layers.{i}.attn_norm"])
+            layer.ffn_norm.weight.copy_(weights[f"layers.{i}.ffn_norm"])
+            layer.attn.wqkv = fused(i, ("wq", "wk", "wv"))
+            layer.attn.wo = fused(i, ("wo",))
+            layer.ffn.w_gate_up = fused(i, ("w_gate", "w_up"))
+            layer.ffn.w_down = fused(i, ("w_down",))
+        head = weights["output"] if "output" in weights else weights["tok_embeddings"]
+        self.lm_head_weight = head.to(torch.float32 if weight_format == "float32" else torch.bfloat16).contiguous()
+        self.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, batch: FlatBatch, cache: PagedKVCache) -> torch.Tensor:
+        """Next-token logits (float32) at ``batch.logit_rows``; writes every token's K/V to the cache."""
+        x = self.tok_embeddings(batch.tokens)
+        rope = (self.rope_cos[batch.positions].unsqueeze(1), self.rope_sin[batch.positions].unsqueeze(1))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, batch, rope, cache.k[i], cache.v[i])
+        x = self.norm(x[batch.logit_rows])
+        return linear(x, self.lm_head_weight)
+
+
+def build_flat_batch(cache: PagedKVCache, work: list[tuple], n_query_groups: int) -> FlatBatch:
+    """The flat batch for ``work``: ``(sequence, start, end, want_logits)`` entries, each computing
+    the sequence's tokens ``start .. end-1`` (cache blocks already reserved). Entries of one token
+    (decoding sequences) share one attention group; each longer chunk (a prefill) gets its own."""
+    tokens, positions, slots, logit_rows = [], [], [], []
+    decode, chunks = [], []
+    for seq, start, end, want_logits in work:
+        row = len(tokens)
+        tokens += seq.tokens[start:end]
+        positions += range(start, end)
+        slots += cache.slots(seq, start, end)
+        if want_logits:
+            logit_rows.append(row + end - start - 1)
+        (decode if end - start == 1 else chunks).append((seq, row, start, end))
+    groups = []
+    if decode:
+        groups.append(_attention_group(cache, decode, 1, n_query_groups))
+    groups += [_attention_group(cache, [chunk], chunk[3] - chunk[2], n_query_groups) for chunk in chunks]
+    as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+    return FlatBatch(as_long(tokens), as_long(positions), as_long(slots), groups, as_long(logit_rows))
+
+
+def _attention_group(cache: PagedKVCache, members: list[tuple], t: int, n_query_groups: int) -> AttentionGroup:
+    n_blocks = max(-(-end // cache.block_size) for _, _, _, end in members)
+    table = torch.full((len(members), n_blocks), cache.null_block, dtype=torch.long)
+    rows, query_positions = [], []
+    for i, (seq, row, start, end) in enumerate(members):
+        used = -(-end // cache.block_size)
+        table[i, :used] = torch.tensor(seq.blocks[:used])
+        rows += range(row, row + t)
+        query_positions.append(list(range(start, end)))
+    keys = torch.arange(n_blocks * cache.block_size)
+    allowed = keys[None, None, :] <= torch.tensor(query_positions)[:, :, None]  # [B, T, L], causal
+    mask = allowed.repeat_interleave(n_query_groups, dim=1).unsqueeze(1)
+    return AttentionGroup(torch.tensor(rows, dtype=torch.long), table, mask, len(members), t)

@@ -1,0 +1,112 @@
+"""The model's tokenizer and chat template, built from the checkpoint's own metadata.
+
+A GGUF file carries its byte-level BPE vocabulary and merges; they are assembled into a
+``tokenizers`` BPE with the pre-tokenizer GGUF's ``tokenizer.ggml.pre`` names. A safetensors
+folder carries a ``tokenizer.json``. The chat template (Jinja2) comes from the checkpoint too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from tasks.lm.weights import ModelLoadError
+
+_CONTROL = 3  # llama.cpp token type of control tokens (<|im_start|> …)
+# the pre-tokenizers llama.cpp names in tokenizer.ggml.pre: the steps before the byte-level one,
+# which applies GPT-2's regex
+_PRE_TOKENIZERS = {
+    "default": [],
+    "gpt2": [],
+    "smollm": [pre_tokenizers.Digits(individual_digits=True)],
+    "starcoder": [pre_tokenizers.Digits(individual_digits=True)],
+    "refact": [pre_tokenizers.Digits(individual_digits=True)],
+}
+
+
+@dataclass
+class ChatTokenizer:
+    """Encode/decode text and render chat messages with the model's template."""
+
+    tokenizer: Tokenizer
+    bos_token_id: int
+    eos_token_ids: tuple[int, ...]
+    add_bos: bool
+    chat_template: str
+    special_ids: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return [self.bos_token_id, *ids] if self.add_bos and self.bos_token_id >= 0 else ids
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.id_to_token(token_id) or ""
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text for a list of ``{"role", "content"}`` messages."""
+        if not self.chat_template:
+            # no template shipped: a plain transcript the model can continue
+            lines = [f"{m['role']}: {m['content']}" for m in messages]
+            return "\n".join(lines) + ("\nassistant:" if add_generation_prompt else "")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(message):
+            raise ValueError(message)
+
+        env.globals["raise_exception"] = raise_exception
+        try:
+            template = env.from_string(self.chat_template)
+            return template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.token_text(self.bos_token_id) if self.bos_token_id >= 0 else "",
+                eos_token=self.token_text(self.eos_token_ids[0]) if self.eos_token_ids else "",
+            )
+        except jinja2.TemplateError as exc:
+            raise ValueError(f"the model's chat template failed on these messages: {exc}") from exc
+
+
+def build_tokenizer(meta: dict) -> ChatTokenizer:
+    """The tokenizer of a checkpoint loaded by :func:`tasks.lm.weights.load_checkpoint`."""
+    info = meta["tokenizer"]
+    eos = info.get("eos_token_id", -1)
+    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if int(e) >= 0)
+    if meta["format"] == "gguf":
+        tokenizer, special = _bpe_from_gguf(meta["path"], info)
+    else:
+        if not info.get("tokenizer_json"):
+            raise ModelLoadError(f"{meta['path']}: no tokenizer.json next to the weights")
+        tokenizer = Tokenizer.from_file(info["tokenizer_json"])
+        special = frozenset(t for t, added in tokenizer.get_added_tokens_decoder().items() if added.special)
+    return ChatTokenizer(
+        tokenizer=tokenizer, bos_token_id=int(info.get("bos_token_id") if info.get("bos_token_id") is not None else -1),
+        eos_token_ids=eos_ids, add_bos=bool(info.get("add_bos_token")), chat_template=info.get("chat_template") or "",
+        special_ids=special,
+    )
+
+
+def _bpe_from_gguf(path: str, info: dict) -> tuple[Tokenizer, frozenset[int]]:
+    if info["model"] != "gpt2":
+        raise ModelLoadError(f"{path}: tokenizer.ggml.model is {info['model']!r}; only byte-level BPE ('gpt2') GGUF tokenizers are supported")
+    if info["pre"] not in _PRE_TOKENIZERS:
+        raise ModelLoadError(f"{path}: tokenizer.ggml.pre is {info['pre']!r}; supported: {sorted(_PRE_TOKENIZERS)}")
+    tokens = list(info["tokens"])
+    vocab = {token: i for i, token in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in info["merges"]]
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    steps = [*_PRE_TOKENIZERS[info["pre"]], pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    tokenizer.decoder = decoders.ByteLevel()
+    types = list(info.get("token_type") or [])
+    special = frozenset(i for i, kind in enumerate(types) if kind == _CONTROL)
+    tokenizer.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in sorted(special)])
+    return tokenizer, special

@@ -274,3 +274,27 @@ def test_client_leaving_mid_stream_aborts_and_frees_its_blocks(url, client, engi
     assert [(r.finish_reason, r.completion_tokens < 32) for r in aborted] == [("abort", True)]
     monkeypatch.undo()
     assert "Paris" in ask(client, "What is the capital of France?").choices[0].message.content
+
+
+# --- the systems' backend interface over this endpoint ---------------------------------------------
+
+def test_the_openai_backend_gives_the_local_backends_answers_and_says_what_it_cannot_do(url, engine):
+    from tasks.lm.backend import LocalBackend, OpenAIBackend, UnsupportedFeature
+    from tasks.lm.sampling import SamplingParams
+
+    remote, local = OpenAIBackend(f"{url}/v1", engine.model_id), LocalBackend(engine)
+    params = SamplingParams(temperature=0, max_tokens=12)
+    prompts = ["Once upon a time", "The three primary colors are"]
+    assert [c.text for c in remote.generate(prompts, params)] == [c.text for c in local.generate(prompts, params)]
+    assert "".join(remote.stream(prompts[0], params)) == local.generate(prompts[:1], params)[0].text
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    assert remote.chat(question, params).text == local.chat(question, params).text == "The capital of France is Paris."
+    session = remote.session("Once upon a time")
+    branch = session.fork()
+    remote.generate_sessions([session, branch], params)
+    assert session.text == branch.text == "Once upon a time" + local.generate(prompts[:1], params)[0].text
+    with pytest.raises(UnsupportedFeature, match=f"{url}/v1 \\(model smollm2-135m-instruct\\) cannot roll a session back"):
+        session.rollback(3)
+    with pytest.raises(UnsupportedFeature, match="does not support 'kv_shared_fork'"):
+        remote.require("kv_shared_fork")
+    local.require("kv_shared_fork")

@@ -1,6 +1,6 @@
 """A paged KV cache: fixed-size token blocks shared between sequences by reference count.
 
-Each layer's keys and values live in one pool ``[n_blocks, block_size, n_kv_heads, head_dim]``.
+Each layer's keys and values live in one pool ``[n_kv_heads, n_blocks, block_size, head_dim]``.
 A sequence owns a list of blocks (its block table). Blocks are shared, never copied, when:
 
 - a sequence is forked: the child takes the parent's table and every block's count goes up;
@@ -43,7 +43,8 @@ class PagedKVCache:
     def __init__(self, config: LlamaConfig, n_blocks: int, block_size: int = 16, dtype: torch.dtype = torch.float32):
         if n_blocks < 2 or block_size < 1:
             raise ValueError(f"a KV cache needs at least 2 blocks of at least 1 token (got {n_blocks} × {block_size})")
-        shape = (config.n_layers, n_blocks, block_size, config.n_kv_heads, config.head_dim)
+        # [layer, KV head, block, slot, head_dim]: a gather of blocks is contiguous per KV head
+        shape = (config.n_layers, config.n_kv_heads, n_blocks, block_size, config.head_dim)
         # zeros, not empty: padded attention reads past a sequence's end, and 0 × NaN garbage is NaN
         self.k = torch.zeros(shape, dtype=dtype)
         self.v = torch.zeros(shape, dtype=dtype)
@@ -170,8 +171,8 @@ class PagedKVCache:
         first = seq.computed // bs
         if first < len(seq.blocks) and not self._writable(seq.blocks[first]):
             old, new = seq.blocks[first], self._allocate()
-            self.k[:, new] = self.k[:, old]
-            self.v[:, new] = self.v[:, old]
+            self.k[:, :, new] = self.k[:, :, old]
+            self.v[:, :, new] = self.v[:, :, old]
             self._release_block(old)
             seq.blocks[first] = new
             self.stats["copy_on_write"] += 1

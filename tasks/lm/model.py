@@ -37,7 +37,7 @@ class AttentionGroup:
 
     rows: torch.Tensor  # [B*T] indices into the flat batch, sequence-major
     block_table: torch.Tensor  # [B, n_blocks] cache blocks per sequence (padded with the null block)
-    mask: torch.Tensor  # [B, 1, T*G, n_blocks*block_size] True where a query may attend a key
+    bias: torch.Tensor  # [B, T*G, n_blocks*block_size]: 0 where a query may attend a key, -inf elsewhere
     batch: int
     tokens: int
 
@@ -53,6 +53,7 @@ class FlatBatch:
 
 WEIGHT_FORMATS = ("float32", "bfloat16", "int4")
 INT4_GROUP = 32
+EXACT_TOP_LOGITS = 64  # tokens whose logits are recomputed in float32 after a bf16 output head
 
 
 @dataclass
@@ -119,21 +120,26 @@ class Attention(nn.Module):
         cos, sin = rope
         qk = qkv[:, : h + kvh] * cos + rotate_half(qkv[:, : h + kvh]) * sin
         q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kvh:]
-        block_size = k_pool.shape[1]
-        k_pool.view(-1, kvh, hd)[batch.slots] = k.to(k_pool.dtype)
-        v_pool.view(-1, kvh, hd)[batch.slots] = v.to(v_pool.dtype)
+        # the pool is [KV head, block, slot, head_dim], so gathering a group's blocks gives each
+        # KV head's keys contiguous: [KV head * sequence, length, head_dim], ready for bmm
+        k_pool.view(kvh, -1, hd)[:, batch.slots] = k.transpose(0, 1).to(k_pool.dtype)
+        v_pool.view(kvh, -1, hd)[:, batch.slots] = v.transpose(0, 1).to(v_pool.dtype)
         out = torch.empty(n, h * hd, dtype=x.dtype)
         groups = h // kvh
         for g in batch.groups:
             b, t = g.batch, g.tokens
+            length = g.block_table.shape[1] * k_pool.shape[2]
+            # scores in float32 (bf16 scores round away the differences softmax amplifies);
+            # the probability-weighted sum of values may run in the cache's dtype
+            keys = k_pool[:, g.block_table].view(kvh * b, length, hd).float()
+            values = v_pool[:, g.block_table].view(kvh * b, length, hd)
             # grouped-query attention without repeating keys: a KV head's G query heads become
-            # G query rows, so each (sequence, KV head) is one small attention of T*G rows
-            qg = q[g.rows].view(b, t, kvh, groups, hd).permute(0, 2, 1, 3, 4).reshape(b, kvh, t * groups, hd)
-            length = g.block_table.shape[1] * block_size
-            keys = k_pool[g.block_table].view(b, length, kvh, hd).transpose(1, 2)
-            values = v_pool[g.block_table].view(b, length, kvh, hd).transpose(1, 2)
-            y = F.scaled_dot_product_attention(qg.to(keys.dtype), keys, values, attn_mask=g.mask)
-            out[g.rows] = y.view(b, kvh, t, groups, hd).permute(0, 2, 1, 3, 4).reshape(b * t, h * hd).to(out.dtype)
+            # G query rows, so each (KV head, sequence) is one small attention of T*G rows
+            qg = q[g.rows].view(b, t, kvh, groups, hd).permute(2, 0, 1, 3, 4).reshape(kvh * b, t * groups, hd)
+            scores = torch.bmm(qg, keys.transpose(1, 2)).view(kvh, b, t * groups, length)
+            probs = torch.softmax(scores * self.head_dim ** -0.5 + g.bias, dim=-1).view(kvh * b, t * groups, length)
+            y = torch.bmm(probs.to(values.dtype), values)
+            out[g.rows] = y.view(kvh, b, t, groups, hd).permute(1, 2, 0, 3, 4).reshape(b * t, h * hd).to(out.dtype)
         return linear(out, self.wo)
 
 
@@ -174,6 +180,7 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
         self.lm_head_weight = None  # set by load_weights: the output (or tied embedding) in compute dtype
+        self.lm_head_exact = None  # the same in float32, to recompute the likeliest tokens' logits
 
     @classmethod
     def from_weights(cls, config: LlamaConfig, weights: dict[str, torch.Tensor], weight_format: str = "float32",
@@ -214,6 +221,7 @@ class Llama(nn.Module):
             layer.ffn.w_down = fused(i, ("w_down",))
         head = weights["output"] if "output" in weights else weights["tok_embeddings"]
         self.lm_head_weight = head.to(torch.float32 if weight_format == "float32" else torch.bfloat16).contiguous()
+        self.lm_head_exact = self.tok_embeddings.weight if "output" not in weights else head.float().contiguous()
         self.requires_grad_(False)
 
     @torch.no_grad()
@@ -224,7 +232,13 @@ class Llama(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, batch, rope, cache.k[i], cache.v[i])
         x = self.norm(x[batch.logit_rows])
-        return linear(x, self.lm_head_weight)
+        logits = linear(x, self.lm_head_weight)
+        if self.lm_head_weight.dtype != torch.float32:
+            # bf16 logits are rounded to 1/8 near 25, which ties this model's top answers: the
+            # likeliest tokens get exact float32 logits, so greedy and top-p see true values
+            top = logits.topk(EXACT_TOP_LOGITS, dim=-1).indices
+            logits.scatter_(1, top, torch.bmm(self.lm_head_exact[top], x.unsqueeze(-1)).squeeze(-1))
+        return logits
 
 
 def build_flat_batch(cache: PagedKVCache, work: list[tuple], n_query_groups: int) -> FlatBatch:
@@ -260,5 +274,5 @@ def _attention_group(cache: PagedKVCache, members: list[tuple], t: int, n_query_
         query_positions.append(list(range(start, end)))
     keys = torch.arange(n_blocks * cache.block_size)
     allowed = keys[None, None, :] <= torch.tensor(query_positions)[:, :, None]  # [B, T, L], causal
-    mask = allowed.repeat_interleave(n_query_groups, dim=1).unsqueeze(1)
-    return AttentionGroup(torch.tensor(rows, dtype=torch.long), table, mask, len(members), t)
+    bias = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf")).repeat_interleave(n_query_groups, dim=1)
+    return AttentionGroup(torch.tensor(rows, dtype=torch.long), table, bias, len(members), t)

@@ -35,7 +35,7 @@ def test_fork_shares_blocks_and_copies_only_the_partial_block_its_writer_shares(
     cache.reserve(child, 7)  # writing position 6 lands in the shared, partly-filled second block
     assert child.blocks[0] == parent.blocks[0] and child.blocks[1] != parent.blocks[1]
     assert cache.stats["copy_on_write"] == 1
-    assert torch.equal(cache.k[:, child.blocks[1]], cache.k[:, parent.blocks[1]])
+    assert torch.equal(cache.k[:, :, child.blocks[1]], cache.k[:, :, parent.blocks[1]])
 
 
 def test_truncate_releases_whole_blocks_and_moves_nothing():

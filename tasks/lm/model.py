@@ -14,8 +14,10 @@ Weights come in three formats (``weight_format``):
   overflows this model's residual stream; see ../shared/facts/smollm2-on-this-cpu.md);
 - ``int4``: the linear layers run on 4-bit codes with a scale and zero per 32 inputs through
   torch's int4 weight-only matmul (bf16 activations). For a Q4_1 GGUF these are the file's own
-  codes, so nothing is re-quantized; other checkpoints are quantized min/max per group. The
-  output head stays bf16. Decoding is memory-bound on a CPU, and int4 reads 8× fewer bytes than fp32.
+  codes, so nothing is re-quantized; other checkpoints are quantized min/max per group. Decoding
+  a few sequences is memory-bound on a CPU, and int4 reads 8× fewer bytes than fp32; from
+  ``INT4_MAX_ROWS`` rows (larger batches, prefill) the same values dequantized to bf16 go through
+  a GEMM instead, which reuses each weight across rows. The output head stays bf16.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class FlatBatch:
     slots: torch.Tensor  # [N] flat cache slot of each token's key/value
     groups: list[AttentionGroup]
     logit_rows: torch.Tensor  # [M] rows whose next-token logits are wanted
+    int4_rows: int = 0  # leading rows (decoding sequences) that int4 weights run on their int4 kernel
 
 
 WEIGHT_FORMATS = ("float32", "bfloat16", "int4")
@@ -56,13 +59,18 @@ INT4_GROUP = 32
 EXACT_TOP_LOGITS = 64  # tokens whose logits are recomputed in float32 after a bf16 output head
 
 
+INT4_MAX_ROWS = 24  # the int4 kernel's cost grows linearly with rows: from here a bf16 GEMM is faster
+
+
 @dataclass
 class Int4Weight:
-    """A linear layer's weight as packed 4-bit codes: w = (code - 8) * scale + zero per group."""
+    """A linear layer's weight as packed 4-bit codes: w = (code - 8) * scale + zero per group,
+    and the same weight dequantized to bf16 for batches of INT4_MAX_ROWS rows or more."""
 
     packed: torch.Tensor
     scales_zeros: torch.Tensor  # [in / group, out, 2] bf16
     out_features: int
+    dense: torch.Tensor | None = None
 
 
 def int4_weight(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> Int4Weight:
@@ -83,10 +91,18 @@ def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return codes.reshape(w.shape), scale, low
 
 
-def linear(x, weight):
-    """x @ weight.T with the weight in its own format; the result is float32."""
+def linear(x, weight, int4_rows: int | None = None):
+    """x @ weight.T with the weight in its own format; the result is float32. An int4 weight runs
+    its first ``int4_rows`` rows (all by default) on the int4 kernel and the rest on its bf16 copy."""
     if isinstance(weight, Int4Weight):
-        return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), weight.packed, INT4_GROUP, weight.scales_zeros).float()
+        xb = x.to(torch.bfloat16)
+        split = x.shape[0] if int4_rows is None or weight.dense is None else int4_rows
+        parts = []
+        if split:
+            parts.append(torch._weight_int4pack_mm_for_cpu(xb[:split], weight.packed, INT4_GROUP, weight.scales_zeros))
+        if split < x.shape[0]:
+            parts.append(F.linear(xb[split:], weight.dense))
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).float()
     if weight.dtype == x.dtype:
         return F.linear(x, weight)
     return F.linear(x.to(weight.dtype), weight).float()
@@ -116,7 +132,7 @@ class Attention(nn.Module):
 
     def forward(self, x, batch: FlatBatch, rope, k_pool, v_pool):
         n, h, kvh, hd = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = linear(x, self.wqkv).view(n, h + 2 * kvh, hd)
+        qkv = linear(x, self.wqkv, batch.int4_rows).view(n, h + 2 * kvh, hd)
         cos, sin = rope
         qk = qkv[:, : h + kvh] * cos + rotate_half(qkv[:, : h + kvh]) * sin
         q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kvh:]
@@ -140,7 +156,7 @@ class Attention(nn.Module):
             probs = torch.softmax(scores * self.head_dim ** -0.5 + g.bias, dim=-1).view(kvh * b, t * groups, length)
             y = torch.bmm(probs.to(values.dtype), values)
             out[g.rows] = y.view(kvh, b, t, groups, hd).permute(1, 2, 0, 3, 4).reshape(b * t, h * hd).to(out.dtype)
-        return linear(out, self.wo)
+        return linear(out, self.wo, batch.int4_rows)
 
 
 class FeedForward(nn.Module):
@@ -149,9 +165,9 @@ class FeedForward(nn.Module):
         self.w_gate_up = None  # gate and up projections fused: [2 * ffn_dim, dim]
         self.w_down = None
 
-    def forward(self, x):
-        gate, up = linear(x, self.w_gate_up).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, self.w_down)
+    def forward(self, x, int4_rows: int | None = None):
+        gate, up = linear(x, self.w_gate_up, int4_rows).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.w_down, int4_rows)
 
 
 class Block(nn.Module):
@@ -164,7 +180,7 @@ class Block(nn.Module):
 
     def forward(self, x, batch, rope, k_pool, v_pool):
         x = x + self.attn(self.attn_norm(x), batch, rope, k_pool, v_pool)
-        return x + self.ffn(self.ffn_norm(x))
+        return x + self.ffn(self.ffn_norm(x), batch.int4_rows)
 
 
 class Llama(nn.Module):
@@ -208,7 +224,10 @@ class Llama(nn.Module):
                                              for f in ("codes", "scale", "minimum"))
                 else:
                     codes, scale, minimum = quantize_int4(torch.cat([weights[key] for key in keys]))
-                return int4_weight(codes, scale, minimum)
+                weight = int4_weight(codes, scale, minimum)
+                weight.dense = (codes.float().view(codes.shape[0], -1, INT4_GROUP) * scale[..., None]
+                                + minimum[..., None]).view(codes.shape).to(torch.bfloat16)
+                return weight
             dtype = torch.float32 if weight_format == "float32" else torch.bfloat16
             return torch.cat([weights[key] for key in keys]).to(dtype).contiguous()
 
@@ -244,7 +263,8 @@ class Llama(nn.Module):
 def build_flat_batch(cache: PagedKVCache, work: list[tuple], n_query_groups: int) -> FlatBatch:
     """The flat batch for ``work``: ``(sequence, start, end, want_logits)`` entries, each computing
     the sequence's tokens ``start .. end-1`` (cache blocks already reserved). Entries of one token
-    (decoding sequences) share one attention group; each longer chunk (a prefill) gets its own."""
+    (decoding sequences; put them first) share attention groups; each longer chunk (a prefill)
+    gets its own. Logit rows follow the order of ``work``."""
     tokens, positions, slots, logit_rows = [], [], [], []
     decode, chunks = [], []
     for seq, start, end, want_logits in work:
@@ -255,12 +275,32 @@ def build_flat_batch(cache: PagedKVCache, work: list[tuple], n_query_groups: int
         if want_logits:
             logit_rows.append(row + end - start - 1)
         (decode if end - start == 1 else chunks).append((seq, row, start, end))
-    groups = []
-    if decode:
-        groups.append(_attention_group(cache, decode, 1, n_query_groups))
+    groups = [_attention_group(cache, members, 1, n_query_groups) for members in _split_by_length(decode, cache.block_size)]
     groups += [_attention_group(cache, [chunk], chunk[3] - chunk[2], n_query_groups) for chunk in chunks]
     as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-    return FlatBatch(as_long(tokens), as_long(positions), as_long(slots), groups, as_long(logit_rows))
+    # int4 weights: decoding rows on the int4 kernel while they are few (its cost grows with rows),
+    # prefill rows always on the bf16 copy, so a prompt computes the same however it is chunked
+    leading = next((i for i, (_, start, end, _) in enumerate(work) if end - start > 1), len(work))
+    int4_rows = leading if leading < INT4_MAX_ROWS else 0
+    return FlatBatch(as_long(tokens), as_long(positions), as_long(slots), groups, as_long(logit_rows), int4_rows)
+
+
+GROUP_OVERHEAD_SLOTS = 128  # a separate attention group costs about as much as gathering this many more keys
+
+
+def _split_by_length(decode: list[tuple], block_size: int) -> list[list[tuple]]:
+    """Decoding sequences in one or two attention groups: a group pads every member to its longest,
+    so when lengths differ widely the short ones go in a group of their own."""
+    if len(decode) < 4:
+        return [decode] if decode else []
+    members = sorted(decode, key=lambda m: m[3])
+    padded = lambda group: len(group) * -(-group[-1][3] // block_size) * block_size  # noqa: E731
+    best, cut = padded(members), None
+    for i in range(1, len(members)):
+        cost = padded(members[:i]) + padded(members[i:]) + GROUP_OVERHEAD_SLOTS
+        if cost < best:
+            best, cut = cost, i
+    return [members] if cut is None else [members[:cut], members[cut:]]
 
 
 def _attention_group(cache: PagedKVCache, members: list[tuple], t: int, n_query_groups: int) -> AttentionGroup:

@@ -37,12 +37,14 @@ def reference(gguf_dir):
     return tokenizer, model
 
 
-def all_logits(engine: LMEngine, ids: list[int]) -> torch.Tensor:
-    """Our next-token logits at every position of ``ids`` (one prefill)."""
+def all_logits(engine: LMEngine, ids: list[int], int4_kernel: bool = False) -> torch.Tensor:
+    """Our next-token logits at every position of ``ids`` (one prefill; with ``int4_kernel`` every
+    row on the int4 codes, as decoding runs, instead of their bf16 copy)."""
     seq = engine.cache.open(ids)
     engine.cache.reserve(seq, len(ids))
     batch = build_flat_batch(engine.cache, [(seq, 0, len(ids), True)], engine.config.n_heads // engine.config.n_kv_heads)
     batch.logit_rows = torch.arange(len(ids))
+    batch.int4_rows = len(ids) if int4_kernel else 0
     try:
         return engine.model(batch, engine.cache)
     finally:
@@ -92,7 +94,7 @@ def test_float32_greedy_generation_equals_transformers_token_for_token(engine_fp
 
 
 def test_int4_runs_the_files_own_codes_close_to_the_float_reference(engine, reference, chat):
-    """The fast format (4-bit codes, bf16 activations and KV): the same chat answers, next-token
+    """The fast format (4-bit codes, bf16 activations and KV; prefill on their bf16 copy): the same chat answers, next-token
     choices agreeing with the reference at ≥ 95% of teacher-forced positions, logits within 1.5
     (their range is about ±35)."""
     _, model = reference
@@ -105,7 +107,7 @@ def test_int4_runs_the_files_own_codes_close_to_the_float_reference(engine, refe
         full = ids + expected
         with torch.no_grad():
             reference_logits = model(torch.tensor([full])).logits[0, len(ids) - 1:]
-        ours = all_logits(engine, full)[len(ids) - 1:]
+        ours = all_logits(engine, full, int4_kernel=True)[len(ids) - 1:]
         assert (ours - reference_logits).abs().max().item() < 1.5
         agree += (ours.argmax(-1) == reference_logits.argmax(-1)).sum().item()
         total += len(expected) + 1

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from tasks.lm.weights import ModelLoadError
 
@@ -95,8 +95,11 @@ def build_tokenizer(meta: dict) -> ChatTokenizer:
 
 
 def _bpe_from_gguf(path: str, info: dict) -> tuple[Tokenizer, frozenset[int]]:
+    if info["model"] == "llama":
+        return _sentencepiece_from_gguf(path, info)
     if info["model"] != "gpt2":
-        raise ModelLoadError(f"{path}: tokenizer.ggml.model is {info['model']!r}; only byte-level BPE ('gpt2') GGUF tokenizers are supported")
+        raise ModelLoadError(f"{path}: tokenizer.ggml.model is {info['model']!r}; supported: 'gpt2' (byte-level BPE) "
+                             "and 'llama' (SentencePiece BPE)")
     if info["pre"] not in _PRE_TOKENIZERS:
         raise ModelLoadError(f"{path}: tokenizer.ggml.pre is {info['pre']!r}; supported: {sorted(_PRE_TOKENIZERS)}")
     tokens = list(info["tokens"])
@@ -110,3 +113,39 @@ def _bpe_from_gguf(path: str, info: dict) -> tuple[Tokenizer, frozenset[int]]:
     special = frozenset(i for i, kind in enumerate(types) if kind == _CONTROL)
     tokenizer.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in sorted(special)])
     return tokenizer, special
+
+
+def _sentencepiece_from_gguf(path: str, info: dict) -> tuple[Tokenizer, frozenset[int]]:
+    """SentencePiece BPE (Llama 2, TinyLlama, …): "▁" for spaces and one in front of the text,
+    unknown characters as <0xXX> byte tokens, merges in the order of the merged pieces' scores."""
+    tokens, scores = list(info["tokens"]), list(info.get("scores") or [])
+    if len(scores) != len(tokens):
+        raise ModelLoadError(f"{path}: tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens")
+    vocab = {token: i for i, token in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in info.get("merges") or []] or _merges_by_score(vocab, scores)
+    unk = info.get("unknown_token_id")
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=tokens[unk] if unk is not None and unk >= 0 else None,
+                                     fuse_unk=True, byte_fallback=True))
+    prefix = bool(info.get("add_space_prefix", True))
+    # a normalizer, not Metaspace: SentencePiece adds its "▁" even before text that starts with a space
+    tokenizer.normalizer = normalizers.Sequence([*([normalizers.Prepend("\u2581")] if prefix else []),
+                                                 normalizers.Replace(" ", "\u2581")])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           *([decoders.Strip(" ", 1, 0)] if prefix else [])])
+    types = list(info.get("token_type") or [])
+    special = frozenset(i for i, kind in enumerate(types) if kind == _CONTROL)
+    tokenizer.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in sorted(special)])
+    return tokenizer, special
+
+
+def _merges_by_score(vocab: dict[str, int], scores: list[float]) -> list[tuple[str, str]]:
+    """The merges a SentencePiece vocabulary implies: every split of a piece into two pieces,
+    best-scored merged piece first (SentencePiece merges the pair whose result scores highest)."""
+    merges = []
+    for piece, index in vocab.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                merges.append((-scores[index], vocab[left], vocab[right], left, right))
+    merges.sort()
+    return [(left, right) for *_, left, right in merges]

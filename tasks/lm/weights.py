@@ -206,6 +206,9 @@ def _load_gguf(path: Path):
             "eos_token_id": _gguf_field(reader, path, "tokenizer.ggml.eos_token_id", default=-1),
             "add_bos_token": bool(_gguf_field(reader, path, "tokenizer.ggml.add_bos_token", default=False, required=False)),
             "chat_template": _gguf_field(reader, path, "tokenizer.chat_template", default="", required=False),
+            "scores": _gguf_field(reader, path, "tokenizer.ggml.scores", default=[], required=False),
+            "unknown_token_id": _gguf_field(reader, path, "tokenizer.ggml.unknown_token_id", default=-1, required=False),
+            "add_space_prefix": bool(_gguf_field(reader, path, "tokenizer.ggml.add_space_prefix", default=True, required=False)),
         },
     }
     return config, {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in weights.items()}, meta

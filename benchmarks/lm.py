@@ -308,7 +308,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", default="decode,prefix,rollback,server")
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     batches = [int(b) for b in args.batches.split(",")]
     new_tokens, repeats = args.new_tokens, args.repeats
     if args.quick:

@@ -32,15 +32,12 @@ def _fail(message: str) -> None:
 
 
 def _load_engine(model: str | None, weight_format: str, **options):
-    import torch
-
     from tasks.lm.engine import LMEngine
     from tasks.lm.model import WEIGHT_FORMATS
     from tasks.lm.weights import ModelLoadError
 
     if weight_format not in WEIGHT_FORMATS:
         _fail(f"--weight-format is {weight_format!r}; expected one of {', '.join(WEIGHT_FORMATS)}")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         with Console(stderr=True).status("loading the model…"):
             return LMEngine.load(model, weight_format=weight_format, **options)

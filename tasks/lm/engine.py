@@ -155,7 +155,7 @@ class LMEngine:
         if n >= self.config.context_length:
             raise InvalidRequest(
                 f"the prompt has {n} tokens; this model's context is {self.config.context_length} tokens "
-                "and at least one must be left to generate", param="prompt")
+                "and at least one must be left to generate", param="prompt", code="context_length_exceeded")
 
     # --- requests -------------------------------------------------------------------------------
     def submit(self, seq: SequenceKV, params: SamplingParams, owns_sequence: bool = False) -> Request:

@@ -66,14 +66,16 @@ class PagedKVCache:
 
     def blocks_needed(self, seq: SequenceKV, length: int) -> int:
         """New blocks a sequence needs to hold ``length`` tokens (copy-on-write included)."""
-        need = -(-length // self.block_size) - len(seq.blocks)
-        first = seq.computed // self.block_size
-        if first < len(seq.blocks) and not self._writable(seq.blocks[first]):
-            need += 1
+        need = -(-length // self.block_size) - len(seq.blocks) + self._must_copy(seq)
         return max(need, 0)
 
-    def _writable(self, block: int) -> bool:
-        return self.refs[block] == 1 and block not in self._hash_of
+    def _must_copy(self, seq: SequenceKV) -> bool:
+        """Whether the block ``seq`` writes next is shared or cached (so it is copied first)."""
+        first = seq.computed // self.block_size
+        if first >= len(seq.blocks):
+            return False
+        block = seq.blocks[first]
+        return self.refs[block] > 1 or block in self._hash_of
 
     def _allocate(self) -> int:
         if self._free:
@@ -168,8 +170,8 @@ class PagedKVCache:
     def reserve(self, seq: SequenceKV, length: int) -> None:
         """Make blocks for positions ``seq.computed .. length-1`` writable by ``seq`` alone."""
         bs = self.block_size
-        first = seq.computed // bs
-        if first < len(seq.blocks) and not self._writable(seq.blocks[first]):
+        if self._must_copy(seq):
+            first = seq.computed // bs
             old, new = seq.blocks[first], self._allocate()
             self.k[:, :, new] = self.k[:, :, old]
             self.v[:, :, new] = self.v[:, :, old]

@@ -69,8 +69,7 @@ class Int4Weight:
 
     packed: torch.Tensor
     scales_zeros: torch.Tensor  # [in / group, out, 2] bf16
-    out_features: int
-    dense: torch.Tensor | None = None
+    dense: torch.Tensor  # [out, in] bf16
 
 
 def int4_weight(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> Int4Weight:
@@ -79,7 +78,8 @@ def int4_weight(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor)
     zero = minimum + 8 * scale  # torch's kernel centres the codes: (code - 8) * scale + zero
     scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(torch.bfloat16)
     packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
-    return Int4Weight(packed, scales_zeros, codes.shape[0])
+    dense = codes.float().view(codes.shape[0], -1, INT4_GROUP) * scale[..., None] + minimum[..., None]
+    return Int4Weight(packed, scales_zeros, dense.view(codes.shape).to(torch.bfloat16))
 
 
 def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,7 +96,7 @@ def linear(x, weight, int4_rows: int | None = None):
     its first ``int4_rows`` rows (all by default) on the int4 kernel and the rest on its bf16 copy."""
     if isinstance(weight, Int4Weight):
         xb = x.to(torch.bfloat16)
-        split = x.shape[0] if int4_rows is None or weight.dense is None else int4_rows
+        split = x.shape[0] if int4_rows is None else int4_rows
         parts = []
         if split:
             parts.append(torch._weight_int4pack_mm_for_cpu(xb[:split], weight.packed, INT4_GROUP, weight.scales_zeros))
@@ -197,6 +197,7 @@ class Llama(nn.Module):
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
         self.lm_head_weight = None  # set by load_weights: the output (or tied embedding) in compute dtype
         self.lm_head_exact = None  # the same in float32, to recompute the likeliest tokens' logits
+        self.weight_format = None  # set by load_weights
 
     @classmethod
     def from_weights(cls, config: LlamaConfig, weights: dict[str, torch.Tensor], weight_format: str = "float32",
@@ -206,12 +207,12 @@ class Llama(nn.Module):
         if weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight_format {weight_format!r} is not one of {WEIGHT_FORMATS}")
         model = cls(config)
-        model.weight_format = weight_format
         model.load_weights(weights, weight_format, q4_1 or {})
         return model.eval()
 
     @torch.no_grad()
     def load_weights(self, weights, weight_format, q4_1) -> None:
+        self.weight_format = weight_format
         self.tok_embeddings.weight.copy_(weights["tok_embeddings"])
         self.norm.weight.copy_(weights["norm"])
 
@@ -224,10 +225,7 @@ class Llama(nn.Module):
                                              for f in ("codes", "scale", "minimum"))
                 else:
                     codes, scale, minimum = quantize_int4(torch.cat([weights[key] for key in keys]))
-                weight = int4_weight(codes, scale, minimum)
-                weight.dense = (codes.float().view(codes.shape[0], -1, INT4_GROUP) * scale[..., None]
-                                + minimum[..., None]).view(codes.shape).to(torch.bfloat16)
-                return weight
+                return int4_weight(codes, scale, minimum)
             dtype = torch.float32 if weight_format == "float32" else torch.bfloat16
             return torch.cat([weights[key] for key in keys]).to(dtype).contiguous()
 

@@ -9,11 +9,12 @@ import torch
 
 
 class InvalidRequest(ValueError):
-    """A request the runtime refuses, naming the parameter and the value."""
+    """A request the runtime refuses, naming the parameter and the value (``code``: OpenAI's
+    error code where one applies, e.g. ``context_length_exceeded``)."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code
 
 
 @dataclass(frozen=True)

@@ -162,14 +162,13 @@ class EngineLoop:
         """Open the prompt once and fork it for the other choices; refuse an invalid prompt."""
         engine = self.engine
         try:
-            tokens = engine.tokens_of(job.prompt)
-            job.prompt_tokens = len(tokens)
-            seq = engine.open(tokens)
+            seq = engine.open(job.prompt)
         except InvalidRequest as exc:
             with self._counters:
                 self.in_flight -= 1
             job.loop.call_soon_threadsafe(job.events.put_nowait, exc)
             return
+        job.prompt_tokens = len(seq.tokens)
         seqs = [seq, *(engine.fork(seq) for _ in range(job.n - 1))]
         # a seed makes the job repeatable, but the choices must still differ from each other
         params = [job.params if job.params.seed is None else replace(job.params, seed=job.params.seed + i)
@@ -379,9 +378,8 @@ def create_app(engine: LMEngine, *, max_queue: int = 64, retry_after_s: int = 1)
                           headers={"Retry-After": str(retry_after_s)})
         refusal = await job.events.get()
         if refusal is not None:
-            too_long = job.prompt_tokens >= engine.config.context_length
             return _error(400, str(refusal), param="messages" if chat and refusal.param == "prompt" else refusal.param,
-                          code="context_length_exceeded" if too_long else None)
+                          code=refusal.code)
         reply = _Reply(engine.model_id, chat)
         if body.stream:
             return StreamingResponse(stream(job, reply), media_type="text/event-stream",

@@ -1,13 +1,15 @@
 """The model's tokenizer and chat template, built from the checkpoint's own metadata.
 
-A GGUF file carries its byte-level BPE vocabulary and merges; they are assembled into a
-``tokenizers`` BPE with the pre-tokenizer GGUF's ``tokenizer.ggml.pre`` names. A safetensors
-folder carries a ``tokenizer.json``. The chat template (Jinja2) comes from the checkpoint too.
+A GGUF file carries its vocabulary: a byte-level BPE (``tokenizer.ggml.model = gpt2``) is assembled
+from its merges with the pre-tokenizer ``tokenizer.ggml.pre`` names, a SentencePiece BPE (``llama``)
+from its pieces and their scores. A safetensors folder carries a ``tokenizer.json``. The chat
+template (Jinja2) comes from the checkpoint too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -36,11 +38,6 @@ class ChatTokenizer:
     eos_token_ids: tuple[int, ...]
     add_bos: bool
     chat_template: str
-    special_ids: frozenset[int] = field(default_factory=frozenset)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -58,21 +55,25 @@ class ChatTokenizer:
             # no template shipped: a plain transcript the model can continue
             lines = [f"{m['role']}: {m['content']}" for m in messages]
             return "\n".join(lines) + ("\nassistant:" if add_generation_prompt else "")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-        def raise_exception(message):
-            raise ValueError(message)
-
-        env.globals["raise_exception"] = raise_exception
         try:
-            template = env.from_string(self.chat_template)
-            return template.render(
+            return self._template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt,
                 bos_token=self.token_text(self.bos_token_id) if self.bos_token_id >= 0 else "",
                 eos_token=self.token_text(self.eos_token_ids[0]) if self.eos_token_ids else "",
             )
         except jinja2.TemplateError as exc:
             raise ValueError(f"the model's chat template failed on these messages: {exc}") from exc
+
+    @cached_property
+    def _template(self) -> jinja2.Template:
+        """The chat template, compiled once (the server renders it for every chat request)."""
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_exception
+        return env.from_string(self.chat_template)
+
+
+def _raise_exception(message):
+    raise ValueError(message)
 
 
 def build_tokenizer(meta: dict) -> ChatTokenizer:
@@ -81,20 +82,21 @@ def build_tokenizer(meta: dict) -> ChatTokenizer:
     eos = info.get("eos_token_id", -1)
     eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if int(e) >= 0)
     if meta["format"] == "gguf":
-        tokenizer, special = _bpe_from_gguf(meta["path"], info)
+        tokenizer = _from_gguf(meta["path"], info)
+        types = list(info.get("token_type") or [])
+        control = [info["tokens"][i] for i, kind in enumerate(types) if kind == _CONTROL]
+        tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in control])
     else:
         if not info.get("tokenizer_json"):
             raise ModelLoadError(f"{meta['path']}: no tokenizer.json next to the weights")
         tokenizer = Tokenizer.from_file(info["tokenizer_json"])
-        special = frozenset(t for t, added in tokenizer.get_added_tokens_decoder().items() if added.special)
     return ChatTokenizer(
         tokenizer=tokenizer, bos_token_id=int(info.get("bos_token_id") if info.get("bos_token_id") is not None else -1),
         eos_token_ids=eos_ids, add_bos=bool(info.get("add_bos_token")), chat_template=info.get("chat_template") or "",
-        special_ids=special,
     )
 
 
-def _bpe_from_gguf(path: str, info: dict) -> tuple[Tokenizer, frozenset[int]]:
+def _from_gguf(path: str, info: dict) -> Tokenizer:
     if info["model"] == "llama":
         return _sentencepiece_from_gguf(path, info)
     if info["model"] != "gpt2":
@@ -109,13 +111,10 @@ def _bpe_from_gguf(path: str, info: dict) -> tuple[Tokenizer, frozenset[int]]:
     steps = [*_PRE_TOKENIZERS[info["pre"]], pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tokenizer.decoder = decoders.ByteLevel()
-    types = list(info.get("token_type") or [])
-    special = frozenset(i for i, kind in enumerate(types) if kind == _CONTROL)
-    tokenizer.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in sorted(special)])
-    return tokenizer, special
+    return tokenizer
 
 
-def _sentencepiece_from_gguf(path: str, info: dict) -> tuple[Tokenizer, frozenset[int]]:
+def _sentencepiece_from_gguf(path: str, info: dict) -> Tokenizer:
     """SentencePiece BPE (Llama 2, TinyLlama, …): "▁" for spaces and one in front of the text,
     unknown characters as <0xXX> byte tokens, merges in the order of the merged pieces' scores."""
     tokens, scores = list(info["tokens"]), list(info.get("scores") or [])
@@ -132,10 +131,7 @@ def _sentencepiece_from_gguf(path: str, info: dict) -> tuple[Tokenizer, frozense
                                                  normalizers.Replace(" ", "\u2581")])
     tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                            *([decoders.Strip(" ", 1, 0)] if prefix else [])])
-    types = list(info.get("token_type") or [])
-    special = frozenset(i for i, kind in enumerate(types) if kind == _CONTROL)
-    tokenizer.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in sorted(special)])
-    return tokenizer, special
+    return tokenizer
 
 
 def _merges_by_score(vocab: dict[str, int], scores: list[float]) -> list[tuple[str, str]]:

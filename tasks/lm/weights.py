@@ -102,10 +102,11 @@ _GGUF_LAYER_NAMES = {  # gguf tensor name in block i -> ours
 }
 
 
-def _gguf_field(reader, path: Path, key: str, default=None, required: bool = True):
+def _gguf_field(reader, path: Path, key: str, default=None):
+    """A metadata value; without a default, the field is required."""
     field = reader.fields.get(key)
     if field is None:
-        if required and default is None:
+        if default is None:
             raise ModelLoadError(f"{path}: GGUF metadata field {key!r} is missing")
         return default
     return field.contents()
@@ -204,14 +205,15 @@ def _load_gguf(path: Path):
             "token_type": _gguf_field(reader, path, "tokenizer.ggml.token_type", default=[]),
             "bos_token_id": _gguf_field(reader, path, "tokenizer.ggml.bos_token_id", default=-1),
             "eos_token_id": _gguf_field(reader, path, "tokenizer.ggml.eos_token_id", default=-1),
-            "add_bos_token": bool(_gguf_field(reader, path, "tokenizer.ggml.add_bos_token", default=False, required=False)),
-            "chat_template": _gguf_field(reader, path, "tokenizer.chat_template", default="", required=False),
-            "scores": _gguf_field(reader, path, "tokenizer.ggml.scores", default=[], required=False),
-            "unknown_token_id": _gguf_field(reader, path, "tokenizer.ggml.unknown_token_id", default=-1, required=False),
-            "add_space_prefix": bool(_gguf_field(reader, path, "tokenizer.ggml.add_space_prefix", default=True, required=False)),
+            "add_bos_token": bool(_gguf_field(reader, path, "tokenizer.ggml.add_bos_token", default=False)),
+            "chat_template": _gguf_field(reader, path, "tokenizer.chat_template", default=""),
+            "scores": _gguf_field(reader, path, "tokenizer.ggml.scores", default=[]),
+            "unknown_token_id": _gguf_field(reader, path, "tokenizer.ggml.unknown_token_id", default=-1),
+            "add_space_prefix": bool(_gguf_field(reader, path, "tokenizer.ggml.add_space_prefix", default=True)),
         },
     }
-    return config, {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in weights.items()}, meta
+    # F32 tensors come as read-only views of the file; dequantized ones are already fresh arrays
+    return config, {k: torch.from_numpy(np.require(v, np.float32, ["C", "W"])) for k, v in weights.items()}, meta
 
 
 # --- safetensors (Hugging Face layout) -------------------------------------------------------

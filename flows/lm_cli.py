@@ -109,14 +109,17 @@ def generate(
 @lm_app.command("info")
 def info(model: str = typer.Option(None, help=MODEL_HELP)) -> None:
     """What a checkpoint holds, as JSON."""
+    from tasks.lm.attention_kernel import kernel_status, paged_decode_attention
     from tasks.lm.weights import ModelLoadError, load_checkpoint
 
     try:
         config, _, meta = load_checkpoint(model)
     except ModelLoadError as exc:
         _fail(str(exc))
+    paged_decode_attention()  # builds or finds the kernel, so the status is this machine's
     print(json.dumps({
         "name": meta["name"], "path": meta["path"], "format": meta["format"], "parameters": config.n_params,
         "config": config.__dict__, "q4_1_tensors": len(meta["q4_1"]),
         "chat_template": bool(meta["tokenizer"].get("chat_template")),
+        "decode_attention": kernel_status(),
     }, indent=2))

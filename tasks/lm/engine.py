@@ -110,11 +110,13 @@ class LMEngine:
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preempted": 0}
 
     @classmethod
-    def load(cls, model: str | None = None, weight_format: str = "int4", **engine_options) -> "LMEngine":
+    def load(cls, model: str | None = None, weight_format: str = "int4", compiled_attention: bool = True,
+             **engine_options) -> "LMEngine":
         """The engine over a checkpoint: ``model`` is a GGUF file, a safetensors folder, or None
-        for the shipped SmolLM2-135M-Instruct."""
+        for the shipped SmolLM2-135M-Instruct; ``compiled_attention=False`` decodes in plain torch
+        instead of the compiled paged-attention kernel."""
         config, weights, meta = load_checkpoint(model)
-        llama = Llama.from_weights(config, weights, weight_format, meta.get("q4_1"))
+        llama = Llama.from_weights(config, weights, weight_format, meta.get("q4_1"), compiled_attention)
         model_id = DEFAULT_MODEL_ID if model in (None, "", DEFAULT_MODEL_ID) else meta["name"]
         return cls(llama, build_tokenizer(meta), model_id=model_id, **engine_options)
 
@@ -187,7 +189,8 @@ class LMEngine:
         work, scheduled = self._schedule()
         if not work:
             return []
-        batch = build_flat_batch(self.cache, work, self.config.n_heads // self.config.n_kv_heads)
+        batch = build_flat_batch(self.cache, work, self.config.n_heads // self.config.n_kv_heads,
+                                 self.model.compiled_attention)
         logits = self.model(batch, self.cache)
         self.stats["steps"] += 1
         advanced, row = [], 0

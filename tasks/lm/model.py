@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tasks.lm.attention_kernel import paged_decode_attention
 from tasks.lm.kvcache import PagedKVCache
 from tasks.lm.weights import LlamaConfig
 
@@ -45,6 +46,16 @@ class AttentionGroup:
 
 
 @dataclass
+class DecodeGroup:
+    """Decoding sequences (one new token each) for the compiled kernel, which reads the cache's
+    blocks in place: no padding, no mask."""
+
+    rows: torch.Tensor  # [B] each sequence's row in the flat batch
+    block_table: torch.Tensor  # [B, n_blocks] cache blocks per sequence (padded with the null block)
+    lengths: torch.Tensor  # [B] keys each sequence attends: its position + 1
+
+
+@dataclass
 class FlatBatch:
     tokens: torch.Tensor  # [N]
     positions: torch.Tensor  # [N]
@@ -52,6 +63,7 @@ class FlatBatch:
     groups: list[AttentionGroup]
     logit_rows: torch.Tensor  # [M] rows whose next-token logits are wanted
     int4_rows: int = 0  # leading rows (decoding sequences) that int4 weights run on their int4 kernel
+    decode: DecodeGroup | None = None  # decoding sequences, when the compiled kernel attends them
 
 
 WEIGHT_FORMATS = ("float32", "bfloat16", "int4")
@@ -129,6 +141,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.wqkv = None  # q, k and v projections fused: [(H + 2 * KV) * head_dim, dim]
         self.wo = None
+        self.kernel = None  # the compiled paged decode attention, when built (tasks.lm.attention_kernel)
 
     def forward(self, x, batch: FlatBatch, rope, k_pool, v_pool):
         n, h, kvh, hd = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
@@ -141,6 +154,9 @@ class Attention(nn.Module):
         k_pool.view(kvh, -1, hd)[:, batch.slots] = k.transpose(0, 1).to(k_pool.dtype)
         v_pool.view(kvh, -1, hd)[:, batch.slots] = v.transpose(0, 1).to(v_pool.dtype)
         out = torch.empty(n, h * hd, dtype=x.dtype)
+        if batch.decode is not None:
+            d = batch.decode
+            self.kernel(q.contiguous(), d.rows, k_pool, v_pool, d.block_table, d.lengths, out, hd ** -0.5)
         groups = h // kvh
         for g in batch.groups:
             b, t = g.batch, g.tokens
@@ -201,14 +217,22 @@ class Llama(nn.Module):
 
     @classmethod
     def from_weights(cls, config: LlamaConfig, weights: dict[str, torch.Tensor], weight_format: str = "float32",
-                     q4_1: dict | None = None) -> "Llama":
+                     q4_1: dict | None = None, compiled_attention: bool = True) -> "Llama":
         """The model with ``weights`` (from :func:`tasks.lm.weights.load_checkpoint`) in ``weight_format``;
-        ``q4_1`` (the checkpoint's stored 4-bit blocks) makes ``int4`` use the file's own codes."""
+        ``q4_1`` (the checkpoint's stored 4-bit blocks) makes ``int4`` use the file's own codes;
+        ``compiled_attention`` decodes with the compiled paged-attention kernel where it builds."""
         if weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight_format {weight_format!r} is not one of {WEIGHT_FORMATS}")
         model = cls(config)
         model.load_weights(weights, weight_format, q4_1 or {})
+        kernel = paged_decode_attention() if compiled_attention else None
+        for layer in model.layers:
+            layer.attn.kernel = kernel
         return model.eval()
+
+    @property
+    def compiled_attention(self) -> bool:
+        return self.layers[0].attn.kernel is not None
 
     @torch.no_grad()
     def load_weights(self, weights, weight_format, q4_1) -> None:
@@ -258,11 +282,13 @@ class Llama(nn.Module):
         return logits
 
 
-def build_flat_batch(cache: PagedKVCache, work: list[tuple], n_query_groups: int) -> FlatBatch:
+def build_flat_batch(cache: PagedKVCache, work: list[tuple], n_query_groups: int,
+                     compiled_attention: bool = False) -> FlatBatch:
     """The flat batch for ``work``: ``(sequence, start, end, want_logits)`` entries, each computing
     the sequence's tokens ``start .. end-1`` (cache blocks already reserved). Entries of one token
-    (decoding sequences; put them first) share attention groups; each longer chunk (a prefill)
-    gets its own. Logit rows follow the order of ``work``."""
+    (decoding sequences; put them first) go to the compiled kernel (``compiled_attention``) or
+    share padded attention groups; each longer chunk (a prefill) gets its own group. Logit rows
+    follow the order of ``work``."""
     tokens, positions, slots, logit_rows = [], [], [], []
     decode, chunks = [], []
     for seq, start, end, want_logits in work:
@@ -273,14 +299,27 @@ def build_flat_batch(cache: PagedKVCache, work: list[tuple], n_query_groups: int
         if want_logits:
             logit_rows.append(row + end - start - 1)
         (decode if end - start == 1 else chunks).append((seq, row, start, end))
-    groups = [_attention_group(cache, members, 1, n_query_groups) for members in _split_by_length(decode, cache.block_size)]
+    decode_group = _decode_group(cache, decode) if compiled_attention and decode else None
+    groups = [] if compiled_attention else [_attention_group(cache, members, 1, n_query_groups)
+                                            for members in _split_by_length(decode, cache.block_size)]
     groups += [_attention_group(cache, [chunk], chunk[3] - chunk[2], n_query_groups) for chunk in chunks]
     as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
     # int4 weights: decoding rows on the int4 kernel while they are few (its cost grows with rows),
     # prefill rows always on the bf16 copy, so a prompt computes the same however it is chunked
     leading = next((i for i, (_, start, end, _) in enumerate(work) if end - start > 1), len(work))
     int4_rows = leading if leading < INT4_MAX_ROWS else 0
-    return FlatBatch(as_long(tokens), as_long(positions), as_long(slots), groups, as_long(logit_rows), int4_rows)
+    return FlatBatch(as_long(tokens), as_long(positions), as_long(slots), groups, as_long(logit_rows), int4_rows,
+                     decode_group)
+
+
+def _decode_group(cache: PagedKVCache, members: list[tuple]) -> DecodeGroup:
+    n_blocks = max(-(-end // cache.block_size) for _, _, _, end in members)
+    table = torch.full((len(members), n_blocks), cache.null_block, dtype=torch.long)
+    for i, (seq, _, _, end) in enumerate(members):
+        used = -(-end // cache.block_size)
+        table[i, :used] = torch.tensor(seq.blocks[:used])
+    rows = torch.tensor([row for _, row, _, _ in members], dtype=torch.long)
+    return DecodeGroup(rows, table, torch.tensor([end for _, _, _, end in members], dtype=torch.long))
 
 
 GROUP_OVERHEAD_SLOTS = 128  # a separate attention group costs about as much as gathering this many more keys

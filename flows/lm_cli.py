@@ -109,7 +109,7 @@ def generate(
 @lm_app.command("info")
 def info(model: str = typer.Option(None, help=MODEL_HELP)) -> None:
     """What a checkpoint holds, as JSON."""
-    from tasks.lm.attention_kernel import kernel_status, paged_decode_attention
+    from tasks.lm.kernels import kernel_status, paged_decode_attention
     from tasks.lm.weights import ModelLoadError, load_checkpoint
 
     try:

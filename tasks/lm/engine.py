@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tasks.lm.kvcache import CacheFullError, PagedKVCache, SequenceKV
-from tasks.lm.model import Llama, build_flat_batch
+from tasks.lm.model import Llama
 from tasks.lm.sampling import InvalidRequest, SamplingParams, make_generator, sample
 from tasks.lm.tokenizer import ChatTokenizer, build_tokenizer
 from tasks.lm.weights import DEFAULT_MODEL_ID, LlamaConfig, load_checkpoint
@@ -110,13 +110,13 @@ class LMEngine:
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preempted": 0}
 
     @classmethod
-    def load(cls, model: str | None = None, weight_format: str = "int4", compiled_attention: bool = True,
+    def load(cls, model: str | None = None, weight_format: str = "int4", compiled_kernels: bool = True,
              **engine_options) -> "LMEngine":
         """The engine over a checkpoint: ``model`` is a GGUF file, a safetensors folder, or None
-        for the shipped SmolLM2-135M-Instruct; ``compiled_attention=False`` decodes in plain torch
-        instead of the compiled paged-attention kernel."""
+        for the shipped SmolLM2-135M-Instruct; ``compiled_kernels=False`` decodes in plain torch
+        instead of the compiled kernels (tasks.lm.kernels)."""
         config, weights, meta = load_checkpoint(model)
-        llama = Llama.from_weights(config, weights, weight_format, meta.get("q4_1"), compiled_attention)
+        llama = Llama.from_weights(config, weights, weight_format, meta.get("q4_1"), compiled_kernels)
         model_id = DEFAULT_MODEL_ID if model in (None, "", DEFAULT_MODEL_ID) else meta["name"]
         return cls(llama, build_tokenizer(meta), model_id=model_id, **engine_options)
 
@@ -189,8 +189,7 @@ class LMEngine:
         work, scheduled = self._schedule()
         if not work:
             return []
-        batch = build_flat_batch(self.cache, work, self.config.n_heads // self.config.n_kv_heads,
-                                 self.model.compiled_attention)
+        batch = self.model.flat_batch(self.cache, work)
         logits = self.model(batch, self.cache)
         self.stats["steps"] += 1
         advanced, row = [], 0

@@ -12,12 +12,16 @@ Weights come in three formats (``weight_format``):
 - ``float32``: everything in fp32, the reference the correctness tests compare at tight tolerance;
 - ``bfloat16``: the matrix multiplies in bf16, the residual stream and norms in fp32 (all-bf16
   overflows this model's residual stream; see ../shared/facts/smollm2-on-this-cpu.md);
-- ``int4``: the linear layers run on 4-bit codes with a scale and zero per 32 inputs through
-  torch's int4 weight-only matmul (bf16 activations). For a Q4_1 GGUF these are the file's own
-  codes, so nothing is re-quantized; other checkpoints are quantized min/max per group. Decoding
-  a few sequences is memory-bound on a CPU, and int4 reads 8× fewer bytes than fp32; from
-  ``INT4_MAX_ROWS`` rows (larger batches, prefill) the same values dequantized to bf16 go through
-  a GEMM instead, which reuses each weight across rows. The output head stays bf16.
+- ``int4``: the linear layers run on 4-bit codes with a scale and minimum per 32 inputs. For a
+  Q4_1 GGUF these are the file's own codes, so nothing is re-quantized; other checkpoints are
+  quantized min/max per group. Decoding rows run on the compiled Q4_1 kernel (q4_linear.cpp,
+  AVX-512 BF16 dot products; on CPUs without them, torch's int4 kernel while the rows are fewer
+  than ``INT4_MAX_ROWS``); prefill rows run on the same values dequantized to bf16 through a GEMM,
+  which reuses each weight across many rows. The output head stays bf16.
+
+Decode attention runs in the compiled paged-attention kernel (paged_attention.cpp) where it
+builds, reading keys and values where they lie in the cache; prefill chunks, and decoding where the
+kernel is absent, gather their blocks and attend with bmm.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.lm.attention_kernel import paged_decode_attention
+from tasks.lm.kernels import paged_decode_attention, q4_linear
 from tasks.lm.kvcache import PagedKVCache
 from tasks.lm.weights import LlamaConfig
 
@@ -71,27 +75,45 @@ INT4_GROUP = 32
 EXACT_TOP_LOGITS = 64  # tokens whose logits are recomputed in float32 after a bf16 output head
 
 
-INT4_MAX_ROWS = 24  # the int4 kernel's cost grows linearly with rows: from here a bf16 GEMM is faster
+INT4_MAX_ROWS = 24  # torch's int4 kernel costs grow linearly with rows: from here a bf16 GEMM is faster
+Q4_TILE = 16  # outputs per tile of the compiled Q4_1 kernel
 
 
 @dataclass
 class Int4Weight:
-    """A linear layer's weight as packed 4-bit codes: w = (code - 8) * scale + zero per group,
-    and the same weight dequantized to bf16 for batches of INT4_MAX_ROWS rows or more."""
+    """A linear layer's weight as 4-bit codes with a scale and minimum per group of INT4_GROUP inputs
+    (w = scale * code + minimum), laid out for the kernel that runs them, and the same weight
+    dequantized to bf16 for prefill."""
 
-    packed: torch.Tensor
-    scales_zeros: torch.Tensor  # [in / group, out, 2] bf16
+    kernel: str  # "q4": the compiled AVX-512 BF16 kernel (q4_linear.cpp); "torch": torch's int4 kernel
+    four_bit: tuple[torch.Tensor, ...]  # q4: (codes, scale, offset) from q4_pack; torch: (packed, scales_zeros)
     dense: torch.Tensor  # [out, in] bf16
 
 
-def int4_weight(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> Int4Weight:
+def q4_pack(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Codes [out, in] in 0..15 and scale, minimum [out, in / group] in q4_linear.cpp's layout: per tile of
+    16 outputs and group, 8 runs of 32 bytes, byte 2n + h of run j holding output n's codes for inputs
+    4j + h (low nibble) and 4j + 2 + h (high nibble); and the offset minimum - 128 * scale."""
+    n_out, n_in = codes.shape
+    tiles, groups = n_out // Q4_TILE, n_in // INT4_GROUP
+    c = codes.to(torch.uint8).reshape(tiles, Q4_TILE, groups, 8, 2, 2).permute(0, 2, 3, 1, 5, 4)  # tile, group, j, n, h, nibble
+    packed = (c[..., 0] | (c[..., 1] << 4)).reshape(tiles, groups, Q4_TILE * INT4_GROUP // 2).contiguous()
+    per_tile = lambda t: t.float().reshape(tiles, Q4_TILE, groups).transpose(1, 2).contiguous()  # noqa: E731
+    return packed, per_tile(scale), per_tile(minimum - 128 * scale)
+
+
+def int4_weight(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, compiled: bool = True) -> Int4Weight:
     """From codes in 0..15 [out, in] and a scale and minimum per group [out, in / group]
-    (w = scale * code + minimum, the Q4_1 form)."""
+    (w = scale * code + minimum, the Q4_1 form); ``compiled`` runs them on the compiled kernel where
+    this CPU has AVX-512 BF16 and the outputs come in whole tiles."""
+    dense = codes.float().view(codes.shape[0], -1, INT4_GROUP) * scale[..., None] + minimum[..., None]
+    dense = dense.view(codes.shape).to(torch.bfloat16)
+    if compiled and codes.shape[0] % Q4_TILE == 0 and q4_linear() is not None:
+        return Int4Weight("q4", q4_pack(codes, scale, minimum), dense)
     zero = minimum + 8 * scale  # torch's kernel centres the codes: (code - 8) * scale + zero
     scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(torch.bfloat16)
     packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
-    dense = codes.float().view(codes.shape[0], -1, INT4_GROUP) * scale[..., None] + minimum[..., None]
-    return Int4Weight(packed, scales_zeros, dense.view(codes.shape).to(torch.bfloat16))
+    return Int4Weight("torch", (packed, scales_zeros), dense)
 
 
 def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -107,14 +129,17 @@ def linear(x, weight, int4_rows: int | None = None):
     """x @ weight.T with the weight in its own format; the result is float32. An int4 weight runs
     its first ``int4_rows`` rows (all by default) on the int4 kernel and the rest on its bf16 copy."""
     if isinstance(weight, Int4Weight):
-        xb = x.to(torch.bfloat16)
         split = x.shape[0] if int4_rows is None else int4_rows
         parts = []
-        if split:
-            parts.append(torch._weight_int4pack_mm_for_cpu(xb[:split], weight.packed, INT4_GROUP, weight.scales_zeros))
+        if split and weight.kernel == "q4":
+            parts.append(torch.ops.tierflow.q4_linear(x[:split].contiguous(), *weight.four_bit))
+        elif split:
+            packed, scales_zeros = weight.four_bit
+            parts.append(torch._weight_int4pack_mm_for_cpu(x[:split].to(torch.bfloat16), packed, INT4_GROUP,
+                                                           scales_zeros).float())
         if split < x.shape[0]:
-            parts.append(F.linear(xb[split:], weight.dense))
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)).float()
+            parts.append(F.linear(x[split:].to(torch.bfloat16), weight.dense).float())
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
     if weight.dtype == x.dtype:
         return F.linear(x, weight)
     return F.linear(x.to(weight.dtype), weight).float()
@@ -141,7 +166,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.wqkv = None  # q, k and v projections fused: [(H + 2 * KV) * head_dim, dim]
         self.wo = None
-        self.kernel = None  # the compiled paged decode attention, when built (tasks.lm.attention_kernel)
+        self.kernel = None  # the compiled paged decode attention, when built (tasks.lm.kernels)
 
     def forward(self, x, batch: FlatBatch, rope, k_pool, v_pool):
         n, h, kvh, hd = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
@@ -217,15 +242,15 @@ class Llama(nn.Module):
 
     @classmethod
     def from_weights(cls, config: LlamaConfig, weights: dict[str, torch.Tensor], weight_format: str = "float32",
-                     q4_1: dict | None = None, compiled_attention: bool = True) -> "Llama":
+                     q4_1: dict | None = None, compiled_kernels: bool = True) -> "Llama":
         """The model with ``weights`` (from :func:`tasks.lm.weights.load_checkpoint`) in ``weight_format``;
         ``q4_1`` (the checkpoint's stored 4-bit blocks) makes ``int4`` use the file's own codes;
-        ``compiled_attention`` decodes with the compiled paged-attention kernel where it builds."""
+        ``compiled_kernels`` decodes with the compiled kernels (tasks.lm.kernels) where they build."""
         if weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight_format {weight_format!r} is not one of {WEIGHT_FORMATS}")
         model = cls(config)
-        model.load_weights(weights, weight_format, q4_1 or {})
-        kernel = paged_decode_attention() if compiled_attention else None
+        model.load_weights(weights, weight_format, q4_1 or {}, compiled_kernels)
+        kernel = paged_decode_attention() if compiled_kernels else None
         for layer in model.layers:
             layer.attn.kernel = kernel
         return model.eval()
@@ -234,8 +259,20 @@ class Llama(nn.Module):
     def compiled_attention(self) -> bool:
         return self.layers[0].attn.kernel is not None
 
+    @property
+    def int4_max_rows(self) -> int | None:
+        """Decoding rows beyond which int4 weights run on their bf16 copy: none for the compiled
+        kernel (as fast per row as a bf16 GEMM, and a row's result then never depends on the batch)."""
+        weight = self.layers[0].ffn.w_down
+        return None if isinstance(weight, Int4Weight) and weight.kernel == "q4" else INT4_MAX_ROWS
+
+    def flat_batch(self, cache: PagedKVCache, work: list[tuple]) -> FlatBatch:
+        """:func:`build_flat_batch` for this model's attention shape and kernels."""
+        return build_flat_batch(cache, work, self.config.n_heads // self.config.n_kv_heads,
+                                self.compiled_attention, self.int4_max_rows)
+
     @torch.no_grad()
-    def load_weights(self, weights, weight_format, q4_1) -> None:
+    def load_weights(self, weights, weight_format, q4_1, compiled_kernels: bool = True) -> None:
         self.weight_format = weight_format
         self.tok_embeddings.weight.copy_(weights["tok_embeddings"])
         self.norm.weight.copy_(weights["norm"])
@@ -249,7 +286,7 @@ class Llama(nn.Module):
                                              for f in ("codes", "scale", "minimum"))
                 else:
                     codes, scale, minimum = quantize_int4(torch.cat([weights[key] for key in keys]))
-                return int4_weight(codes, scale, minimum)
+                return int4_weight(codes, scale, minimum, compiled_kernels)
             dtype = torch.float32 if weight_format == "float32" else torch.bfloat16
             return torch.cat([weights[key] for key in keys]).to(dtype).contiguous()
 
@@ -283,12 +320,13 @@ class Llama(nn.Module):
 
 
 def build_flat_batch(cache: PagedKVCache, work: list[tuple], n_query_groups: int,
-                     compiled_attention: bool = False) -> FlatBatch:
+                     compiled_attention: bool = False, int4_max_rows: int | None = INT4_MAX_ROWS) -> FlatBatch:
     """The flat batch for ``work``: ``(sequence, start, end, want_logits)`` entries, each computing
     the sequence's tokens ``start .. end-1`` (cache blocks already reserved). Entries of one token
     (decoding sequences; put them first) go to the compiled kernel (``compiled_attention``) or
-    share padded attention groups; each longer chunk (a prefill) gets its own group. Logit rows
-    follow the order of ``work``."""
+    share padded attention groups; each longer chunk (a prefill) gets its own group. Int4 weights
+    run the decoding rows on their 4-bit kernel (while fewer than ``int4_max_rows``, when given).
+    Logit rows follow the order of ``work``."""
     tokens, positions, slots, logit_rows = [], [], [], []
     decode, chunks = [], []
     for seq, start, end, want_logits in work:
@@ -304,10 +342,10 @@ def build_flat_batch(cache: PagedKVCache, work: list[tuple], n_query_groups: int
                                             for members in _split_by_length(decode, cache.block_size)]
     groups += [_attention_group(cache, [chunk], chunk[3] - chunk[2], n_query_groups) for chunk in chunks]
     as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-    # int4 weights: decoding rows on the int4 kernel while they are few (its cost grows with rows),
-    # prefill rows always on the bf16 copy, so a prompt computes the same however it is chunked
+    # int4 weights: decoding rows on the 4-bit kernel, prefill rows always on the bf16 copy (so a
+    # prompt computes the same however it is chunked)
     leading = next((i for i, (_, start, end, _) in enumerate(work) if end - start > 1), len(work))
-    int4_rows = leading if leading < INT4_MAX_ROWS else 0
+    int4_rows = leading if int4_max_rows is None or leading < int4_max_rows else 0
     return FlatBatch(as_long(tokens), as_long(positions), as_long(slots), groups, as_long(logit_rows), int4_rows,
                      decode_group)
 

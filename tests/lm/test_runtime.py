@@ -80,9 +80,9 @@ def test_a_full_cache_evicts_cached_prefixes_before_it_refuses():
 
 
 # --- the engine on SmolLM2 ----------------------------------------------------------------------
-# Equalities between ways of computing the same tokens use the float32 format: int4 picks its
-# kernel by batch rows (int4 below INT4_MAX_ROWS, a bf16 GEMM above), and the two round
-# differently enough to flip a near-tie.
+# Equalities between ways of computing the same tokens use the float32 format: int4 runs decoding
+# rows and prefill rows on different kernels (4-bit codes; their bf16 copy), which round
+# differently enough to flip a near-tie when a token moves from one to the other.
 
 def test_batched_decoding_of_mixed_lengths_equals_each_prompt_alone(engine_fp32, chat):
     engine = engine_fp32

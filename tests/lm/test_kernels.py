@@ -1,5 +1,9 @@
-"""The compiled paged decode-attention kernel: the same attention as gathering each sequence's keys
-and values and running softmax(q k^T / sqrt(d)) v in torch, read in place from scattered blocks."""
+"""The compiled kernels (tasks.lm.kernels):
+
+- paged decode attention: the same attention as gathering each sequence's keys and values and running
+  softmax(q k^T / sqrt(d)) v in torch, read in place from scattered blocks;
+- the Q4_1 linear layer: x @ w.T for w = scale * code + minimum, on x rounded to bf16 (as torch's
+  int4 kernel rounds it) and in fp32 otherwise."""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ import os
 import pytest
 import torch
 
-from tasks.lm.attention_kernel import kernel_status, paged_decode_attention
+from tasks.lm.kernels import kernel_status, paged_decode_attention, q4_linear
+from tasks.lm.model import INT4_GROUP, int4_weight, linear, quantize_int4
 from tasks.lm.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(os.environ.get("TIERFLOW_LM_KERNEL") == "0", reason="kernel turned off by the user")
@@ -85,3 +90,52 @@ def test_the_engine_generates_the_same_tokens_with_and_without_the_kernel(engine
         for layer in engine.model.layers:
             layer.attn.kernel = kernel
     assert [r.tokens for r in with_kernel] == [r.tokens for r in without]
+
+
+@pytest.fixture(scope="module")
+def q4(kernel):
+    op = q4_linear()
+    if op is None:
+        pytest.skip(f"this CPU lacks AVX-512 BF16: {kernel_status()}")
+    return op
+
+
+def dequantized(codes, scale, minimum):
+    return (codes.double().view(codes.shape[0], -1, INT4_GROUP) * scale[..., None] + minimum[..., None]).view(codes.shape)
+
+
+@pytest.mark.parametrize("n_out,n_in", [(960, 576), (576, 1536), (16, 32)])
+def test_the_q4_kernel_equals_the_dequantized_weights_on_bf16_inputs(q4, n_out, n_in):
+    """Row counts below, at and past the kernel's 8-row chunks; relative error at fp32 level."""
+    torch.manual_seed(0)
+    w = torch.randn(n_out, n_in) * 0.05
+    codes, scale, minimum = quantize_int4(w)
+    weight = int4_weight(codes, scale, minimum)
+    assert weight.kernel == "q4"
+    exact = dequantized(codes, scale, minimum)
+    for rows in (1, 7, 8, 9, 16, 40):
+        x = torch.randn(rows, n_in) * 3
+        out = linear(x, weight)
+        expected = x.bfloat16().double() @ exact.t()
+        assert out.dtype == torch.float32 and out.shape == (rows, n_out)
+        assert (out.double() - expected).abs().max() < 1e-5 * expected.abs().max()
+
+
+def test_the_q4_kernel_and_torchs_int4_kernel_compute_the_same_layer(q4):
+    """The fallback for CPUs without AVX-512 BF16 (torch's kernel also rounds scale and zero to bf16)."""
+    torch.manual_seed(1)
+    codes, scale, minimum = quantize_int4(torch.randn(192, 256))
+    compiled, plain = int4_weight(codes, scale, minimum), int4_weight(codes, scale, minimum, compiled=False)
+    assert (compiled.kernel, plain.kernel) == ("q4", "torch")
+    x = torch.randn(12, 256)
+    expected = linear(x, compiled)
+    assert (linear(x, plain) - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+def test_the_q4_kernel_rejects_inputs_that_do_not_fit_the_weight(q4):
+    codes, scale, minimum = quantize_int4(torch.randn(32, 64))
+    packed = int4_weight(codes, scale, minimum).four_bit
+    with pytest.raises(RuntimeError, match="x has 32 inputs; the weight has 64"):
+        q4(torch.randn(2, 32), *packed)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        q4(torch.randn(2, 64).bfloat16(), *packed)

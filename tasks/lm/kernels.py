@@ -1,0 +1,94 @@
+"""The LM runtime's compiled CPU kernels, built on first use:
+
+- ``paged_attention.cpp``: decode attention read in place from the paged KV cache;
+- ``q4_linear.cpp``: a linear layer on Q4_1 codes with AVX-512 BF16 dot products, for CPUs that
+  have them (elsewhere it is absent and torch's int4 kernel runs).
+
+torch.utils.cpp_extension compiles them with this machine's compiler for this machine's CPU
+(``-march=native``; about 15 s, once: the build is kept under ``TIERFLOW_KERNEL_CACHE``, default
+``~/.cache/tierflow/kernels``, keyed by the sources, the flags, torch's version and the CPU).
+Where they cannot be built (no C++ compiler, say) the model runs the same computations in plain
+torch and :func:`kernel_status` says why; ``TIERFLOW_LM_KERNEL=0`` asks for plain torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "q4_linear.cpp")]
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # fast-math: vectorized exp and sums
+_status = {"kernel": "not loaded"}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("TIERFLOW_KERNEL_CACHE", Path.home() / ".cache" / "tierflow" / "kernels"))
+
+
+@functools.cache
+def _build():
+    """The ``torch.ops.tierflow`` namespace once the kernels are loaded, or None where they cannot be built."""
+    if os.environ.get("TIERFLOW_LM_KERNEL", "1") == "0":
+        _status["kernel"] = "off (TIERFLOW_LM_KERNEL=0)"
+        return None
+    key = "\n".join([*(source.read_text() for source in SOURCES), " ".join(FLAGS), torch.__version__, _cpu_model()])
+    name = f"tierflow_kernels_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    build_dir = _cache_dir() / name
+    try:
+        from torch.utils.cpp_extension import load
+
+        if shutil.which("ninja") is None:  # the pip package's binary, when the venv is not activated
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        build_dir.mkdir(parents=True, exist_ok=True)
+        load(name=name, sources=[str(source) for source in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+             build_directory=str(build_dir), is_python_module=False, verbose=False)
+    except Exception as error:  # no compiler, no ninja, a read-only home: plain torch still works
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        telling = [line for line in lines if ("error" in line.lower() or "not found" in line)
+                   and not line.startswith("Error building extension")]  # the compiler's own words
+        reason = (telling or lines[-1:] or [type(error).__name__])[0]
+        _status["kernel"] = f"unavailable ({reason}); plain torch runs instead"
+        log.warning("LM kernels not built in %s: %s", build_dir, reason)
+        return None
+    has_q4 = hasattr(torch.ops.tierflow, "q4_linear")
+    _status["kernel"] = (f"compiled ({build_dir}); Q4_1 linear on AVX-512 BF16: "
+                         + ("yes" if has_q4 else "no, this CPU lacks it (torch's int4 kernel runs)"))
+    return torch.ops.tierflow
+
+
+def paged_decode_attention():
+    """``torch.ops.tierflow.paged_decode_attention``, or None where the kernels cannot be built here."""
+    ops = _build()
+    return None if ops is None else ops.paged_decode_attention
+
+
+def q4_linear():
+    """``torch.ops.tierflow.q4_linear``, or None where it cannot be built or the CPU lacks AVX-512 BF16."""
+    ops = _build()
+    return ops.q4_linear if ops is not None and hasattr(ops, "q4_linear") else None
+
+
+def kernel_status() -> str:
+    """How the kernels run in this process: compiled (and which), off, or unavailable and why."""
+    return _status["kernel"]

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
 
 from tasks.lm.kvcache import CacheFullError, PagedKVCache, SequenceKV
+from tasks.lm.lora import DEFAULT_TARGETS, LoraAdapter, LoraPool
 from tasks.lm.model import Llama
 from tasks.lm.sampling import InvalidRequest, SamplingParams, make_generator, sample
 from tasks.lm.tokenizer import ChatTokenizer, build_tokenizer
@@ -95,7 +96,8 @@ class LMEngine:
 
     def __init__(self, model: Llama, tokenizer: ChatTokenizer, *, model_id: str = DEFAULT_MODEL_ID,
                  kv_cache_mib: int = 1024, block_size: int = 16, kv_dtype: torch.dtype | None = None,
-                 max_batch_tokens: int = 256, max_running: int = 64, prefix_caching: bool = True):
+                 max_batch_tokens: int = 256, max_running: int = 64, prefix_caching: bool = True,
+                 lora_slots: int = 0, lora_rank: int = 16, lora_targets: tuple[str, ...] = DEFAULT_TARGETS):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.config: LlamaConfig = model.config
         if kv_dtype is None:
@@ -107,7 +109,14 @@ class LMEngine:
         self.max_batch_tokens, self.max_running, self.prefix_caching = max_batch_tokens, max_running, prefix_caching
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preempted": 0}
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preempted": 0,
+                      "adapter_loads": 0, "adapter_evictions": 0, "adapter_load_s": 0.0}
+        # LoRA: registered adapters (host memory) and the ``lora_slots`` of them resident in the pool
+        self.adapters: dict[str, LoraAdapter] = {}
+        self.lora_pool = LoraPool(c, lora_slots + 1, lora_rank, tuple(lora_targets)) if lora_slots else None
+        model.attach_lora(self.lora_pool)
+        self._resident: OrderedDict[str, int] = OrderedDict()  # adapter -> slot, least recently used first
+        self._free_slots = list(range(lora_slots, 0, -1))
 
     @classmethod
     def load(cls, model: str | None = None, weight_format: str = "int4", compiled_kernels: bool = True,
@@ -128,13 +137,16 @@ class LMEngine:
             raise InvalidRequest(f"prompt token ids must be integers in [0, {self.config.vocab_size})", param="prompt")
         return list(prompt)
 
-    def open(self, prompt: str | list[int]) -> SequenceKV:
-        """A sequence holding ``prompt``; its keys and values are computed when it first runs."""
+    def open(self, prompt: str | list[int], adapter: str | None = None) -> SequenceKV:
+        """A sequence holding ``prompt``, computed with the LoRA ``adapter`` (a registered name; None
+        for the base model); its keys and values are computed when it first runs."""
         tokens = self.tokens_of(prompt)
         if not tokens:
             raise InvalidRequest("the prompt is empty", param="prompt")
+        if adapter is not None and adapter not in self.adapters:
+            raise InvalidRequest(f"no adapter named {adapter!r} is registered", param="model", code="model_not_found")
         self._check_length(len(tokens))
-        return self.cache.open(tokens)
+        return self.cache.open(tokens, adapter)
 
     def extend(self, seq: SequenceKV, text: str | list[int]) -> None:
         """Append tokens (e.g. a tool result or the next user turn) to a sequence."""
@@ -158,6 +170,68 @@ class LMEngine:
             raise InvalidRequest(
                 f"the prompt has {n} tokens; this model's context is {self.config.context_length} tokens "
                 "and at least one must be left to generate", param="prompt", code="context_length_exceeded")
+
+    # --- LoRA adapters --------------------------------------------------------------------------
+    def add_adapter(self, name: str, adapter: LoraAdapter) -> None:
+        """Register ``adapter`` under ``name`` (in host memory; it enters a pool slot when a request
+        needs it). Re-registering a name replaces its weights, in its slot too."""
+        if self.lora_pool is None:
+            raise ValueError("this engine serves no LoRA adapters: create it with lora_slots > 0")
+        self.lora_pool.check(adapter)
+        self.adapters[name] = adapter
+        if name in self._resident:
+            self.lora_pool.load(self._resident[name], adapter)
+        self.cache.clear_prefix_cache()  # prefixes computed with the old weights are no longer valid
+
+    def remove_adapter(self, name: str) -> None:
+        users = [r for r in (*self.running, *self.waiting) if r.seq.adapter == name]
+        if users:
+            raise ValueError(f"adapter {name!r} is in use by {len(users)} request(s)")
+        self.adapters.pop(name, None)
+        if name in self._resident:
+            self._free_slots.append(self._resident.pop(name))
+
+    def adapter_slot(self, name: str | None) -> int:
+        """The pool slot holding ``name`` (0: the base model)."""
+        return 0 if name is None else self._resident[name]
+
+    def _make_resident(self, name: str) -> bool:
+        """Put ``name`` in a pool slot, evicting the least recently used adapter no running request
+        uses; False when every slot is in use."""
+        if name in self._resident:
+            self._resident.move_to_end(name)
+            return True
+        if self._free_slots:
+            slot = self._free_slots.pop()
+        else:
+            in_use = {r.seq.adapter for r in self.running}
+            victim = next((n for n in self._resident if n not in in_use), None)
+            if victim is None:
+                return False
+            slot = self._resident.pop(victim)
+            self.stats["adapter_evictions"] += 1
+        started = time.perf_counter()
+        self.lora_pool.load(slot, self.adapters[name])
+        self.stats["adapter_load_s"] += time.perf_counter() - started
+        self.stats["adapter_loads"] += 1
+        self._resident[name] = slot
+        return True
+
+    @torch.no_grad()
+    def score(self, tokens: list[int], adapter: str | None = None) -> torch.Tensor:
+        """Next-token logits [len(tokens), vocab] at every position of ``tokens`` (teacher forcing,
+        one prefill, nothing cached afterwards): for evaluation and perplexity."""
+        seq = self.open(tokens, adapter)
+        if adapter is not None and not self._make_resident(adapter):
+            raise RuntimeError(f"no LoRA slot is free for {adapter!r}: every slot serves a running request")
+        try:
+            self.cache.reserve(seq, len(seq.tokens))
+            batch = self.model.flat_batch(self.cache, [(seq, 0, len(seq.tokens), True)],
+                                          [self.adapter_slot(adapter)] if self.lora_pool else None)
+            batch.logit_rows = torch.arange(len(seq.tokens))
+            return self.model(batch, self.cache)
+        finally:
+            self.cache.release(seq)
 
     # --- requests -------------------------------------------------------------------------------
     def submit(self, seq: SequenceKV, params: SamplingParams, owns_sequence: bool = False) -> Request:
@@ -189,7 +263,8 @@ class LMEngine:
         work, scheduled = self._schedule()
         if not work:
             return []
-        batch = self.model.flat_batch(self.cache, work)
+        slots = [self.adapter_slot(seq.adapter) for seq, *_ in work] if self.lora_pool else None
+        batch = self.model.flat_batch(self.cache, work, slots)
         logits = self.model(batch, self.cache)
         self.stats["steps"] += 1
         advanced, row = [], 0
@@ -227,6 +302,9 @@ class LMEngine:
         deferred = []
         while self.waiting and len(self.running) < self.max_running:
             request = self.waiting.popleft()
+            if request.seq.adapter is not None and not self._make_resident(request.seq.adapter):
+                deferred.append(request)  # every slot holds an adapter a running request uses
+                continue
             if self.prefix_caching and request.seq.computed == 0:
                 if self._prefix_being_computed(request.seq):
                     deferred.append(request)  # admitted once those blocks are cached, to reuse them
@@ -242,9 +320,9 @@ class LMEngine:
         """Whether a running request is prefilling at least two blocks this sequence starts with
         that are not cached yet (concurrent requests for one document, a fork of an unrun prompt)."""
         bs = self.cache.block_size
-        cached = self.cache.cached_prefix_length(seq.tokens)
+        cached = self.cache.cached_prefix_length(seq.tokens, seq.adapter)
         for other in self.running:
-            if len(other.seq.tokens) - other.seq.computed <= 1:
+            if len(other.seq.tokens) - other.seq.computed <= 1 or other.seq.adapter != seq.adapter:
                 continue
             common = 0
             for a, b in zip(seq.tokens, other.seq.tokens):
@@ -258,6 +336,8 @@ class LMEngine:
     def _schedule(self) -> tuple[list[tuple], list[Request]]:
         budget = self.max_batch_tokens
         decoding = [r for r in self.running if len(r.seq.tokens) - r.seq.computed == 1]
+        if self.lora_pool:  # one adapter's rows side by side: one LoRA segment each
+            decoding.sort(key=lambda r: self.adapter_slot(r.seq.adapter))
         prefilling = [r for r in self.running if len(r.seq.tokens) - r.seq.computed > 1]
         work, scheduled = [], []
         for request in decoding + prefilling:

@@ -37,6 +37,7 @@ class SequenceKV:
     computed: int = 0
     blocks: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # of full, computed blocks, in order
+    adapter: str | None = None  # the LoRA adapter its keys and values are computed with
 
 
 class PagedKVCache:
@@ -106,9 +107,14 @@ class PagedKVCache:
     def _chain_hash(self, parent: int | None, tokens: list[int]) -> int:
         return hash((parent, tuple(tokens)))
 
-    def open(self, tokens: list[int]) -> SequenceKV:
+    @staticmethod
+    def _root(adapter: str | None) -> int | None:
+        """The hash chain's start: a LoRA adapter changes keys and values, so each has its own prefixes."""
+        return None if adapter is None else hash(("adapter", adapter))
+
+    def open(self, tokens: list[int], adapter: str | None = None) -> SequenceKV:
         """A new sequence holding nothing yet (its prefix is looked up when it first runs)."""
-        return SequenceKV(tokens=list(tokens))
+        return SequenceKV(tokens=list(tokens), adapter=adapter)
 
     def reuse_prefix(self, seq: SequenceKV) -> int:
         """Attach the longest run of ``seq``'s full token blocks already in the cache to a sequence
@@ -116,7 +122,7 @@ class PagedKVCache:
         compute, so the sequence's first step has logits."""
         if seq.blocks or seq.computed:
             return 0
-        bs, parent = self.block_size, None
+        bs, parent = self.block_size, self._root(seq.adapter)
         n_full = (len(seq.tokens) - 1) // bs
         self.stats["prefix_lookup_tokens"] += n_full * bs
         for i in range(n_full):
@@ -131,9 +137,9 @@ class PagedKVCache:
         self.stats["prefix_hit_tokens"] += seq.computed
         return seq.computed
 
-    def cached_prefix_length(self, tokens: list[int]) -> int:
+    def cached_prefix_length(self, tokens: list[int], adapter: str | None = None) -> int:
         """How many leading tokens :meth:`reuse_prefix` would find cached now (changes nothing)."""
-        bs, parent, n = self.block_size, None, 0
+        bs, parent, n = self.block_size, self._root(adapter), 0
         for i in range((len(tokens) - 1) // bs):
             parent = self._chain_hash(parent, tokens[i * bs:(i + 1) * bs])
             if parent not in self._by_hash:
@@ -146,7 +152,7 @@ class PagedKVCache:
         for block in seq.blocks:
             self._retain_block(block)
         return SequenceKV(tokens=list(seq.tokens), computed=seq.computed, blocks=list(seq.blocks),
-                          block_hashes=list(seq.block_hashes))
+                          block_hashes=list(seq.block_hashes), adapter=seq.adapter)
 
     def truncate(self, seq: SequenceKV, length: int) -> None:
         """Roll ``seq`` back to its first ``length`` tokens: drops block references, moves nothing."""
@@ -188,7 +194,7 @@ class PagedKVCache:
         bs = self.block_size
         while len(seq.block_hashes) < length // bs:
             i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            parent = seq.block_hashes[-1] if seq.block_hashes else self._root(seq.adapter)
             h = self._chain_hash(parent, seq.tokens[i * bs:(i + 1) * bs])
             seq.block_hashes.append(h)
             block = seq.blocks[i]

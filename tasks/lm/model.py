@@ -26,7 +26,7 @@ kernel is absent, gather their blocks and attend with bmm.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from torch import nn
 
 from tasks.lm.kernels import paged_decode_attention, q4_linear
 from tasks.lm.kvcache import PagedKVCache
+from tasks.lm.lora import LoraPool, segments_of
 from tasks.lm.weights import LlamaConfig
 
 
@@ -68,6 +69,7 @@ class FlatBatch:
     logit_rows: torch.Tensor  # [M] rows whose next-token logits are wanted
     int4_rows: int = 0  # leading rows (decoding sequences) that int4 weights run on their int4 kernel
     decode: DecodeGroup | None = None  # decoding sequences, when the compiled kernel attends them
+    lora_segments: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, LoRA pool slot)
 
 
 WEIGHT_FORMATS = ("float32", "bfloat16", "int4")
@@ -161,8 +163,10 @@ def rotate_half(x):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, index: int):
         super().__init__()
+        self.index = index
+        self.lora: LoraPool | None = None
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.wqkv = None  # q, k and v projections fused: [(H + 2 * KV) * head_dim, dim]
         self.wo = None
@@ -170,7 +174,10 @@ class Attention(nn.Module):
 
     def forward(self, x, batch: FlatBatch, rope, k_pool, v_pool):
         n, h, kvh, hd = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = linear(x, self.wqkv, batch.int4_rows).view(n, h + 2 * kvh, hd)
+        qkv = linear(x, self.wqkv, batch.int4_rows)
+        if batch.lora_segments:
+            qkv = self.lora.add(qkv, x, self.index, "wqkv", batch.lora_segments)
+        qkv = qkv.view(n, h + 2 * kvh, hd)
         cos, sin = rope
         qk = qkv[:, : h + kvh] * cos + rotate_half(qkv[:, : h + kvh]) * sin
         q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kvh:]
@@ -197,31 +204,39 @@ class Attention(nn.Module):
             probs = torch.softmax(scores * self.head_dim ** -0.5 + g.bias, dim=-1).view(kvh * b, t * groups, length)
             y = torch.bmm(probs.to(values.dtype), values)
             out[g.rows] = y.view(kvh, b, t, groups, hd).permute(1, 2, 0, 3, 4).reshape(b * t, h * hd).to(out.dtype)
-        return linear(out, self.wo, batch.int4_rows)
+        y = linear(out, self.wo, batch.int4_rows)
+        return self.lora.add(y, out, self.index, "wo", batch.lora_segments) if batch.lora_segments else y
 
 
 class FeedForward(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, index: int):
         super().__init__()
+        self.index = index
+        self.lora: LoraPool | None = None
         self.w_gate_up = None  # gate and up projections fused: [2 * ffn_dim, dim]
         self.w_down = None
 
-    def forward(self, x, int4_rows: int | None = None):
-        gate, up = linear(x, self.w_gate_up, int4_rows).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, self.w_down, int4_rows)
+    def forward(self, x, batch: FlatBatch):
+        gate_up = linear(x, self.w_gate_up, batch.int4_rows)
+        if batch.lora_segments:
+            gate_up = self.lora.add(gate_up, x, self.index, "w_gate_up", batch.lora_segments)
+        gate, up = gate_up.chunk(2, dim=-1)
+        hidden = F.silu(gate) * up
+        y = linear(hidden, self.w_down, batch.int4_rows)
+        return self.lora.add(y, hidden, self.index, "w_down", batch.lora_segments) if batch.lora_segments else y
 
 
 class Block(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, index: int):
         super().__init__()
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.attn = Attention(config)
+        self.attn = Attention(config, index)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.ffn = FeedForward(config)
+        self.ffn = FeedForward(config, index)
 
     def forward(self, x, batch, rope, k_pool, v_pool):
         x = x + self.attn(self.attn_norm(x), batch, rope, k_pool, v_pool)
-        return x + self.ffn(self.ffn_norm(x), batch.int4_rows)
+        return x + self.ffn(self.ffn_norm(x), batch)
 
 
 class Llama(nn.Module):
@@ -229,7 +244,7 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim))
         angles = torch.outer(torch.arange(config.context_length).float(), inv_freq)
@@ -259,6 +274,11 @@ class Llama(nn.Module):
     def compiled_attention(self) -> bool:
         return self.layers[0].attn.kernel is not None
 
+    def attach_lora(self, pool: LoraPool | None) -> None:
+        """Serve the adapters in ``pool``'s slots (rows name their slot through the flat batch)."""
+        for layer in self.layers:
+            layer.attn.lora = layer.ffn.lora = pool
+
     @property
     def int4_max_rows(self) -> int | None:
         """Decoding rows beyond which int4 weights run on their bf16 copy: none for the compiled
@@ -266,10 +286,10 @@ class Llama(nn.Module):
         weight = self.layers[0].ffn.w_down
         return None if isinstance(weight, Int4Weight) and weight.kernel == "q4" else INT4_MAX_ROWS
 
-    def flat_batch(self, cache: PagedKVCache, work: list[tuple]) -> FlatBatch:
+    def flat_batch(self, cache: PagedKVCache, work: list[tuple], adapter_slots: list[int] | None = None) -> FlatBatch:
         """:func:`build_flat_batch` for this model's attention shape and kernels."""
         return build_flat_batch(cache, work, self.config.n_heads // self.config.n_kv_heads,
-                                self.compiled_attention, self.int4_max_rows)
+                                self.compiled_attention, self.int4_max_rows, adapter_slots)
 
     @torch.no_grad()
     def load_weights(self, weights, weight_format, q4_1, compiled_kernels: bool = True) -> None:
@@ -320,13 +340,15 @@ class Llama(nn.Module):
 
 
 def build_flat_batch(cache: PagedKVCache, work: list[tuple], n_query_groups: int,
-                     compiled_attention: bool = False, int4_max_rows: int | None = INT4_MAX_ROWS) -> FlatBatch:
+                     compiled_attention: bool = False, int4_max_rows: int | None = INT4_MAX_ROWS,
+                     adapter_slots: list[int] | None = None) -> FlatBatch:
     """The flat batch for ``work``: ``(sequence, start, end, want_logits)`` entries, each computing
     the sequence's tokens ``start .. end-1`` (cache blocks already reserved). Entries of one token
     (decoding sequences; put them first) go to the compiled kernel (``compiled_attention``) or
     share padded attention groups; each longer chunk (a prefill) gets its own group. Int4 weights
     run the decoding rows on their 4-bit kernel (while fewer than ``int4_max_rows``, when given).
-    Logit rows follow the order of ``work``."""
+    ``adapter_slots`` (one per entry; 0 for none) names each entry's LoRA pool slot. Logit rows
+    follow the order of ``work``."""
     tokens, positions, slots, logit_rows = [], [], [], []
     decode, chunks = [], []
     for seq, start, end, want_logits in work:
@@ -346,8 +368,10 @@ def build_flat_batch(cache: PagedKVCache, work: list[tuple], n_query_groups: int
     # prompt computes the same however it is chunked)
     leading = next((i for i, (_, start, end, _) in enumerate(work) if end - start > 1), len(work))
     int4_rows = leading if int4_max_rows is None or leading < int4_max_rows else 0
+    row_slots = [] if adapter_slots is None else [slot for (_, start, end, _), slot in zip(work, adapter_slots)
+                                                   for _ in range(end - start)]
     return FlatBatch(as_long(tokens), as_long(positions), as_long(slots), groups, as_long(logit_rows), int4_rows,
-                     decode_group)
+                     decode_group, segments_of(row_slots))
 
 
 def _decode_group(cache: PagedKVCache, members: list[tuple]) -> DecodeGroup:

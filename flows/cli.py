@@ -23,6 +23,7 @@ from rich.table import Table
 from flows.honeybee_cli import honeybee_app
 from flows.lazarus_cli import lazarus_app
 from flows.lm_cli import lm_app
+from flows.lmaas_cli import lmaas_app
 from tasks.jellybean.workflow import DEFAULT_INFRA, DEFAULT_WORKFLOW
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -40,6 +41,7 @@ app.add_typer(jellybean_app, name="jellybean")
 app.add_typer(honeybee_app, name="honeybee")
 app.add_typer(lazarus_app, name="lazarus")
 app.add_typer(lm_app, name="lm")
+app.add_typer(lmaas_app, name="lmaas")
 
 console = Console(stderr=True)
 CONFIG_KEYS = {  # what a run config (--config) may set, per system; path-valued keys are resolved

@@ -41,6 +41,8 @@ class Request:
     seq: SequenceKV
     params: SamplingParams
     owns_sequence: bool  # close the sequence when the request ends (server requests do)
+    tenant: str | None = None  # whose request: admission is fair between tenants
+    compute_s: float = 0.0  # its share of the forward passes it took part in (by rows): what it cost
     id: int = field(default_factory=lambda: next(_ids))
     prompt_tokens: int = 0
     generated: list[int] = field(default_factory=list)
@@ -97,7 +99,8 @@ class LMEngine:
     def __init__(self, model: Llama, tokenizer: ChatTokenizer, *, model_id: str = DEFAULT_MODEL_ID,
                  kv_cache_mib: int = 1024, block_size: int = 16, kv_dtype: torch.dtype | None = None,
                  max_batch_tokens: int = 256, max_running: int = 64, prefix_caching: bool = True,
-                 lora_slots: int = 0, lora_rank: int = 16, lora_targets: tuple[str, ...] = DEFAULT_TARGETS):
+                 lora_slots: int = 0, lora_rank: int = 16, lora_targets: tuple[str, ...] = DEFAULT_TARGETS,
+                 max_host_adapters: int = 1024):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.config: LlamaConfig = model.config
         if kv_dtype is None:
@@ -110,9 +113,11 @@ class LMEngine:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preempted": 0,
-                      "adapter_loads": 0, "adapter_evictions": 0, "adapter_load_s": 0.0}
-        # LoRA: registered adapters (host memory) and the ``lora_slots`` of them resident in the pool
-        self.adapters: dict[str, LoraAdapter] = {}
+                      "adapter_loads": 0, "adapter_evictions": 0, "adapter_load_s": 0.0, "adapter_host_evictions": 0}
+        # LoRA: adapters in host memory (up to max_host_adapters, least recently used first) and the
+        # ``lora_slots`` of them resident in the pool
+        self.adapters: OrderedDict[str, LoraAdapter] = OrderedDict()
+        self.max_host_adapters = max_host_adapters
         self.lora_pool = LoraPool(c, lora_slots + 1, lora_rank, tuple(lora_targets)) if lora_slots else None
         model.attach_lora(self.lora_pool)
         self._resident: OrderedDict[str, int] = OrderedDict()  # adapter -> slot, least recently used first
@@ -178,10 +183,17 @@ class LMEngine:
         if self.lora_pool is None:
             raise ValueError("this engine serves no LoRA adapters: create it with lora_slots > 0")
         self.lora_pool.check(adapter)
+        replaced = name in self.adapters
         self.adapters[name] = adapter
+        self.adapters.move_to_end(name)
         if name in self._resident:
             self.lora_pool.load(self._resident[name], adapter)
-        self.cache.clear_prefix_cache()  # prefixes computed with the old weights are no longer valid
+        if replaced:
+            self.cache.clear_prefix_cache()  # prefixes computed with the old weights are no longer valid
+        in_use = {r.seq.adapter for r in (*self.running, *self.waiting)} | {name}
+        for old in [n for n in self.adapters if n not in in_use][:max(0, len(self.adapters) - self.max_host_adapters)]:
+            self.remove_adapter(old)  # host memory full: the least recently used that nobody waits for
+            self.stats["adapter_host_evictions"] += 1
 
     def remove_adapter(self, name: str) -> None:
         users = [r for r in (*self.running, *self.waiting) if r.seq.adapter == name]
@@ -198,6 +210,7 @@ class LMEngine:
     def _make_resident(self, name: str) -> bool:
         """Put ``name`` in a pool slot, evicting the least recently used adapter no running request
         uses; False when every slot is in use."""
+        self.adapters.move_to_end(name)
         if name in self._resident:
             self._resident.move_to_end(name)
             return True
@@ -234,15 +247,16 @@ class LMEngine:
             self.cache.release(seq)
 
     # --- requests -------------------------------------------------------------------------------
-    def submit(self, seq: SequenceKV, params: SamplingParams, owns_sequence: bool = False) -> Request:
-        """Queue a request to generate onto ``seq``."""
+    def submit(self, seq: SequenceKV, params: SamplingParams, owns_sequence: bool = False,
+               tenant: str | None = None) -> Request:
+        """Queue a request to generate onto ``seq`` (on behalf of ``tenant``, for fair admission)."""
         self._check_length(len(seq.tokens))
         if seq.computed == len(seq.tokens):  # all cached (after a rollback): recompute the last token for its logits
             last = seq.tokens[-1]
             self.cache.truncate(seq, len(seq.tokens) - 1)
             seq.tokens.append(last)
-        request = Request(seq=seq, params=params, owns_sequence=owns_sequence, prompt_tokens=len(seq.tokens),
-                          generator=make_generator(params))
+        request = Request(seq=seq, params=params, owns_sequence=owns_sequence, tenant=tenant,
+                          prompt_tokens=len(seq.tokens), generator=make_generator(params))
         self.waiting.append(request)
         return request
 
@@ -265,10 +279,13 @@ class LMEngine:
             return []
         slots = [self.adapter_slot(seq.adapter) for seq, *_ in work] if self.lora_pool else None
         batch = self.model.flat_batch(self.cache, work, slots)
+        started = time.perf_counter()
         logits = self.model(batch, self.cache)
+        per_row = (time.perf_counter() - started) / len(batch.tokens)
         self.stats["steps"] += 1
         advanced, row = [], 0
         for request, (seq, start, end, want_logits) in zip(scheduled, work):
+            request.compute_s += per_row * (end - start)
             self.cache.commit(seq, end)
             self.stats["prefill_tokens" if end - start > 1 or not request.generated else "decode_tokens"] += end - start
             if want_logits:
@@ -298,10 +315,22 @@ class LMEngine:
             latency_s=r.finished_at - r.arrived, prefix_reused_tokens=r.prefix_reused)
 
     # --- scheduling -----------------------------------------------------------------------------
+    def _next_waiting(self) -> Request:
+        """The next request to admit: first come, first served, except that between tenants the one
+        with the fewest running requests goes first (a tenant sending many cannot starve the rest)."""
+        if all(r.tenant is None for r in self.running) and all(r.tenant is None for r in self.waiting):
+            return self.waiting.popleft()
+        running = {}
+        for r in self.running:
+            running[r.tenant] = running.get(r.tenant, 0) + 1
+        best = min(self.waiting, key=lambda r: running.get(r.tenant, 0))  # min keeps the earliest of ties
+        self.waiting.remove(best)
+        return best
+
     def _admit(self) -> None:
         deferred = []
         while self.waiting and len(self.running) < self.max_running:
-            request = self.waiting.popleft()
+            request = self._next_waiting()
             if request.seq.adapter is not None and not self._make_resident(request.seq.adapter):
                 deferred.append(request)  # every slot holds an adapter a running request uses
                 continue

@@ -8,6 +8,10 @@ passes (continuous batching), so concurrent clients are served together, not one
 
 Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, and only ever
 fail the request that caused them.
+
+A :class:`Tenancy` (LMaaS: tasks/lmaas/service.py) makes the server multi-tenant: it checks each
+request's API key and model name, hands back which LoRA adapter serves it, and hears how each
+request went (tokens, time to first token, latency) for quotas and metering.
 """
 
 from __future__ import annotations
@@ -22,16 +26,17 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Callable, Literal, Protocol
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Header
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from tasks.lm.engine import LMEngine, Request
+from tasks.lm.lora import LoraAdapter
 from tasks.lm.sampling import InvalidRequest, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -48,6 +53,44 @@ class Delta:
     finish_reason: str | None
     completion_tokens: int
     error: str | None = None
+    compute_s: float = 0.0  # the choice's share of the forward passes so far
+
+
+class TenancyError(Exception):
+    """A request a tenancy refuses: its HTTP status and OpenAI-style error fields."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.type, self.code, self.param, self.headers = status, type, code, param, headers
+
+
+@dataclass
+class Grant:
+    """A tenancy's yes: who asked, the model name to answer with, the adapter that serves it (its
+    weights when the engine may not hold them yet), and what to call when the request is over."""
+
+    tenant: str
+    model: str
+    adapter: str | None = None
+    adapter_weights: LoraAdapter | None = None
+    release: Callable[[], None] = lambda: None
+
+
+class Tenancy(Protocol):
+    async def admit(self, authorization: str | None, model: str) -> Grant:
+        """The grant for this key and model, or a :class:`TenancyError` (401, 403, 404, 429)."""
+
+    async def models(self, authorization: str | None) -> list[str]:
+        """The model names this key may use."""
+
+    async def usage(self, authorization: str | None) -> dict:
+        """This key's tenant's usage (never another tenant's)."""
+
+    def finished(self, grant: Grant, prompt_tokens: int, completion_tokens: int, ttft_s: float, latency_s: float,
+                 compute_s: float) -> None:
+        """A granted request is over (answered, failed or abandoned); ``compute_s`` is its share of
+        the engine's forward passes."""
 
 
 @dataclass
@@ -60,6 +103,7 @@ class Job:
     prompt: str | list[int]
     params: SamplingParams
     n: int
+    grant: Grant | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     prompt_tokens: int = 0
@@ -160,9 +204,12 @@ class EngineLoop:
 
     def _admit(self, job: Job) -> None:
         """Open the prompt once and fork it for the other choices; refuse an invalid prompt."""
-        engine = self.engine
+        engine, grant = self.engine, job.grant
+        adapter = grant.adapter if grant else None
         try:
-            seq = engine.open(job.prompt)
+            if adapter is not None and adapter not in engine.adapters:
+                engine.add_adapter(adapter, grant.adapter_weights)
+            seq = engine.open(job.prompt, adapter)
         except InvalidRequest as exc:
             with self._counters:
                 self.in_flight -= 1
@@ -173,7 +220,8 @@ class EngineLoop:
         # a seed makes the job repeatable, but the choices must still differ from each other
         params = [job.params if job.params.seed is None else replace(job.params, seed=job.params.seed + i)
                   for i in range(job.n)]
-        job.requests = [engine.submit(s, p, owns_sequence=True) for s, p in zip(seqs, params)]
+        tenant = grant.tenant if grant else None
+        job.requests = [engine.submit(s, p, owns_sequence=True, tenant=tenant) for s, p in zip(seqs, params)]
         job.unfinished = job.n
         self._active.update((r.id, (r, job, i)) for i, r in enumerate(job.requests))
         job.loop.call_soon_threadsafe(job.events.put_nowait, None)
@@ -191,7 +239,7 @@ class EngineLoop:
                     with self._counters:
                         self.in_flight -= 1
                         self.served += 1
-            delta = Delta(index, text, request.finish_reason, request.completion_tokens, request.error)
+            delta = Delta(index, text, request.finish_reason, request.completion_tokens, request.error, request.compute_s)
             job.loop.call_soon_threadsafe(job.events.put_nowait, delta)
 
 
@@ -208,6 +256,7 @@ class _SamplingBody(BaseModel):
     seed: int | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
+    ignore_eos: bool = False  # not OpenAI's: generate to max_tokens past end-of-sequence (as vLLM's server allows)
 
 
 class CompletionBody(_SamplingBody):
@@ -292,11 +341,14 @@ def _failure(delta: Delta) -> str:
 
 
 # --- the app --------------------------------------------------------------------------------------
-def create_app(engine: LMEngine, *, max_queue: int = 64, retry_after_s: int = 1) -> FastAPI:
+def create_app(engine: LMEngine, *, max_queue: int = 64, retry_after_s: int = 1,
+               tenancy: Tenancy | None = None, title: str = "tierflow LM server") -> FastAPI:
     """The OpenAI-compatible app over ``engine``; its lifespan starts and stops the engine thread.
 
     ``max_queue`` bounds the requests in flight; one more is answered 429 with ``Retry-After:
-    retry_after_s``. ``app.state.engine_loop`` is the :class:`EngineLoop`."""
+    retry_after_s``. With a ``tenancy`` every request needs an API key (``Authorization: Bearer``)
+    and names ``base`` or one of its tenant's adapters. ``app.state.engine_loop`` is the
+    :class:`EngineLoop`."""
     engine_loop = EngineLoop(engine, max_queue=max_queue)
 
     @asynccontextmanager
@@ -307,7 +359,7 @@ def create_app(engine: LMEngine, *, max_queue: int = 64, retry_after_s: int = 1)
         finally:
             await asyncio.to_thread(engine_loop.stop)  # the join waits out a step: not on the event loop
 
-    app = FastAPI(title="tierflow LM server", lifespan=lifespan)
+    app = FastAPI(title=title, lifespan=lifespan)
     app.state.engine_loop = engine_loop
 
     @app.exception_handler(RequestValidationError)
@@ -331,91 +383,140 @@ def create_app(engine: LMEngine, *, max_queue: int = 64, retry_after_s: int = 1)
         return {"status": "ok", "model": engine.model_id, "requests_served": engine_loop.served,
                 "requests_rejected": engine_loop.rejected, "requests_in_flight": engine_loop.in_flight}
 
+    def refused(exc: TenancyError) -> JSONResponse:
+        return _error(exc.status, str(exc), type=exc.type, param=exc.param, code=exc.code, headers=exc.headers)
+
     @app.get("/v1/models")
-    async def models() -> dict:
-        model = {"id": engine.model_id, "object": "model", "created": 0, "owned_by": "tierflow"}
-        return {"object": "list", "data": [model]}
+    async def models(authorization: str | None = Header(None)):
+        try:
+            names = await tenancy.models(authorization) if tenancy else [engine.model_id]
+        except TenancyError as exc:
+            return refused(exc)
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "tierflow"}
+                                           for name in names]}
+
+    if tenancy is not None:
+        @app.get("/v1/usage")
+        async def usage(authorization: str | None = Header(None)):
+            try:
+                return await tenancy.usage(authorization)
+            except TenancyError as exc:
+                return refused(exc)
+
+    async def grant_for(authorization: str | None, model: str) -> Grant | JSONResponse | None:
+        if tenancy is not None:
+            try:
+                return await tenancy.admit(authorization, model)
+            except TenancyError as exc:
+                return refused(exc)
+        if model != engine.model_id:
+            return _error(404, f"the model {model!r} does not exist; this server serves {engine.model_id!r}",
+                          param="model", code="model_not_found")
+        return None
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
-        if body.model != engine.model_id:
-            return unknown_model(body.model)
-        return await generate(body, body.prompt, 16 if body.max_tokens is None else body.max_tokens, chat=False)
+    async def completions(body: CompletionBody, authorization: str | None = Header(None)):
+        grant = await grant_for(authorization, body.model)
+        if isinstance(grant, JSONResponse):
+            return grant
+        return await generate(body, body.prompt, 16 if body.max_tokens is None else body.max_tokens, grant, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody):
-        if body.model != engine.model_id:
-            return unknown_model(body.model)
+    async def chat_completions(body: ChatBody, authorization: str | None = Header(None)):
+        grant = await grant_for(authorization, body.model)
+        if isinstance(grant, JSONResponse):
+            return grant
         try:
             prompt = engine.tokenizer.render_chat([m.as_dict() for m in body.messages])
         except ValueError as exc:
-            return _error(400, str(exc), param="messages")
+            return over(grant, _error(400, str(exc), param="messages"))
         if body.max_completion_tokens is not None:  # the newer name wins, as in OpenAI's API
-            return await generate(body, prompt, body.max_completion_tokens, chat=True,
+            return await generate(body, prompt, body.max_completion_tokens, grant, chat=True,
                                   max_tokens_param="max_completion_tokens")
         # no limit asked for: up to the end of the context, where the engine stops anyway
         limit = engine.config.context_length if body.max_tokens is None else body.max_tokens
-        return await generate(body, prompt, limit, chat=True)
+        return await generate(body, prompt, limit, grant, chat=True)
 
-    def unknown_model(name: str) -> JSONResponse:
-        return _error(404, f"the model {name!r} does not exist; this server serves {engine.model_id!r}",
-                      param="model", code="model_not_found")
+    def over(grant: Grant | None, response=None, prompt_tokens: int = 0, completion_tokens: int = 0,
+             started: float | None = None, first: float | None = None, compute_s: float = 0.0):
+        """Tell the tenancy a granted request is over; returns ``response``."""
+        if grant is not None:
+            now = time.perf_counter()
+            started = now if started is None else started
+            try:
+                tenancy.finished(grant, prompt_tokens, completion_tokens, (first or now) - started, now - started,
+                                 compute_s)
+            finally:
+                grant.release()
+        return response
 
-    async def generate(body: _SamplingBody, prompt: str | list[int], max_tokens: int, *, chat: bool,
-                       max_tokens_param: str = "max_tokens"):
+    async def generate(body: _SamplingBody, prompt: str | list[int], max_tokens: int, grant: Grant | None, *,
+                       chat: bool, max_tokens_param: str = "max_tokens"):
         """Run one job and answer it whole or streamed; ``max_tokens_param`` names the field the
         limit came from, for errors."""
         try:
-            params = SamplingParams(max_tokens=max_tokens, stop=body.stop, seed=body.seed,
+            params = SamplingParams(max_tokens=max_tokens, stop=body.stop, seed=body.seed, ignore_eos=body.ignore_eos,
                                     temperature=1.0 if body.temperature is None else body.temperature,
                                     top_p=1.0 if body.top_p is None else body.top_p)
         except InvalidRequest as exc:
-            return _error(400, str(exc), param=max_tokens_param if exc.param == "max_tokens" else exc.param)
-        job = Job(prompt, params, body.n)
+            return over(grant, _error(400, str(exc), param=max_tokens_param if exc.param == "max_tokens" else exc.param))
+        job = Job(prompt, params, body.n, grant)
         if not engine_loop.submit(job):
-            return _error(429, f"{max_queue} requests are already in flight; retry in {retry_after_s} s",
-                          type="rate_limit_error", code="rate_limit_exceeded",
-                          headers={"Retry-After": str(retry_after_s)})
+            return over(grant, _error(429, f"{max_queue} requests are already in flight; retry in {retry_after_s} s",
+                                      type="rate_limit_error", code="rate_limit_exceeded",
+                                      headers={"Retry-After": str(retry_after_s)}))
+        started = time.perf_counter()
         refusal = await job.events.get()
         if refusal is not None:
-            return _error(400, str(refusal), param="messages" if chat and refusal.param == "prompt" else refusal.param,
-                          code=refusal.code)
-        reply = _Reply(engine.model_id, chat)
+            return over(grant, _error(400, str(refusal), code=refusal.code,
+                                      param="messages" if chat and refusal.param == "prompt" else refusal.param))
+        reply = _Reply(grant.model if grant else engine.model_id, chat)
         if body.stream:
-            return StreamingResponse(stream(job, reply), media_type="text/event-stream",
+            return StreamingResponse(stream(job, reply, started), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await collect(job, reply)
+        return await collect(job, reply, started)
 
-    async def collect(job: Job, reply: _Reply) -> dict | JSONResponse:
+    async def collect(job: Job, reply: _Reply, started: float) -> dict | JSONResponse:
         """The job as one response; a failed choice fails it (500) and aborts the others."""
-        texts, reasons, tokens = [""] * job.n, [""] * job.n, 0
-        async with aclosing(engine_loop.deltas(job)) as deltas:
-            async for delta in deltas:
-                texts[delta.index] += delta.text
-                if delta.finish_reason in ("abort", "error"):
-                    return _error(500, _failure(delta), type="server_error")
-                if delta.finish_reason:
-                    reasons[delta.index], tokens = delta.finish_reason, tokens + delta.completion_tokens
-        return reply.completion(texts, reasons, _usage(job.prompt_tokens, tokens))
+        texts, reasons, tokens, first, compute = [""] * job.n, [""] * job.n, 0, None, {}
+        try:
+            async with aclosing(engine_loop.deltas(job)) as deltas:
+                async for delta in deltas:
+                    first = first or time.perf_counter()
+                    texts[delta.index] += delta.text
+                    compute[delta.index] = delta.compute_s
+                    tokens += delta.completion_tokens if delta.finish_reason else 0
+                    if delta.finish_reason in ("abort", "error"):
+                        return _error(500, _failure(delta), type="server_error")
+                    if delta.finish_reason:
+                        reasons[delta.index] = delta.finish_reason
+            return reply.completion(texts, reasons, _usage(job.prompt_tokens, tokens))
+        finally:
+            over(job.grant, None, job.prompt_tokens, tokens, started, first, sum(compute.values()))
 
-    async def stream(job: Job, reply: _Reply) -> AsyncIterator[str]:
+    async def stream(job: Job, reply: _Reply, started: float) -> AsyncIterator[str]:
         """The job as server-sent events: chunks as text settles, a usage chunk, then [DONE]; a
         failed choice sends an error event instead of its last chunk."""
-        if reply.chat:
-            for index in range(job.n):
-                yield reply.chunk(index, "", None, role=True)
-        tokens, failure = 0, None
-        async with aclosing(engine_loop.deltas(job)) as deltas:  # closing the stream aborts the job
-            async for delta in deltas:
-                tokens += delta.completion_tokens if delta.finish_reason else 0
-                if delta.finish_reason in ("abort", "error"):
-                    failure = failure or _failure(delta)
-                elif delta.text or delta.finish_reason:
-                    yield reply.chunk(delta.index, delta.text, delta.finish_reason)
-        yield reply.usage_chunk(_usage(job.prompt_tokens, tokens))
-        if failure:
-            yield _event({"error": {"message": failure, "type": "server_error", "param": None, "code": None}})
-        yield "data: [DONE]\n\n"
+        tokens, failure, first, compute = 0, None, None, {}
+        try:
+            if reply.chat:
+                for index in range(job.n):
+                    yield reply.chunk(index, "", None, role=True)
+            async with aclosing(engine_loop.deltas(job)) as deltas:  # closing the stream aborts the job
+                async for delta in deltas:
+                    tokens += delta.completion_tokens if delta.finish_reason else 0
+                    compute[delta.index] = delta.compute_s
+                    if delta.finish_reason in ("abort", "error"):
+                        failure = failure or _failure(delta)
+                    elif delta.text or delta.finish_reason:
+                        first = first or time.perf_counter()
+                        yield reply.chunk(delta.index, delta.text, delta.finish_reason)
+            yield reply.usage_chunk(_usage(job.prompt_tokens, tokens))
+            if failure:
+                yield _event({"error": {"message": failure, "type": "server_error", "param": None, "code": None}})
+            yield "data: [DONE]\n\n"
+        finally:
+            over(job.grant, None, job.prompt_tokens, tokens, started, first, sum(compute.values()))
 
     return app
 

@@ -80,6 +80,16 @@ def resolve_model_path(path: str | Path | None) -> Path:
     return path
 
 
+def load_config(path: str | Path | None = None) -> LlamaConfig:
+    """A checkpoint's architecture alone, without reading its weights."""
+    path = resolve_model_path(path)
+    if path.is_dir():
+        return _hf_config(path)[0]
+    if path.suffix != ".gguf":
+        raise ModelLoadError(f"{path}: not a .gguf file; give a GGUF file or a folder with config.json and *.safetensors")
+    return _gguf_config(_gguf_reader(path), path)
+
+
 def load_checkpoint(path: str | Path | None = None) -> tuple[LlamaConfig, dict[str, torch.Tensor], dict]:
     """Config, float32 weights and raw metadata (tokenizer fields, chat template) of a checkpoint.
 
@@ -143,13 +153,16 @@ def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, -1).swapaxes(1, 2).reshape(w.shape)
 
 
-def _load_gguf(path: Path):
+def _gguf_reader(path: Path):
     import gguf
 
     try:
-        reader = gguf.GGUFReader(str(path))
+        return gguf.GGUFReader(str(path))
     except Exception as exc:  # the reader raises bare ValueErrors on a bad magic or a truncated file
         raise ModelLoadError(f"{path}: not a readable GGUF file ({exc})") from exc
+
+
+def _gguf_config(reader, path: Path) -> LlamaConfig:
     arch = _gguf_field(reader, path, "general.architecture")
     if arch != "llama":
         raise ModelLoadError(f"{path}: general.architecture is {arch!r}; this runtime runs 'llama' models")
@@ -168,6 +181,15 @@ def _load_gguf(path: Path):
     )
     if int(f("rope.dimension_count", default=config.head_dim)) != config.head_dim:
         raise ModelLoadError(f"{path}: partial rotary embeddings (llama.rope.dimension_count) are not supported")
+    return config
+
+
+def _load_gguf(path: Path):
+    import gguf
+
+    reader = _gguf_reader(path)
+    config = _gguf_config(reader, path)
+    tensors = {t.name: t for t in reader.tensors}
 
     def tensor(name: str) -> torch.Tensor:
         if name not in tensors:
@@ -225,8 +247,9 @@ _HF_LAYER_NAMES = {
 }
 
 
-def _load_safetensors_folder(folder: Path):
-    from safetensors.torch import load_file
+def _hf_config(folder: Path) -> tuple[LlamaConfig, dict, list[Path]]:
+    """The config, config.json's fields and the weight files of a safetensors folder."""
+    from safetensors import safe_open
 
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -245,17 +268,28 @@ def _load_safetensors_folder(folder: Path):
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{folder}: no *.safetensors files")
-    raw: dict[str, torch.Tensor] = {}
+    names = set()
     for file in files:
-        raw.update(load_file(str(file)))
-    raw = {k.removeprefix("model."): v.float() for k, v in raw.items()}
+        with safe_open(str(file), "pt") as handle:
+            names.update(handle.keys())
     config = LlamaConfig(
         n_layers=hf["num_hidden_layers"], dim=hf["hidden_size"], ffn_dim=hf["intermediate_size"],
         n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
         vocab_size=hf["vocab_size"], context_length=hf.get("max_position_embeddings", 2048),
         rope_base=float(hf.get("rope_theta", 10000.0)), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tied_embeddings="lm_head.weight" not in raw,
+        tied_embeddings="lm_head.weight" not in names,
     )
+    return config, hf, files
+
+
+def _load_safetensors_folder(folder: Path):
+    from safetensors.torch import load_file
+
+    config, hf, files = _hf_config(folder)
+    raw: dict[str, torch.Tensor] = {}
+    for file in files:
+        raw.update(load_file(str(file)))
+    raw = {k.removeprefix("model."): v.float() for k, v in raw.items()}
 
     def tensor(name: str) -> torch.Tensor:
         if name not in raw:

@@ -1,0 +1,128 @@
+"""The LMaaS front door: the LM server made multi-tenant over the :class:`Registry`.
+
+Every request carries an API key (``Authorization: Bearer tfk-…``) and a model: ``base`` or
+``<tenant>/<adapter>``. :class:`LmaasTenancy` answers, in OpenAI's error shape:
+
+- 401 for a missing or unknown key;
+- 403 for another tenant's adapter — the same answer whether or not it exists;
+- 404 for an adapter of one's own tenant that does not exist;
+- 429 (with ``Retry-After``) when the tenant is over a quota: requests in flight, or tokens in the
+  last minute. Only that tenant is turned away; the others keep being served.
+
+Granted requests run on the shared engine (their adapter fetched from the artifact store into host
+memory when the engine does not hold it), admitted fairly between tenants. When each is over, its
+tokens, time to first token, latency and cost are written to the registry: cost is the request's
+share of the forward passes it took part in, priced at the serving worker's $/hour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+
+from fastapi import FastAPI
+
+from tasks.lm.engine import LMEngine
+from tasks.lm.server import Grant, TenancyError, create_app
+from tasks.lmaas.registry import BASE_MODEL, AccessDenied, Registry, RegistryError, TenantInfo, UnknownModel
+
+QUOTA_WINDOW_S = 60.0
+HOST_DEVICE = "cpu-small"  # the catalog's 2-vCPU CPU worker: this machine's kind
+
+
+def default_price_per_hour(device: str = HOST_DEVICE) -> float:
+    """$/hour of a serving worker of catalog ``device``, for metering."""
+    from infra.catalog import load_catalog
+
+    return load_catalog().device(device).usd_per_hour
+
+
+class LmaasTenancy:
+    """Keys, model names, quotas and metering for the LM server, from ``registry``."""
+
+    def __init__(self, registry: Registry, engine: LMEngine, price_per_hour: float):
+        self.registry, self.engine, self.price_per_hour = registry, engine, price_per_hour
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, int] = {}
+        self._tokens: dict[str, deque[tuple[float, int]]] = {}  # tenant -> (finished at, tokens) this window
+
+    async def _tenant(self, authorization: str | None) -> TenantInfo:
+        key = authorization[7:].strip() if authorization and authorization.lower().startswith("bearer ") else None
+        tenant = await asyncio.to_thread(self.registry.authenticate, key)
+        if tenant is None:
+            raise TenancyError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                               type="authentication_error", code="invalid_api_key")
+        return tenant
+
+    async def models(self, authorization: str | None) -> list[str]:
+        tenant = await self._tenant(authorization)
+        adapters = await asyncio.to_thread(self.registry.adapters, tenant.name)
+        return [BASE_MODEL, *(a.model for a in adapters)]
+
+    async def usage(self, authorization: str | None) -> dict:
+        tenant = await self._tenant(authorization)
+        return await asyncio.to_thread(self.registry.usage, tenant)
+
+    async def admit(self, authorization: str | None, model: str) -> Grant:
+        tenant = await self._tenant(authorization)
+        try:
+            adapter = await asyncio.to_thread(self.registry.resolve, tenant, model)
+        except AccessDenied as exc:
+            raise TenancyError(403, str(exc), type="permission_error", param="model", code="model_not_allowed") from None
+        except UnknownModel as exc:
+            raise TenancyError(404, str(exc), param="model", code="model_not_found") from None
+        self._take_quota(tenant)
+        grant = Grant(tenant=tenant.name, model=model, release=lambda: self._release(tenant.name))
+        if adapter is not None:
+            grant.adapter = adapter.model
+            try:
+                if adapter.model not in self.engine.adapters:  # a cold adapter: from the artifact store
+                    grant.adapter_weights = await asyncio.to_thread(self.registry.fetch_adapter, adapter)
+            except BaseException:
+                grant.release()
+                raise
+        return grant
+
+    def _take_quota(self, tenant: TenantInfo) -> None:
+        now = time.monotonic()
+        with self._lock:
+            in_flight = self._in_flight.get(tenant.name, 0)
+            if in_flight >= tenant.max_concurrent:
+                raise TenancyError(429, f"tenant {tenant.name!r} has {in_flight} requests in flight, its limit; "
+                                   "retry when one finishes", type="rate_limit_error", code="rate_limit_exceeded",
+                                   headers={"Retry-After": "1"})
+            window = self._tokens.setdefault(tenant.name, deque())
+            while window and window[0][0] < now - QUOTA_WINDOW_S:
+                window.popleft()
+            used = sum(tokens for _, tokens in window)
+            if used >= tenant.tokens_per_minute:
+                retry = max(1, int(window[0][0] + QUOTA_WINDOW_S - now) + 1)
+                raise TenancyError(429, f"tenant {tenant.name!r} used {used} tokens in the last minute, its limit "
+                                   f"is {tenant.tokens_per_minute}; retry in {retry} s", type="rate_limit_error",
+                                   code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
+            self._in_flight[tenant.name] = in_flight + 1
+
+    def _release(self, tenant: str) -> None:
+        with self._lock:
+            self._in_flight[tenant] -= 1
+
+    def finished(self, grant: Grant, prompt_tokens: int, completion_tokens: int, ttft_s: float, latency_s: float,
+                 compute_s: float) -> None:
+        with self._lock:
+            self._tokens.setdefault(grant.tenant, deque()).append((time.monotonic(), prompt_tokens + completion_tokens))
+        try:
+            tenant = self.registry.tenant(grant.tenant)
+        except RegistryError:
+            return  # the tenant was removed while its request ran: nobody to bill
+        self.registry.record_usage(tenant, grant.model, prompt_tokens, completion_tokens, ttft_s, latency_s,
+                                   compute_s * self.price_per_hour / 3600)
+
+
+def create_service_app(registry: Registry, engine: LMEngine, *, price_per_hour: float, max_queue: int = 256) -> FastAPI:
+    """The multi-tenant OpenAI-compatible app: the LM server with an :class:`LmaasTenancy`."""
+    tenancy = LmaasTenancy(registry, engine, price_per_hour)
+    app = create_app(engine, max_queue=max_queue, tenancy=tenancy, title="tierflow LMaaS")
+    app.state.tenancy = tenancy
+    return app

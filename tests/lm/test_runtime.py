@@ -214,3 +214,19 @@ def test_a_prompt_longer_than_the_context_is_refused_before_it_runs(engine):
     with pytest.raises(InvalidRequest, match="prompt is empty"):
         engine.open("")
     assert GREEDY.greedy
+
+
+def test_admission_is_fair_between_tenants_so_a_flood_does_not_starve_a_later_tenant(engine):
+    """Tenant a queues eight requests before tenant b's two; with four running at a time, b's two
+    are admitted in the first step, alternating with a's."""
+    limit, engine.max_running = engine.max_running, 4
+    try:
+        flood = [engine.submit(engine.open("Hello"), greedy(4), owns_sequence=True, tenant="a") for _ in range(8)]
+        late = [engine.submit(engine.open("Hi"), greedy(4), owns_sequence=True, tenant="b") for _ in range(2)]
+        engine.step()
+        assert [r.tenant for r in engine.running] == ["a", "b", "a", "b"]
+        engine.run(flood + late)
+        assert all(r.finish_reason == "length" for r in flood + late)
+        assert max(r.first_token_at for r in late) < sorted(r.first_token_at for r in flood)[-1]
+    finally:
+        engine.max_running = limit

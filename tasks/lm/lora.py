@@ -208,6 +208,16 @@ def merge_into(weights: dict[str, torch.Tensor], adapter: LoraAdapter, config: L
     return merged
 
 
+def fused_deltas(adapter: LoraAdapter, config: LlamaConfig) -> dict[tuple[int, str], list[tuple[int, torch.Tensor]]]:
+    """The adapter's weight changes on the model's fused layers: (layer, fused layer) -> the
+    (first output row, ``scaling · B A``) of each module it adapts there."""
+    offsets = _output_offsets(config)
+    deltas: dict[tuple[int, str], list[tuple[int, torch.Tensor]]] = {}
+    for (layer, module) in adapter.weights:
+        deltas.setdefault((layer, MODULES[module][0]), []).append((offsets[module], adapter.delta(layer, module)))
+    return deltas
+
+
 # --- many adapters in one batch ---------------------------------------------------------------
 
 @dataclass

@@ -2,7 +2,8 @@
 
 - ``paged_attention.cpp``: decode attention read in place from the paged KV cache;
 - ``q4_linear.cpp``: a linear layer on Q4_1 codes with AVX-512 BF16 dot products, for CPUs that
-  have them (elsewhere it is absent and torch's int4 kernel runs).
+  have them (elsewhere it is absent and torch's int4 kernel runs);
+- ``lora_bgmv.cpp``: many LoRA adapters over a batch's rows, each row with its own, in one call.
 
 torch.utils.cpp_extension compiles them with this machine's compiler for this machine's CPU
 (``-march=native``; about 15 s, once: the build is kept under ``TIERFLOW_KERNEL_CACHE``, default
@@ -25,7 +26,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "q4_linear.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "q4_linear.cpp", "lora_bgmv.cpp")]
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # fast-math: vectorized exp and sums
 _status = {"kernel": "not loaded"}
 
@@ -87,6 +88,12 @@ def q4_linear():
     """``torch.ops.tierflow.q4_linear``, or None where it cannot be built or the CPU lacks AVX-512 BF16."""
     ops = _build()
     return ops.q4_linear if ops is not None and hasattr(ops, "q4_linear") else None
+
+
+def lora_bgmv():
+    """``torch.ops.tierflow.lora_bgmv``, or None where the kernels cannot be built here."""
+    ops = _build()
+    return None if ops is None else ops.lora_bgmv
 
 
 def kernel_status() -> str:

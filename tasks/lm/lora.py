@@ -232,10 +232,14 @@ class LoraPool:
     max_rank: int
     targets: tuple[str, ...] = DEFAULT_TARGETS
     dtype: torch.dtype = torch.float32
+    compiled: bool = True  # the compiled kernel (tasks/lm/lora_bgmv.cpp) where it builds
     a: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     b: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
+        from tasks.lm.kernels import lora_bgmv
+
+        self.kernel = lora_bgmv() if self.compiled and self.dtype == torch.float32 else None
         if self.n_slots < 2:
             raise ValueError(f"a LoRA pool needs at least 2 slots (slot 0 means no adapter); got {self.n_slots}")
         unknown = [t for t in self.targets if t not in MODULES]
@@ -279,12 +283,19 @@ class LoraPool:
             self.a[layer, kind][slot, rows] = a.to(self.dtype)
             self.b[layer, kind][slot, offsets[module]:offsets[module] + b.shape[0], rows] = (adapter.scaling * b).to(self.dtype)
 
-    def add(self, y: torch.Tensor, x: torch.Tensor, layer: int, kind: str, segments: list[tuple[int, int, int]]) -> torch.Tensor:
-        """``y`` (the base layer's output for input ``x``) plus each segment's adapter delta:
-        ``(start, end, slot)`` rows ``start .. end-1`` use the adapter in ``slot``."""
+    def add(self, y: torch.Tensor, x: torch.Tensor, layer: int, kind: str, batch) -> torch.Tensor:
+        """``y`` (the base layer's output for input ``x``) plus each row's adapter delta, per the flat
+        ``batch``'s segments (``(start, end, slot)``: rows ``start .. end-1`` use the adapter in ``slot``).
+        Long segments (a prefill chunk, many decoding rows of one adapter) take two matmuls each; with
+        the compiled kernel, every other row goes in one call."""
         if (layer, kind) not in self.a:
             return y
         a, b = self.a[layer, kind], self.b[layer, kind]
+        segments = batch.lora_segments
+        if self.kernel is not None and y.dtype == torch.float32 and x.dtype == torch.float32:
+            if batch.lora_short_row_slots is not None:
+                self.kernel(y, x.contiguous(), a, b, batch.lora_short_row_slots)
+            segments = batch.lora_long_segments
         for start, end, slot in segments:
             rows = x[start:end].to(self.dtype)
             y[start:end] += ((rows @ a[slot].t()) @ b[slot].t()).to(y.dtype)

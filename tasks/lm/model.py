@@ -70,6 +70,9 @@ class FlatBatch:
     int4_rows: int = 0  # leading rows (decoding sequences) that int4 weights run on their int4 kernel
     decode: DecodeGroup | None = None  # decoding sequences, when the compiled kernel attends them
     lora_segments: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, LoRA pool slot)
+    # for the compiled LoRA kernel: segments long enough for two matmuls, and every other row's slot
+    lora_long_segments: list[tuple[int, int, int]] = field(default_factory=list)
+    lora_short_row_slots: torch.Tensor | None = None  # [N] (0: no adapter, or in a long segment)
 
 
 WEIGHT_FORMATS = ("float32", "bfloat16", "int4")
@@ -79,6 +82,7 @@ EXACT_TOP_LOGITS = 64  # tokens whose logits are recomputed in float32 after a b
 
 INT4_MAX_ROWS = 24  # torch's int4 kernel costs grow linearly with rows: from here a bf16 GEMM is faster
 Q4_TILE = 16  # outputs per tile of the compiled Q4_1 kernel
+LORA_GEMM_ROWS = 8  # a run of this many rows with one adapter goes through two matmuls, not the LoRA kernel
 
 
 @dataclass
@@ -176,7 +180,7 @@ class Attention(nn.Module):
         n, h, kvh, hd = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
         qkv = linear(x, self.wqkv, batch.int4_rows)
         if batch.lora_segments:
-            qkv = self.lora.add(qkv, x, self.index, "wqkv", batch.lora_segments)
+            qkv = self.lora.add(qkv, x, self.index, "wqkv", batch)
         qkv = qkv.view(n, h + 2 * kvh, hd)
         cos, sin = rope
         qk = qkv[:, : h + kvh] * cos + rotate_half(qkv[:, : h + kvh]) * sin
@@ -205,7 +209,7 @@ class Attention(nn.Module):
             y = torch.bmm(probs.to(values.dtype), values)
             out[g.rows] = y.view(kvh, b, t, groups, hd).permute(1, 2, 0, 3, 4).reshape(b * t, h * hd).to(out.dtype)
         y = linear(out, self.wo, batch.int4_rows)
-        return self.lora.add(y, out, self.index, "wo", batch.lora_segments) if batch.lora_segments else y
+        return self.lora.add(y, out, self.index, "wo", batch) if batch.lora_segments else y
 
 
 class FeedForward(nn.Module):
@@ -219,11 +223,11 @@ class FeedForward(nn.Module):
     def forward(self, x, batch: FlatBatch):
         gate_up = linear(x, self.w_gate_up, batch.int4_rows)
         if batch.lora_segments:
-            gate_up = self.lora.add(gate_up, x, self.index, "w_gate_up", batch.lora_segments)
+            gate_up = self.lora.add(gate_up, x, self.index, "w_gate_up", batch)
         gate, up = gate_up.chunk(2, dim=-1)
         hidden = F.silu(gate) * up
         y = linear(hidden, self.w_down, batch.int4_rows)
-        return self.lora.add(y, hidden, self.index, "w_down", batch.lora_segments) if batch.lora_segments else y
+        return self.lora.add(y, hidden, self.index, "w_down", batch) if batch.lora_segments else y
 
 
 class Block(nn.Module):
@@ -370,8 +374,13 @@ def build_flat_batch(cache: PagedKVCache, work: list[tuple], n_query_groups: int
     int4_rows = leading if int4_max_rows is None or leading < int4_max_rows else 0
     row_slots = [] if adapter_slots is None else [slot for (_, start, end, _), slot in zip(work, adapter_slots)
                                                    for _ in range(end - start)]
+    segments = segments_of(row_slots)
+    long_segments = [s for s in segments if s[1] - s[0] >= LORA_GEMM_ROWS]
+    short_slots = list(row_slots)
+    for start, end, _ in long_segments:
+        short_slots[start:end] = [0] * (end - start)
     return FlatBatch(as_long(tokens), as_long(positions), as_long(slots), groups, as_long(logit_rows), int4_rows,
-                     decode_group, segments_of(row_slots))
+                     decode_group, segments, long_segments, as_long(short_slots) if any(short_slots) else None)
 
 
 def _decode_group(cache: PagedKVCache, members: list[tuple]) -> DecodeGroup:

@@ -139,3 +139,33 @@ def test_the_q4_kernel_rejects_inputs_that_do_not_fit_the_weight(q4):
         q4(torch.randn(2, 32), *packed)
     with pytest.raises(RuntimeError, match="contiguous float32"):
         q4(torch.randn(2, 64).bfloat16(), *packed)
+
+
+def test_the_lora_kernel_adds_each_rows_own_adapter_as_the_per_segment_matmuls_do(kernel):
+    """Rows of three adapters interleaved with base rows and a long run of one adapter (which keeps
+    its two matmuls): the compiled path equals the plain-torch one."""
+    from tasks.lm.lora import LoraPool, random_adapter, segments_of
+    from tasks.lm.model import FlatBatch
+    from tasks.lm.weights import LlamaConfig
+
+    config = LlamaConfig(n_layers=1, dim=64, ffn_dim=96, n_heads=4, n_kv_heads=2, vocab_size=32, context_length=64,
+                         rope_base=1e4, norm_eps=1e-5, tied_embeddings=True)
+    pools = {compiled: LoraPool(config, 4, 8, ("q_proj", "v_proj", "o_proj"), compiled=compiled) for compiled in (True, False)}
+    assert pools[True].kernel is not None and pools[False].kernel is None
+    for slot in (1, 2, 3):
+        adapter = random_adapter(config, rank=4 + slot, targets=("q_proj", "v_proj", "o_proj"), seed=slot, std=0.3)
+        for pool in pools.values():
+            pool.load(slot, adapter)
+    slots = [1, 0, 2, 2, 3, 1, 0] + [3] * 10
+    long_segments = [s for s in segments_of(slots) if s[1] - s[0] >= 8]
+    short = [0 if any(a <= i < b for a, b, _ in long_segments) else s for i, s in enumerate(slots)]
+    batch = FlatBatch(*(torch.zeros(0),) * 3, [], torch.zeros(0), lora_segments=segments_of(slots),
+                      lora_long_segments=long_segments, lora_short_row_slots=torch.tensor(short))
+    torch.manual_seed(0)
+    x = torch.randn(len(slots), 64)
+    base = torch.randn(len(slots), 128)  # q|k|v outputs of 4 + 2 + 2 heads of 16
+    compiled = pools[True].add(base.clone(), x, 0, "wqkv", batch)
+    plain = pools[False].add(base.clone(), x, 0, "wqkv", batch)
+    assert torch.allclose(compiled, plain, atol=1e-5)
+    assert torch.equal(compiled[[1, 6]], base[[1, 6]])  # rows without an adapter are untouched
+    assert not torch.allclose(compiled[0], base[0])

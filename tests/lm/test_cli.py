@@ -22,6 +22,20 @@ def tierflow(*args, timeout=120):
     return subprocess.run([TIERFLOW, *map(str, args)], env=dict(os.environ), capture_output=True, text=True, timeout=timeout)
 
 
+def wait_until_serving(server: subprocess.Popen, url: str, timeout: float = 90) -> None:
+    """Poll ``url`` until it answers 200; fail with the server's stderr if it exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert server.poll() is None, server.stderr.read()
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"the server did not come up in {timeout:.0f} s"
+        time.sleep(0.5)
+
+
 def test_generate_answers_a_chat_question_and_reports_its_timings():
     result = tierflow("lm", "generate", "--chat", "What is the capital of France?", "--json")
     assert result.returncode == 0, result.stderr
@@ -43,16 +57,7 @@ def test_serve_answers_the_openai_client_and_stops_on_sigterm():
     server = subprocess.Popen([TIERFLOW, "lm", "serve", "--port", str(port), "--kv-cache-mib", "128"],
                               env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None, server.stderr.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up in 90 s"
-            time.sleep(0.5)
+        wait_until_serving(server, f"http://127.0.0.1:{port}/v1/models")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         assert [m.id for m in client.models.list()] == ["smollm2-135m-instruct"]
         reply = client.chat.completions.create(model="smollm2-135m-instruct", temperature=0, max_tokens=20,

@@ -7,16 +7,14 @@ import json
 import os
 import signal
 import subprocess
-import time
 
-import httpx
 import openai
 import pytest
 
 from infra.prefect_server import free_port
 from tasks.lm.lora import random_adapter, save_adapter
 from tasks.lm.weights import load_config
-from tests.lm.test_cli import TIERFLOW
+from tests.lm.test_cli import TIERFLOW, wait_until_serving
 
 
 @pytest.fixture
@@ -54,16 +52,7 @@ def test_the_service_serves_a_tenants_adapter_to_its_key(home, tmp_path):
     server = subprocess.Popen([TIERFLOW, "lmaas", "serve", "--port", str(port), "--lora-slots", "2", "--lora-rank", "8"],
                               env=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None, server.stderr.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the service did not come up in 90 s"
-            time.sleep(0.5)
+        wait_until_serving(server, f"http://127.0.0.1:{port}/health")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
         assert [m.id for m in client.models.list()] == ["base", "acme/bot"]
         reply = client.chat.completions.create(model="acme/bot", max_tokens=6, temperature=0,

@@ -68,13 +68,14 @@ def engine_for(weight_format: str, slots: int) -> LMEngine:
                          lora_targets=TARGETS, max_host_adapters=2048)
 
 
-def bench_strategies(engines: dict, adapter_counts: list[int], n_requests: int, rate: float, seed: int) -> dict:
+def bench_strategies(engines: dict, adapter_counts: list[int], n_requests: int, rate: float, seed: int,
+                     max_tokens: tuple[int, int] = (16, 48)) -> dict:
     corpus = engines["bf16"].tokenizer.encode(load_corpus()[:200_000])
     results = {}
     for n in adapter_counts:
         adapters = make_adapters(engines["bf16"].config, n)
         models = list(adapters)
-        trace = make_trace(models, corpus, n_requests=n_requests, rate=rate, seed=seed + n, max_tokens=(16, 48))
+        trace = make_trace(models, corpus, n_requests=n_requests, rate=rate, seed=seed + n, max_tokens=max_tokens)
         row = {"adapters": n, "distinct_adapters_in_trace": len({r.model for r in trace}), "requests": n_requests}
         runs = [("multi_lora", "bf16"), ("merged_sequential", "bf16"), ("unbatched", "bf16"), ("multi_lora", "int4")]
         for strategy, fmt in runs:
@@ -162,7 +163,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="10 adapters, 12 requests: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="10 adapters, 8 short requests: a smoke run")
     parser.add_argument("--adapters", default="10,100,1000")
     parser.add_argument("--requests", type=int, default=120)
     parser.add_argument("--rate", type=float, default=6.0, help="mean arrivals/s outside bursts (bursts: 4×)")
@@ -171,15 +172,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.adapters.split(",")]
-    n_requests = args.requests
+    n_requests, max_tokens = args.requests, (16, 48)
     if args.quick:
-        counts, n_requests = [10], 12
+        counts, n_requests, max_tokens = [10], 8, (4, 8)
     engines = {"bf16": engine_for("bfloat16", args.slots), "int4": engine_for("int4", args.slots)}
     result = {"simulated": [f"COGS on {', '.join(SIMULATED_GPUS)}: roofline from the device catalog"],
               "trace": {"requests": n_requests, "rate": args.rate, "burst_factor": 4.0, "zipf_s": 1.0,
-                        "max_tokens": [16, 48], "prompt_tokens": [16, 96]},
+                        "max_tokens": list(max_tokens), "prompt_tokens": [16, 96]},
               "adapter": {"rank": RANK, "targets": list(TARGETS)}}
-    result["strategies"] = bench_strategies(engines, counts, n_requests, args.rate, args.seed)
+    result["strategies"] = bench_strategies(engines, counts, n_requests, args.rate, args.seed, max_tokens)
     with tempfile.TemporaryDirectory(prefix="tierflow-lmaas-bench-") as tmp:
         result["cold_start"] = bench_cold_start(Path(tmp))
     result["cogs"] = cogs(result["strategies"])

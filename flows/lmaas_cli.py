@@ -37,19 +37,26 @@ def _fail(message: str) -> None:
     fail(message)
 
 
-def _registry(db: str | None, store: str | None, model: str | None = None):
+def _registry(db: str | None, store: str | None, model: str | None = None, *, with_model: bool = False):
+    """The registry; ``with_model`` also reads the base model's config, to check adapters against."""
     from infra.prefect_server import tierflow_home
     from infra.store import StoreError, open_store
-    from tasks.lm.weights import ModelLoadError, load_config
     from tasks.lmaas.registry import Registry
 
     home = tierflow_home() / "lmaas"
     home.mkdir(parents=True, exist_ok=True)
+    config = None
+    if with_model:
+        from tasks.lm.weights import ModelLoadError, load_config
+
+        try:
+            config = load_config(model)
+        except ModelLoadError as exc:
+            _fail(str(exc))
     try:
-        config = load_config(model)
         return Registry(db or f"sqlite:///{home / 'registry.db'}", open_store(store or home / "store", create_bucket=True),
                         config)
-    except (ModelLoadError, StoreError) as exc:
+    except StoreError as exc:
         _fail(str(exc))
     except Exception as exc:  # an unreachable or malformed database URL
         _fail(f"--db {db!r}: {exc}")
@@ -57,17 +64,20 @@ def _registry(db: str | None, store: str | None, model: str | None = None):
 
 def _refusing():
     """Turn the registry's and the adapter checker's refusals into a clean exit."""
+    import sys
     from contextlib import contextmanager
 
-    from tasks.lm.lora import AdapterError
     from tasks.lmaas.registry import RegistryError
 
     @contextmanager
     def guard():
         try:
             yield
-        except (RegistryError, AdapterError) as exc:
-            _fail(str(exc))
+        except Exception as exc:
+            lora = sys.modules.get("tasks.lm.lora")  # an adapter can be refused only once it is imported (torch)
+            if isinstance(exc, RegistryError) or (lora is not None and isinstance(exc, lora.AdapterError)):
+                _fail(str(exc))
+            raise
 
     return guard()
 
@@ -133,7 +143,7 @@ def adapter_add(
     store: str = typer.Option(None, help=STORE_HELP),
 ) -> None:
     """Check an adapter against the base model, store it and register it."""
-    registry = _registry(db, store, model)
+    registry = _registry(db, store, model, with_model=True)
     with _refusing():
         info = registry.register_adapter(tenant, name, folder)
     print(json.dumps({"model": info.model, "rank": info.rank, "targets": list(info.targets), "params": info.n_params}))
@@ -196,7 +206,7 @@ def serve(
     from tasks.lm.weights import ModelLoadError
     from tasks.lmaas.service import create_service_app, default_price_per_hour
 
-    registry = _registry(db, store, model)
+    registry = _registry(db, store, model, with_model=True)
     try:
         with Console(stderr=True).status("loading the base model…"):
             engine = LMEngine.load(model, lora_slots=lora_slots, lora_rank=lora_rank, lora_targets=tuple(MODULES),

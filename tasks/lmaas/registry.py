@@ -26,9 +26,15 @@ from sqlalchemy import (Float, ForeignKey, Integer, String, UniqueConstraint, cr
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from typing import TYPE_CHECKING
+
 from infra.store import ArtifactStore
-from tasks.lm.lora import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, load_adapter
-from tasks.lm.weights import LlamaConfig
+
+if TYPE_CHECKING:  # torch only where adapters are read: managing tenants stays quick from the CLI
+    from tasks.lm.lora import LoraAdapter
+    from tasks.lm.weights import LlamaConfig
+
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"  # a PEFT folder (tasks.lm.lora)
 
 BASE_MODEL = "base"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -143,9 +149,10 @@ def _check_name(field: str, value: str) -> str:
 
 
 class Registry:
-    """Tenants, keys, adapters and usage in the database at ``url``; adapter files in ``store``."""
+    """Tenants, keys, adapters and usage in the database at ``url``; adapter files in ``store``;
+    adapters checked against ``base_config`` (needed only to register or fetch adapters)."""
 
-    def __init__(self, url: str, store: ArtifactStore, base_config: LlamaConfig):
+    def __init__(self, url: str, store: ArtifactStore, base_config: LlamaConfig | None = None):
         self.url, self.store, self.base_config = url, store, base_config
         self.engine = create_engine(url)
         Base.metadata.create_all(self.engine)
@@ -221,8 +228,10 @@ class Registry:
     # --- adapters --------------------------------------------------------------------------------
     def register_adapter(self, tenant: str, name: str, folder: str | Path) -> AdapterInfo:
         """Check ``folder`` (a PEFT LoRA folder) against the base model, upload it and record it."""
+        from tasks.lm.lora import load_adapter
+
         _check_name("adapter", name)
-        adapter = load_adapter(folder, self.base_config, name=name)  # AdapterError: nothing written yet
+        adapter = load_adapter(folder, self._config(), name=name)  # AdapterError: nothing written yet
         with Session(self.engine) as session:
             owner = self._tenant(session, tenant)
             if session.scalar(select(Adapter).where(Adapter.tenant_id == owner.id, Adapter.name == name)):
@@ -268,10 +277,17 @@ class Registry:
 
     def fetch_adapter(self, info: AdapterInfo) -> LoraAdapter:
         """The adapter's weights from the artifact store (checksums verified by the store)."""
+        from tasks.lm.lora import load_adapter
+
         with tempfile.TemporaryDirectory(prefix="tierflow-adapter-") as tmp:
             for file_name in (WEIGHTS_FILE, CONFIG_FILE):
                 self.store.get_file(f"{info.store_prefix}/{file_name}", Path(tmp) / file_name)
-            return load_adapter(tmp, self.base_config, name=info.model)
+            return load_adapter(tmp, self._config(), name=info.model)
+
+    def _config(self) -> LlamaConfig:
+        if self.base_config is None:
+            raise RegistryError("this registry was opened without the base model's config: adapters cannot be checked")
+        return self.base_config
 
     def resolve(self, tenant: TenantInfo, model: str) -> AdapterInfo | None:
         """What ``model`` means for ``tenant``: None for the base model, or one of its own adapters."""

@@ -11,7 +11,7 @@ def test_quick_benchmark_measures_every_strategy_cold_start_and_cogs(tmp_path):
     saved = json.loads((tmp_path / "lmaas.json").read_text())
     row = saved["strategies"]["10"]
     for name in ("multi_lora", "merged_sequential", "unbatched", "multi_lora_int4"):
-        assert row[name]["requests"] == 12 and row[name]["tokens_per_s"] > 0
+        assert row[name]["requests"] == 8 and row[name]["tokens_per_s"] > 0
         assert row[name]["completion_tokens"] == row["multi_lora"]["completion_tokens"]  # the same trace
     assert row["merged_sequential"]["swaps"] >= 1
     assert saved["cold_start"]["cold_start_total_s"] >= saved["cold_start"]["base_model_load_s"] > 0

@@ -3,9 +3,12 @@ start and COGS (simulated GPU figures marked as simulated)."""
 
 import json
 
+import pytest
+
 from benchmarks.lmaas import SIMULATED_GPUS, main
 
 
+@pytest.mark.slow  # ~25 s: loads three engines; the strategies themselves are tested in test_strategies
 def test_quick_benchmark_measures_every_strategy_cold_start_and_cogs(tmp_path):
     main(["--quick", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "lmaas.json").read_text())

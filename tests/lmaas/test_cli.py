@@ -44,6 +44,7 @@ def test_tenants_and_adapters_are_managed_and_a_malformed_adapter_is_refused_who
     assert json.loads(lmaas(home, "tenant", "list", "--json").stdout) == []
 
 
+@pytest.mark.slow  # ~25 s: a served subprocess; the service itself is tested in-process in test_service
 def test_the_service_serves_a_tenants_adapter_to_its_key(home, tmp_path):
     key = json.loads(lmaas(home, "tenant", "add", "acme").stdout)["api_key"]
     folder = save_adapter(random_adapter(load_config(None), rank=8, seed=3, std=0.05), tmp_path / "bot")

@@ -76,9 +76,11 @@ class LmaasTenancy:
         self._take_quota(tenant)
         grant = Grant(tenant=tenant.name, model=model, release=lambda: self._release(tenant.name))
         if adapter is not None:
-            grant.adapter = adapter.model
+            # named by its weights' checksum in the engine: an adapter removed and registered again
+            # under the same name never meets prefixes cached with the old weights
+            grant.adapter = f"{adapter.model}@{adapter.sha256[:16]}"
             try:
-                if adapter.model not in self.engine.adapters:  # a cold adapter: from the artifact store
+                if grant.adapter not in self.engine.adapters:  # a cold adapter: from the artifact store
                     grant.adapter_weights = await asyncio.to_thread(self.registry.fetch_adapter, adapter)
             except BaseException:
                 grant.release()

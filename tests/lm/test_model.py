@@ -94,19 +94,25 @@ def test_float32_greedy_generation_equals_transformers_token_for_token(engine_fp
 
 
 def test_int4_runs_the_files_own_codes_close_to_the_float_reference(engine, reference, chat):
-    """The fast format (4-bit codes, bf16 activations and KV; prefill on their bf16 copy): the same chat answers, next-token
-    choices agreeing with the reference at ≥ 95% of teacher-forced positions, logits within 1.5
-    (their range is about ±35)."""
+    """The fast format (4-bit codes, bf16 activations and KV; prefill on their bf16 copy): the same chat answers up
+    to where the reference itself all but ties (its two likeliest tokens within 0.1: a 4-bit rounding may pick
+    either, and the answers then go their own ways), next-token choices agreeing with the reference at ≥ 95% of
+    teacher-forced positions, logits within 1.5 (their range is about ±35)."""
     _, model = reference
     agree = total = 0
     for question in QUESTIONS:
         ids = engine.tokenizer.encode(chat(question))
         expected = reference_greedy(model, ids, 32, stop_at_eos=True)
         answer = engine.generate([ids], SamplingParams(temperature=0, max_tokens=32))[0]
-        assert answer.tokens == expected
         full = ids + expected
         with torch.no_grad():
             reference_logits = model(torch.tensor([full])).logits[0, len(ids) - 1:]
+        diverged = next((i for i, (a, b) in enumerate(zip(answer.tokens, expected)) if a != b), None)
+        if diverged is None:
+            assert answer.tokens == expected
+        else:
+            top2 = reference_logits[diverged].topk(2).values
+            assert top2[0] - top2[1] < 0.1, f"diverged at token {diverged} where the reference is sure"
         ours = all_logits(engine, full, int4_kernel=True)[len(ids) - 1:]
         assert (ours - reference_logits).abs().max().item() < 1.5
         agree += (ours.argmax(-1) == reference_logits.argmax(-1)).sum().item()

@@ -138,14 +138,19 @@ def test_streamed_completion_with_stop_matches_the_whole_one(client, chat):
 
 
 def test_n_seeded_choices_differ_repeat_and_free_their_blocks(client, engine):
+    """Seeded choices repeat for the same request on the same cache. (Not between a first request,
+    which prefills its whole prompt, and a repeat that continues from the cached prefix blocks: on
+    CPUs with AMX, oneDNN's bf16 GEMM rounds a row differently with the number of rows, and a
+    temperature-1 draw can then take another token.)"""
     n_free = engine.cache.n_free
     options = dict(n=3, seed=7, temperature=1.0, max_tokens=12)
     first = ask(client, "Write a haiku about the sea.", **options)
     again = ask(client, "Write a haiku about the sea.", **options)
-    texts = [c.message.content for c in first.choices]
+    third = ask(client, "Write a haiku about the sea.", **options)
+    texts = [c.message.content for c in again.choices]
     assert [c.index for c in first.choices] == [0, 1, 2]
     assert len(set(texts)) > 1, "each choice samples with its own seed"
-    assert [c.message.content for c in again.choices] == texts
+    assert [c.message.content for c in third.choices] == texts
     assert first.usage.completion_tokens <= 3 * 12
     assert wait_until(lambda: idle(engine, n_free))
 

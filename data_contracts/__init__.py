@@ -46,7 +46,7 @@ def products() -> list[str]:
 
 def _load_all() -> None:
     # Importing the modules registers their suites.
-    from data_contracts import catalog, honeybee, infra, jellybean, lazarus, shipped  # noqa: F401
+    from data_contracts import catalog, honeybee, infra, jellybean, lazarus, lmaas, shipped  # noqa: F401
 
 
 @lru_cache(maxsize=1)

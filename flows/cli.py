@@ -48,12 +48,14 @@ CONFIG_KEYS = {  # what a run config (--config) may set, per system; path-valued
     "jellybean": ("workflow", "infra", "rate"),
     "honeybee": ("workload", "infra", "storage_budget", "recall_target", "k", "near_tier", "max_index_gib"),
     "lazarus": ("infra", "strategies", "trace", "time_scale", "seed"),
+    "lmaas": ("infra", "strategies", "db", "seed"),
 }
 PATH_KEYS = ("workflow", "infra", "workload", "trace")
 SYSTEMS = {
     "jellybean": "serve ML inference workflows across device/hub/edge/cloud tiers at least cost",
     "honeybee": "role-based access control for vector search by overlapping partitions",
     "lazarus": "resilient, elastic MoE training that keeps going when nodes die",
+    "lmaas": "multi-tenant, serverless LM serving with batched multi-LoRA inference",
 }
 
 
@@ -142,6 +144,10 @@ def run_system(system: str, scale: str, config: Optional[Path], scheduler: Optio
             from flows.lazarus import lazarus
 
             return lazarus(scale=scale, scheduler=scheduler, results_dir=results_dir, store=store, **params)
+        if system == "lmaas":
+            from flows.lmaas import lmaas
+
+            return lmaas(scale=scale, scheduler=scheduler, results_dir=results_dir, store=store, **params)
         from flows.jellybean import jellybean
 
         return jellybean(scale=scale, scheduler=scheduler, results_dir=results_dir, store=store, **params)
@@ -163,6 +169,9 @@ def _check_run_inputs(system: str, params: dict, config: Optional[Path]) -> None
     if system == "lazarus":
         _check_lazarus_inputs(params, config or "--config")
         return
+    if system == "lmaas":
+        _check_lmaas_inputs(params, config or "--config")
+        return
     from tasks.honeybee.settings import DEFAULT_INFRA as HONEYBEE_INFRA, check_settings
     from tasks.honeybee.workload import load_workload
 
@@ -171,6 +180,25 @@ def _check_run_inputs(system: str, params: dict, config: Optional[Path]) -> None
     load_infra_spec(params.get("infra", HONEYBEE_INFRA))
     if "workload" in params:
         load_workload(params["workload"])
+
+
+def _check_lmaas_inputs(params: dict, source) -> None:
+    from infra.errors import InputError
+    from infra.spec import load_infra_spec
+
+    baselines = ("multi_lora", "merged_sequential", "unbatched")
+    chosen = params.get("strategies", list(baselines))
+    if not isinstance(chosen, list) or not chosen or any(s not in baselines for s in chosen):
+        raise InputError(source, "strategies", chosen, f"expected a list of {', '.join(baselines)}")
+    if not isinstance(params.get("seed", 0), int):
+        raise InputError(source, "seed", params["seed"], "expected an integer")
+    if "db" in params and not (isinstance(params["db"], str) and "://" in params["db"]):
+        raise InputError(source, "db", params["db"], "expected a SQLAlchemy URL, e.g. postgresql://user@host/lmaas")
+    infra = params.get("infra", Path(__file__).resolve().parents[1] / "data" / "lmaas.infra.yaml")
+    spec = load_infra_spec(infra)
+    if len(spec.pools) < 2 or not any(p.name == "train" for p in spec.pools):
+        raise InputError(infra, "pools", [p.name for p in spec.pools],
+                         "LMaaS needs a pool named 'train' (fine-tuning) and at least one serving pool")
 
 
 def _check_lazarus_inputs(params: dict, source) -> None:

@@ -79,7 +79,7 @@ def test_hourly_replan_deployment_runs_on_a_process_worker(prefect_api, tmp_path
     with _client(prefect_api) as client:
         crons = {}
         for name in ("jellybean/hourly-replan", "jellybean/nightly-profile", "honeybee/nightly-repartition",
-                     "lazarus/weekly-resilience"):
+                     "lazarus/weekly-resilience", "lmaas-replan/hourly-adapter-replan"):
             deployment = client.read_deployment_by_name(name)
             assert deployment.work_pool_name == "tierflow-process", name
             crons[name] = [s.schedule.cron for s in deployment.schedules]
@@ -88,7 +88,8 @@ def test_hourly_replan_deployment_runs_on_a_process_worker(prefect_api, tmp_path
             for schedule in deployment.schedules:
                 client.update_deployment_schedule(deployment.id, schedule.id, active=False)
         assert crons == {"jellybean/hourly-replan": ["0 * * * *"], "jellybean/nightly-profile": ["0 2 * * *"],
-                         "honeybee/nightly-repartition": ["30 3 * * *"], "lazarus/weekly-resilience": ["0 4 * * 0"]}
+                         "honeybee/nightly-repartition": ["30 3 * * *"], "lazarus/weekly-resilience": ["0 4 * * 0"],
+                         "lmaas-replan/hourly-adapter-replan": ["15 * * * *"]}
 
     log_path = tmp_path / "worker.log"
     with open(log_path, "wb") as log:

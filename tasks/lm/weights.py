@@ -90,6 +90,18 @@ def load_config(path: str | Path | None = None) -> LlamaConfig:
     return _gguf_config(_gguf_reader(path), path)
 
 
+def load_metadata(path: str | Path | None = None) -> dict:
+    """A checkpoint's metadata (tokenizer fields, chat template): enough for
+    :func:`tasks.lm.tokenizer.build_tokenizer`. A GGUF file's weights are not read (a safetensors
+    folder's are: its metadata comes with them)."""
+    path = resolve_model_path(path)
+    if path.is_dir():
+        return _load_safetensors_folder(path)[2]
+    if path.suffix != ".gguf":
+        raise ModelLoadError(f"{path}: not a .gguf file; give a GGUF file or a folder with config.json and *.safetensors")
+    return _gguf_meta(_gguf_reader(path), path)
+
+
 def load_checkpoint(path: str | Path | None = None) -> tuple[LlamaConfig, dict[str, torch.Tensor], dict]:
     """Config, float32 weights and raw metadata (tokenizer fields, chat template) of a checkpoint.
 
@@ -110,6 +122,29 @@ _GGUF_LAYER_NAMES = {  # gguf tensor name in block i -> ours
     "attn_norm": "attn_norm", "attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo",
     "ffn_norm": "ffn_norm", "ffn_gate": "w_gate", "ffn_up": "w_up", "ffn_down": "w_down",
 }
+
+
+def random_checkpoint(config: LlamaConfig, seed: int = 0, std: float = 0.02) -> dict[str, torch.Tensor]:
+    """Float32 weights of a model of ``config`` drawn at random (norms at one), named as
+    :func:`load_checkpoint` names them: a model built from a config alone, for measuring what does
+    not depend on what the weights learned."""
+    generator = torch.Generator().manual_seed(seed)
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * std
+
+    weights = {"tok_embeddings": draw(config.vocab_size, config.dim), "norm": torch.ones(config.dim)}
+    if not config.tied_embeddings:
+        weights["output"] = draw(config.vocab_size, config.dim)
+    for i in range(config.n_layers):
+        shapes = {"wq": (q, config.dim), "wk": (kv, config.dim), "wv": (kv, config.dim), "wo": (config.dim, q),
+                  "w_gate": (config.ffn_dim, config.dim), "w_up": (config.ffn_dim, config.dim),
+                  "w_down": (config.dim, config.ffn_dim)}
+        weights.update({f"layers.{i}.{name}": draw(*shape) for name, shape in shapes.items()})
+        weights[f"layers.{i}.attn_norm"] = torch.ones(config.dim)
+        weights[f"layers.{i}.ffn_norm"] = torch.ones(config.dim)
+    return weights
 
 
 def _gguf_field(reader, path: Path, key: str, default=None):
@@ -217,8 +252,15 @@ def _load_gguf(path: Path):
             weights[f"layers.{i}.{ours}"] = unpermute(array)
             if tensors[name].tensor_type == gguf.GGMLQuantizationType.Q4_1:
                 q4_1[f"layers.{i}.{ours}"] = _q4_1_blocks(tensors[name].data).permute_rows(unpermute)
-    meta = {
-        "format": "gguf", "path": str(path), "name": _gguf_field(reader, path, "general.name", default=path.stem), "q4_1": q4_1,
+    meta = {**_gguf_meta(reader, path), "q4_1": q4_1}
+    # F32 tensors come as read-only views of the file; dequantized ones are already fresh arrays
+    return config, {k: torch.from_numpy(np.require(v, np.float32, ["C", "W"])) for k, v in weights.items()}, meta
+
+
+def _gguf_meta(reader, path: Path) -> dict:
+    """A GGUF file's metadata: its name and tokenizer fields."""
+    return {
+        "format": "gguf", "path": str(path), "name": _gguf_field(reader, path, "general.name", default=path.stem),
         "tokenizer": {
             "model": _gguf_field(reader, path, "tokenizer.ggml.model"),
             "pre": _gguf_field(reader, path, "tokenizer.ggml.pre", default="default"),
@@ -234,8 +276,6 @@ def _load_gguf(path: Path):
             "add_space_prefix": bool(_gguf_field(reader, path, "tokenizer.ggml.add_space_prefix", default=True)),
         },
     }
-    # F32 tensors come as read-only views of the file; dequantized ones are already fresh arrays
-    return config, {k: torch.from_numpy(np.require(v, np.float32, ["C", "W"])) for k, v in weights.items()}, meta
 
 
 # --- safetensors (Hugging Face layout) -------------------------------------------------------

@@ -153,6 +153,8 @@ class Registry:
     adapters checked against ``base_config`` (needed only to register or fetch adapters)."""
 
     def __init__(self, url: str, store: ArtifactStore, base_config: LlamaConfig | None = None):
+        if url.startswith(("postgresql://", "postgres://")):  # SQLAlchemy's default driver there is psycopg2
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]
         self.url, self.store, self.base_config = url, store, base_config
         self.engine = create_engine(url)
         Base.metadata.create_all(self.engine)
@@ -310,6 +312,15 @@ class Registry:
             session.add(Usage(tenant_id=tenant.id, model=model, prompt_tokens=prompt_tokens,
                               completion_tokens=completion_tokens, ttft_s=ttft_s, latency_s=latency_s, cost_usd=cost_usd))
             session.commit()
+
+    def load_since(self, since: float) -> dict[str, tuple[int, int]]:
+        """Every model's (requests, completion tokens) finished since ``since`` (epoch seconds), all
+        tenants: the control plane's view of the load mix, for re-planning."""
+        with Session(self.engine) as session:
+            rows = session.execute(select(Tenant.name, Usage.model, func.count(), func.sum(Usage.completion_tokens))
+                                   .join(Tenant, Tenant.id == Usage.tenant_id).where(Usage.finished_at >= since)
+                                   .group_by(Tenant.name, Usage.model))
+            return {model: (int(n), int(tokens or 0)) for _, model, n, tokens in rows}
 
     def usage(self, tenant: TenantInfo) -> dict:
         """One tenant's totals, per model: requests, tokens and cost (never another tenant's)."""

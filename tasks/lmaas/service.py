@@ -26,7 +26,7 @@ from fastapi import FastAPI
 
 from tasks.lm.engine import LMEngine
 from tasks.lm.server import Grant, TenancyError, create_app
-from tasks.lmaas.registry import BASE_MODEL, AccessDenied, Registry, RegistryError, TenantInfo, UnknownModel
+from tasks.lmaas.registry import BASE_MODEL, AccessDenied, AdapterInfo, Registry, RegistryError, TenantInfo, UnknownModel
 
 QUOTA_WINDOW_S = 60.0
 HOST_DEVICE = "cpu-small"  # the catalog's 2-vCPU CPU worker: this machine's kind
@@ -37,6 +37,11 @@ def default_price_per_hour(device: str = HOST_DEVICE) -> float:
     from infra.catalog import load_catalog
 
     return load_catalog().device(device).usd_per_hour
+
+
+def engine_adapter_name(adapter: AdapterInfo) -> str:
+    """The name a registered adapter has in the engine: its model name and weights checksum."""
+    return f"{adapter.model}@{adapter.sha256[:16]}"
 
 
 class LmaasTenancy:
@@ -78,7 +83,7 @@ class LmaasTenancy:
         if adapter is not None:
             # named by its weights' checksum in the engine: an adapter removed and registered again
             # under the same name never meets prefixes cached with the old weights
-            grant.adapter = f"{adapter.model}@{adapter.sha256[:16]}"
+            grant.adapter = engine_adapter_name(adapter)
             try:
                 if grant.adapter not in self.engine.adapters:  # a cold adapter: from the artifact store
                     grant.adapter_weights = await asyncio.to_thread(self.registry.fetch_adapter, adapter)

@@ -4,6 +4,7 @@ answered per tenant without revealing other tenants' adapters, and usage metered
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 
@@ -11,14 +12,32 @@ from infra.store import LocalStore
 from tasks.lm.lora import AdapterError, random_adapter, save_adapter
 from tasks.lm.weights import LlamaConfig
 from tasks.lmaas.registry import AccessDenied, Registry, RegistryError, UnknownModel
+from tests.lmaas.postgres import postgres_server
 
 CONFIG = LlamaConfig(n_layers=2, dim=64, ffn_dim=128, n_heads=4, n_kv_heads=2, vocab_size=64, context_length=128,
                      rope_base=10000.0, norm_eps=1e-5, tied_embeddings=True)
 
 
-@pytest.fixture
-def registry(tmp_path):
-    return Registry(f"sqlite:///{tmp_path / 'lmaas.db'}", LocalStore(tmp_path / "store"), CONFIG)
+@pytest.fixture(scope="module")
+def postgres():
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry(request, tmp_path):
+    """The registry on SQLite (the default) and on a real PostgreSQL server (a fresh database per test)."""
+    if request.param == "sqlite":
+        return Registry(f"sqlite:///{tmp_path / 'lmaas.db'}", LocalStore(tmp_path / "store"), CONFIG)
+    from sqlalchemy import create_engine, text
+
+    server = request.getfixturevalue("postgres")
+    name = f"t{uuid.uuid4().hex[:12]}"
+    admin = create_engine(f"{server.replace('postgresql://', 'postgresql+psycopg://')}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return Registry(f"{server}/{name}", LocalStore(tmp_path / "store"), CONFIG)  # a plain postgresql:// URL, as a user gives
 
 
 @pytest.fixture
@@ -26,13 +45,23 @@ def adapter_folder(tmp_path):
     return save_adapter(random_adapter(CONFIG, rank=4, seed=1), tmp_path / "upload")
 
 
-def test_a_key_is_shown_once_stored_hashed_and_identifies_its_tenant(registry, tmp_path):
+def _every_stored_value(registry) -> str:
+    """Every row of every table of the registry's database, as text."""
+    from sqlalchemy import select
+
+    from tasks.lmaas.registry import Base
+
+    with registry.engine.connect() as connection:
+        return repr([list(row) for table in Base.metadata.sorted_tables for row in connection.execute(select(table))])
+
+
+def test_a_key_is_shown_once_stored_hashed_and_identifies_its_tenant(registry):
     acme, key = registry.add_tenant("acme", max_concurrent=2)
     _, other_key = registry.add_tenant("globex")
     assert key.startswith("tfk-") and key != other_key
     assert registry.authenticate(key) == acme and registry.authenticate(other_key).name == "globex"
     assert registry.authenticate("tfk-wrong") is None and registry.authenticate(None) is None
-    assert key.encode() not in (tmp_path / "lmaas.db").read_bytes()  # only its SHA-256 is kept
+    assert key not in _every_stored_value(registry)  # only its SHA-256 is kept
     second = registry.add_key("acme")
     assert registry.authenticate(second) == acme
 

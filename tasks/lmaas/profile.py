@@ -1,0 +1,96 @@
+"""What the LMaaS placement needs to know: each serving worker's measured capacity, and each
+adapter's expected load.
+
+:func:`profile_serving` runs on a serving worker: it loads the engine the replicas run (timing
+the base model's load, the largest part of a cold start) and decodes batches in which every
+sequence uses a different adapter, at several batch sizes, measuring tokens/s and the time per
+output token (TPOT). A worker's capacity for the placement is the best throughput among batch
+sizes whose TPOT meets the tightest tenant objective.
+
+:func:`adapter_loads` turns a trace (or the registry's metered usage) into per-adapter arrival
+rates and token loads; :func:`worker_options` turns the serving pools of an infrastructure spec and
+their profiles into the MILP's workers (price from the device catalog).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from optimizers.lmaas import AdapterLoad, WorkerOption
+
+BASE_RESERVED_BYTES = 2 * 2**30  # base model, KV cache and runtime beside the adapters
+
+
+def profile_serving(*, weight_format: str = "int4", lora_slots: int = 16, lora_rank: int = 8,
+                    lora_targets: tuple[str, ...] = ("q_proj", "v_proj"), batches: tuple[int, ...] = (1, 4, 16),
+                    new_tokens: int = 16, prompt_tokens: int = 32) -> dict:
+    """Load the serving engine and decode batches of distinct adapters; returns the measurements."""
+    from tasks.lm.engine import LMEngine
+    from tasks.lm.lora import random_adapter
+    from tasks.lm.sampling import SamplingParams
+
+    started = time.perf_counter()
+    engine = LMEngine.load(weight_format=weight_format, kv_cache_mib=256, lora_slots=lora_slots, lora_rank=lora_rank,
+                           lora_targets=tuple(lora_targets), prefix_caching=False)
+    base_load_s = time.perf_counter() - started
+    n_adapters = min(max(batches), lora_slots)
+    for i in range(n_adapters):
+        engine.add_adapter(f"profile/{i}", random_adapter(engine.config, rank=lora_rank, targets=tuple(lora_targets),
+                                                          seed=1000 + i, std=0.02))
+    adapter = engine.adapters["profile/0"]
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    prompt = list(range(1000, 1000 + prompt_tokens))
+    engine.generate([prompt], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))  # warm the kernels
+    points = []
+    for batch in batches:
+        requests = [engine.submit(engine.open(prompt, f"profile/{i % n_adapters}"), params, owns_sequence=True)
+                    for i in range(batch)]
+        steps_before = engine.stats["steps"]
+        tic = time.perf_counter()
+        engine.run(requests)
+        seconds = time.perf_counter() - tic
+        decode_s = min(r.finished_at for r in requests) - max(r.first_token_at for r in requests)
+        tpot = decode_s / max(1, new_tokens - 1)
+        points.append({"batch": batch, "distinct_adapters": min(batch, n_adapters),
+                       "tokens_per_s": batch * new_tokens / seconds, "tpot_s": tpot,
+                       "steps": engine.stats["steps"] - steps_before})
+    return {"weight_format": weight_format, "base_load_s": base_load_s, "points": points,
+            "bytes_per_adapter": adapter.n_params() * 4, "lora_slots": lora_slots}
+
+
+def capacity(profile: dict, tpot_slo_s: float) -> float:
+    """Tokens/s at the best batch size whose time per output token meets ``tpot_slo_s`` (the
+    smallest batch's throughput if none does: the objective is then out of reach at any load)."""
+    meeting = [p["tokens_per_s"] for p in profile["points"] if p["tpot_s"] <= tpot_slo_s]
+    return max(meeting) if meeting else min(p["tokens_per_s"] for p in profile["points"])
+
+
+def adapter_loads(counts: dict[str, tuple[int, int]], seconds: float, size_bytes: dict[str, int]) -> list[AdapterLoad]:
+    """Per adapter: ``counts`` (requests, completion tokens) over ``seconds`` → rates for the MILP."""
+    if seconds <= 0:
+        raise ValueError(f"the load window must be positive, got {seconds} s")
+    return [AdapterLoad(model, tokens / seconds, requests / seconds, size_bytes[model])
+            for model, (requests, tokens) in sorted(counts.items())]
+
+
+def trace_counts(trace) -> dict[str, tuple[int, int]]:
+    requests, tokens = Counter(), Counter()
+    for r in trace:
+        requests[r.model] += 1
+        tokens[r.model] += r.max_tokens
+    return {m: (requests[m], tokens[m]) for m in requests}
+
+
+def worker_options(pools, profiles: dict[str, dict], tpot_slo_s: float, catalog) -> list[WorkerOption]:
+    """One option per machine of each serving pool, with its pool's profiled capacity and its
+    device's catalog price and memory."""
+    options = []
+    for pool in pools:
+        device = catalog.device(pool.device)
+        profile = profiles[pool.name]
+        memory = max(0, int(device.memory_gib * 2**30) - BASE_RESERVED_BYTES)
+        for machine in pool.machine_names():
+            options.append(WorkerOption(machine, pool.device, device.usd_per_hour, capacity(profile, tpot_slo_s),
+                                        memory, profile["lora_slots"]))
+    return options

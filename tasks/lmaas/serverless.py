@@ -1,0 +1,363 @@
+"""Serverless LMaaS on Dask: serving replicas that start on demand, scale out, and go away when idle.
+
+A *replica* is the multi-tenant service (tasks/lmaas/service.py) running as a long-lived Dask task
+on one worker (:func:`run_replica`): it loads the base model, fetches its hot set of adapters from
+the artifact store, serves HTTP on 127.0.0.1 and publishes its address in a Dask ``Variable``;
+it stops when its Dask ``Event`` is set and returns what it measured (its cold start split into
+base-model load, adapter fetch and server start, the requests it served).
+
+The :class:`Autoscaler` (in the caller's process) owns the replicas of each serving group — the
+workers the placement (optimizers/lmaas.py) gave a set of adapters:
+
+- **scale from zero**: a request for an adapter whose group runs no replica starts one and waits for
+  it; that wait is the request's cold start and counts in its latency;
+- **scale out**: when every replica of the group has ``max_in_flight`` requests and the group has
+  a worker without one, another replica starts there (in the background: the request that noticed
+  goes to the least-loaded running replica);
+- **scale to zero**: a replica with nothing in flight for ``idle_s`` seconds is stopped.
+
+:func:`replay_service` sends a trace to the replicas over HTTP (OpenAI completions, streamed, with
+each tenant's API key) at the trace's arrival times; latency counts from arrival, cold starts included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+
+import httpx
+
+from tasks.lmaas.strategies import Replay, Served
+from tasks.lmaas.trace import TraceRequest
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """What a replica serves and how (everything a worker needs to build it)."""
+
+    db_url: str
+    store_url: str
+    price_per_hour: float
+    model: str | None = None  # base model: None for the shipped SmolLM2-135M-Instruct
+    weight_format: str = "int4"
+    lora_slots: int = 16
+    lora_rank: int = 8
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    max_host_adapters: int = 256
+    kv_cache_mib: int = 256
+    max_queue: int = 256
+    preload: tuple[str, ...] = ()  # adapter models ("tenant/adapter") fetched into host memory at start
+
+
+def run_replica(config: ReplicaConfig, name: str) -> dict:
+    """A Dask task: serve ``config`` until the Event ``<name>-stop`` is set; returns the replica's record."""
+    import uvicorn
+    from distributed import Event, Variable, get_worker, secede
+
+    from infra.store import open_store
+    from tasks.lm.engine import LMEngine
+    from tasks.lmaas.registry import Registry
+    from tasks.lmaas.service import create_service_app, engine_adapter_name
+
+    secede()  # long-lived: give the worker's thread back to its pool
+    started = time.perf_counter()
+    engine = LMEngine.load(config.model, weight_format=config.weight_format, kv_cache_mib=config.kv_cache_mib,
+                           lora_slots=config.lora_slots, lora_rank=config.lora_rank,
+                           lora_targets=tuple(config.lora_targets), max_host_adapters=config.max_host_adapters)
+    base_load_s = time.perf_counter() - started
+    registry = Registry(config.db_url, open_store(config.store_url), engine.config)
+    fetched = time.perf_counter()
+    wanted = set(config.preload)
+    for info in registry.adapters():
+        if info.model in wanted:
+            engine.add_adapter(engine_adapter_name(info), registry.fetch_adapter(info))
+    adapter_fetch_s = time.perf_counter() - fetched
+    app = create_service_app(registry, engine, price_per_hour=config.price_per_hour, max_queue=config.max_queue)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    listening = time.perf_counter()
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"replica {name}: the HTTP server did not start")
+        time.sleep(0.01)
+    server_start_s = time.perf_counter() - listening
+    url = f"http://127.0.0.1:{port}"
+    Variable(f"{name}-url").set(url)
+    ready_s = time.perf_counter() - started
+    Event(f"{name}-stop").wait()
+    server.should_exit = True
+    thread.join(timeout=30)
+    sock.close()
+    return {"replica": name, "worker": get_worker().name, "url": url, "base_load_s": base_load_s,
+            "adapter_fetch_s": adapter_fetch_s, "adapters_preloaded": len(wanted), "server_start_s": server_start_s,
+            "ready_s": ready_s, "served_for_s": time.perf_counter() - started - ready_s,
+            "engine": {k: v for k, v in engine.stats.items()}}
+
+
+@dataclass
+class Replica:
+    name: str
+    group: str
+    worker: str
+    future: object  # the Dask future of run_replica
+    url: str | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+    error: str | None = None
+    in_flight: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    requested_at: float = field(default_factory=time.perf_counter)
+    cold_start_s: float | None = None
+
+
+class ScalingError(RuntimeError):
+    pass
+
+
+class Autoscaler:
+    """Replicas per serving group on the Dask cluster of ``client``.
+
+    ``groups``: group → the worker addresses that may run its replicas (one replica per worker);
+    ``assignment``: adapter model → group (the placement); requests for ``base`` or an unplaced
+    model go to ``default_group``. ``configs``: group → its :class:`ReplicaConfig` (with the
+    group's adapters to preload)."""
+
+    def __init__(self, client, groups: dict[str, list[str]], assignment: dict[str, str],
+                 configs: dict[str, ReplicaConfig], *, default_group: str | None = None, idle_s: float = 20.0,
+                 max_in_flight: int = 16, start_timeout_s: float = 300.0):
+        if not groups or any(not workers for workers in groups.values()):
+            raise ScalingError(f"every serving group needs at least one worker, got {groups}")
+        missing = sorted(set(groups) - set(configs))
+        if missing:
+            raise ScalingError(f"no replica configuration for group(s) {missing}")
+        self.client, self.groups, self.assignment, self.configs = client, groups, assignment, configs
+        self.default_group = default_group or next(iter(groups))
+        self.idle_s, self.max_in_flight, self.start_timeout_s = idle_s, max_in_flight, start_timeout_s
+        self.replicas: dict[str, list[Replica]] = {g: [] for g in groups}
+        self.pinned = False  # True: no scale to zero (an always-on deployment)
+        self.events: list[dict] = []  # cold starts, scale-outs, scale-ins, in order
+        self.records: list[dict] = []  # what stopped replicas returned
+        self._collecting = 0  # stopped replicas whose record is still on its way
+        self._lock = threading.RLock()
+        self._origin = time.perf_counter()
+        self._closed = threading.Event()
+        self._reaper = threading.Thread(target=self._reap_loop, daemon=True)
+        self._reaper.start()
+
+    def group_of(self, model: str) -> str:
+        return self.assignment.get(model, self.default_group)
+
+    def _event(self, kind: str, replica: Replica, **extra) -> None:
+        self.events.append({"at_s": round(time.perf_counter() - self._origin, 3), "event": kind,
+                            "group": replica.group, "worker": replica.worker, "replica": replica.name, **extra})
+
+    def _start(self, group: str, worker: str, reason: str) -> Replica:
+        from distributed import Event, Variable
+
+        from tasks.lmaas.serverless import run_replica  # the function Dask ships by reference
+
+        name = f"replica-{group}-{uuid.uuid4().hex[:8]}"
+        Event(f"{name}-stop", client=self.client).clear()
+        future = self.client.submit(run_replica, self.configs[group], name, workers=[worker], allow_other_workers=False,
+                                    pure=False, key=name)
+        replica = Replica(name, group, worker, future)
+        self.replicas[group].append(replica)
+        self._event("start", replica, reason=reason)
+
+        def wait_ready():
+            try:
+                replica.url = Variable(f"{name}-url", client=self.client).get(timeout=self.start_timeout_s)
+                replica.cold_start_s = time.perf_counter() - replica.requested_at
+                replica.last_used = time.monotonic()  # idle time counts from when it can serve
+                self._event("ready", replica, cold_start_s=round(replica.cold_start_s, 3))
+            except Exception as exc:  # noqa: BLE001 - reported to every request waiting on it
+                replica.error = (f"replica {name} on {worker} did not become ready: "
+                                 f"{future.exception() if future.done() else exc}")
+            finally:
+                replica.ready.set()
+        threading.Thread(target=wait_ready, daemon=True).start()
+        return replica
+
+    def acquire(self, model: str) -> tuple[Replica, float]:
+        """A ready replica for ``model`` (starting one if its group has none) and the seconds this
+        call waited for a cold start. Call :meth:`release` when the request is over."""
+        group = self.group_of(model)
+        waited_from = time.perf_counter()
+        with self._lock:
+            if self._closed.is_set():
+                raise ScalingError("the autoscaler is closed")
+            live = [r for r in self.replicas[group] if r.error is None]
+            ready = [r for r in live if r.ready.is_set()]
+            busy_workers = {r.worker for r in live}
+            spare = [w for w in self.groups[group] if w not in busy_workers]
+            if not live:
+                replica = self._start(group, self.groups[group][0], "scale from zero")
+            else:
+                if spare and not [r for r in live if not r.ready.is_set()] and \
+                        all(r.in_flight >= self.max_in_flight for r in ready):
+                    self._start(group, spare[0], "scale out")
+                pool = ready or live
+                replica = min(pool, key=lambda r: (r.in_flight, r.name))
+            replica.in_flight += 1
+            replica.last_used = time.monotonic()
+        if not replica.ready.wait(self.start_timeout_s) or replica.error:
+            self.release(replica)
+            raise ScalingError(replica.error or f"replica {replica.name} took over {self.start_timeout_s:.0f} s to start")
+        return replica, time.perf_counter() - waited_from
+
+    def warm(self, group: str) -> Replica:
+        """Make sure ``group`` runs a replica, waiting for it (an always-on deployment's start;
+        set :attr:`pinned` to keep it from scaling to zero)."""
+        with self._lock:
+            live = [r for r in self.replicas[group] if r.error is None]
+            replica = live[0] if live else self._start(group, self.groups[group][0], "warm start")
+        if not replica.ready.wait(self.start_timeout_s) or replica.error:
+            raise ScalingError(replica.error or f"replica {replica.name} took over {self.start_timeout_s:.0f} s to start")
+        return replica
+
+    def wait_for_zero(self, timeout_s: float) -> bool:
+        """Wait until every replica has scaled to zero (idle); False if some still run after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not any(self.replicas.values()):
+                    return True
+            time.sleep(0.2)
+        return False
+
+    def release(self, replica: Replica) -> None:
+        with self._lock:
+            replica.in_flight -= 1
+            replica.last_used = time.monotonic()
+
+    def _stop(self, replica: Replica, reason: str) -> None:
+        from distributed import Event
+
+        Event(f"{replica.name}-stop", client=self.client).set()
+        self._event("stop", replica, reason=reason)
+
+    def _reap_loop(self) -> None:
+        while not self._closed.wait(min(1.0, self.idle_s / 4)):
+            self.reap()
+
+    def reap(self) -> None:
+        """Stop replicas idle for ``idle_s`` (scale to zero) and collect the stopped ones' records."""
+        now = time.monotonic()
+        with self._lock:
+            if self.pinned:
+                return
+            for group, replicas in self.replicas.items():
+                for replica in list(replicas):
+                    if replica.ready.is_set() and replica.in_flight == 0 and now - replica.last_used >= self.idle_s:
+                        replicas.remove(replica)
+                        if replica.error is None:
+                            self._stop(replica, f"idle {self.idle_s:g} s")
+                        self._collect(replica)
+
+    def _collect(self, replica: Replica) -> None:
+        with self._lock:
+            self._collecting += 1
+
+        def gather():
+            try:
+                record = replica.future.result(timeout=60)
+                self.records.append({**record, "cold_start_s": replica.cold_start_s, "group": replica.group})
+            except Exception as exc:  # noqa: BLE001 - kept in the report
+                self.records.append({"replica": replica.name, "group": replica.group, "error": repr(exc)})
+            finally:
+                with self._lock:
+                    self._collecting -= 1
+        threading.Thread(target=gather, daemon=True).start()
+
+    def running(self) -> dict[str, int]:
+        with self._lock:
+            return {g: sum(r.ready.is_set() and r.error is None for r in rs) for g, rs in self.replicas.items()}
+
+    def close(self, timeout_s: float = 60.0) -> list[dict]:
+        """Stop every replica; returns every replica's record."""
+        self._closed.set()
+        self._reaper.join(timeout=5)
+        with self._lock:
+            remaining = [r for rs in self.replicas.values() for r in rs]
+            for replicas in self.replicas.values():
+                replicas.clear()
+        for replica in remaining:
+            replica.ready.wait(self.start_timeout_s)
+            if replica.error is None:
+                self._stop(replica, "shutdown")
+            self._collect(replica)
+        deadline = time.monotonic() + timeout_s
+        while self._collecting and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return list(self.records)
+
+
+# --- the trace, over HTTP ------------------------------------------------------------------
+
+async def _send(http: httpx.AsyncClient, scaler: Autoscaler, request: TraceRequest, key: str, arrived: float,
+                origin: float) -> Served:
+    replica, _ = await asyncio.to_thread(scaler.acquire, request.model)
+    try:
+        body = {"model": request.model, "prompt": list(request.prompt), "max_tokens": request.max_tokens,
+                "temperature": 0, "stream": True, "ignore_eos": True}
+        first = None
+        async with http.stream("POST", f"{replica.url}/v1/completions", json=body,
+                               headers={"Authorization": f"Bearer {key}"}) as response:
+            if response.status_code != 200:
+                detail = (await response.aread()).decode(errors="replace")[:300]
+                raise ScalingError(f"{request.model}: HTTP {response.status_code} from {replica.name}: {detail}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    first = first or time.perf_counter()
+        finished = time.perf_counter()
+    finally:
+        scaler.release(replica)
+    first = first or finished
+    return Served(request.model, request.tenant, arrived - origin, first - arrived, finished - arrived,
+                  len(request.prompt), request.max_tokens)
+
+
+async def _replay(scaler: Autoscaler, trace: list[TraceRequest], keys: dict[str, str], time_scale: float) -> Replay:
+    origin = time.perf_counter()
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as http:
+        async def one(request: TraceRequest) -> Served:
+            due = origin + request.at_s * time_scale
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            return await _send(http, scaler, request, keys[request.tenant], due, origin)
+        served = await asyncio.gather(*(one(r) for r in sorted(trace, key=lambda r: r.at_s)))
+    return Replay("multi_lora_serverless", list(served), time.perf_counter() - origin)
+
+
+def replay_service(scaler: Autoscaler, trace: list[TraceRequest], keys: dict[str, str], *,
+                   time_scale: float = 1.0, strategy: str = "lmaas_serverless") -> Replay:
+    """Send ``trace`` to the replicas at its arrival times (each tenant with its key from ``keys``);
+    latency and time to first token count from arrival, so a cold start's wait is in them."""
+    unknown = sorted({r.tenant for r in trace} - set(keys))
+    if unknown:
+        raise ValueError(f"no API key for tenant(s) {unknown}")
+    first_event = len(scaler.events)
+    replay = asyncio.run(_replay(scaler, trace, keys, time_scale))
+    replay.strategy = strategy
+    events = scaler.events[first_event:]
+    cold = [e for e in events if e["event"] == "ready"]
+    replay.stats = {"cold_starts": len(cold), "cold_start_s_max": max((e["cold_start_s"] for e in cold), default=0.0),
+                    "scale_outs": sum(e.get("reason") == "scale out" for e in events if e["event"] == "start"),
+                    "scale_ins": sum(e["event"] == "stop" for e in events)}
+    return replay
+
+
+def with_preload(config: ReplicaConfig, models: list[str]) -> ReplicaConfig:
+    return replace(config, preload=tuple(models))

@@ -1,0 +1,80 @@
+"""LMaaS as Prefect flows: the whole run end to end (slow), and the scheduled re-plan from metered usage."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from infra.store import LocalStore
+from tasks.lm.lora import random_adapter, save_adapter
+from tasks.lm.weights import load_config
+from tasks.lmaas.registry import Registry
+
+INFRA = "data/lmaas.infra.yaml"
+
+
+@pytest.mark.slow
+def test_a_tiny_run_trains_registers_places_deploys_and_compares(prefect_api, tmp_path):
+    from flows.lmaas import lmaas
+
+    summary = lmaas(scale="tiny", results_dir=str(tmp_path), run_id="test")
+    out = tmp_path / "lmaas" / "test"
+    for name in ("plan.json", "evaluation.json", "report.md", "lmaas.png", "strategies.csv", "slo.csv"):
+        assert (out / name).exists(), name
+    table = pd.read_csv(out / "strategies.csv")
+    assert list(table.strategy) == ["lmaas", "lmaas_serverless", "multi_lora", "merged_sequential", "unbatched"]
+    assert (table.requests == 12).all()
+    tuned = summary["fine_tuning"]["reviews"]
+    assert tuned["heldout_loss"][1] < tuned["heldout_loss"][0]
+    assert summary["isolation"] == {"own adapter": 200, "another tenant's adapter": 403,
+                                    "unknown adapter of one's own": 404, "wrong API key": 401}
+    assert summary["serverless"]["scaled_to_zero_between_runs"] and summary["serverless"]["cold_starts"] >= 1
+    assert summary["metered"]["completion_tokens"] > 0 and summary["metered"]["cost_usd"] > 0
+    assert summary["replan"]["needed"]  # the surge is 1.5× one worker's capacity
+    assert json.loads((out / "evaluation.json").read_text())["summary"]["value"] == summary["value"]
+
+
+def _plan(tmp_path, registry_url, store, workers, assignment, capacity=100.0):
+    plan = {"workers": workers, "usd_per_hour": 0.096 * len(workers), "utilisation": {}, "active_adapters": {},
+            "memory_bytes": {}, "solve_seconds": 0.0, "optimal": True,
+            "inputs": {"max_utilisation": 0.7, "window_s": 2.0}, "assignment": assignment,
+            "db": registry_url, "store": str(store), "infra": INFRA, "tpot_slo_s": 0.2,
+            "profiles": {"serve": {"points": [{"batch": 16, "tokens_per_s": capacity, "tpot_s": 0.05}],
+                                   "lora_slots": 16}}}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    return path
+
+
+def test_the_scheduled_replan_grows_the_plan_when_metered_load_outgrows_a_worker(prefect_api, tmp_path):
+    from flows.lmaas import lmaas_replan
+
+    config = load_config(None)
+    url = f"sqlite:///{tmp_path / 'lmaas.db'}"
+    registry = Registry(url, LocalStore(tmp_path / "store"), config)
+    registry.add_tenant("acme")
+    for name in ("a", "b"):
+        registry.register_adapter("acme", name, save_adapter(random_adapter(config, rank=4, targets=("q_proj",)),
+                                                            tmp_path / name))
+    path = _plan(tmp_path, url, tmp_path / "store", ["serve-0"], {"acme/a": "serve-0", "acme/b": "serve-0"})
+    assert lmaas_replan(plan_path=str(path), window_s=60)["reasons"] == ["no load in the window"]
+
+    acme = registry.tenant("acme")
+    for model in ("acme/a", "acme/b"):  # 2 × 2,400 tokens in a minute: 80 tokens/s > 70% of 100
+        for _ in range(3):
+            registry.record_usage(acme, model, 10, 800, 0.1, 1.0, 0.0)
+    result = lmaas_replan(plan_path=str(path), window_s=60)
+    assert result["needed"] and "serve-0: load over 70% of its throughput" in result["reasons"]
+    assert sorted(result["workers"]) == ["serve-0", "serve-1"] and result["moved_adapters"] == 1
+    stored = json.loads(path.read_text())
+    assert sorted(stored["workers"]) == ["serve-0", "serve-1"] and stored["db"] == url  # the new plan is current
+    assert lmaas_replan(plan_path=str(path), window_s=60)["needed"] is False  # and it holds for the same load
+
+
+def test_replan_without_a_plan_says_to_run_lmaas_first(prefect_api, tmp_path):
+    from flows.lmaas import lmaas_replan
+
+    with pytest.raises(FileNotFoundError, match="run `tierflow run lmaas` first"):
+        lmaas_replan(plan_path=str(tmp_path / "missing.json"))

@@ -114,6 +114,8 @@ class LMEngine:
         self.running: list[Request] = []
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preempted": 0,
                       "adapter_loads": 0, "adapter_evictions": 0, "adapter_load_s": 0.0, "adapter_host_evictions": 0}
+        # set to a list to record what each step computed and how long it took (:meth:`step`)
+        self.step_log: list[dict] | None = None
         # LoRA: adapters in host memory (up to max_host_adapters, least recently used first) and the
         # ``lora_slots`` of them resident in the pool
         self.adapters: OrderedDict[str, LoraAdapter] = OrderedDict()
@@ -272,7 +274,13 @@ class LMEngine:
         return bool(self.waiting or self.running)
 
     def step(self) -> list[Request]:
-        """One forward pass over every runnable request; returns the requests that advanced."""
+        """One forward pass over every runnable request; returns the requests that advanced.
+
+        With :attr:`step_log` a list, each step appends what it computed: ``tokens`` (rows of the
+        forward), ``sequences``, ``context_tokens`` (cached keys the sequences attend to, the new
+        ones included), ``adapters`` (distinct ones in the batch) and ``seconds`` (the whole step:
+        admission, scheduling, forward and sampling)."""
+        step_started = time.perf_counter()
         self._admit()
         work, scheduled = self._schedule()
         if not work:
@@ -292,6 +300,11 @@ class LMEngine:
                 self._accept(request, sample(logits[row], request.params, request.generator))
                 row += 1
                 advanced.append(request)
+        if self.step_log is not None:
+            self.step_log.append({"tokens": len(batch.tokens), "sequences": len(work),
+                                  "context_tokens": sum(end for _, _, end, _ in work),
+                                  "adapters": len({seq.adapter for seq, *_ in work if seq.adapter is not None}),
+                                  "seconds": time.perf_counter() - step_started})
         return advanced
 
     def run(self, requests: list[Request]) -> None:

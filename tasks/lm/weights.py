@@ -80,26 +80,26 @@ def resolve_model_path(path: str | Path | None) -> Path:
     return path
 
 
+def _checkpoint(path: str | Path | None) -> Path:
+    """The checkpoint at ``path`` (the default model for None): a safetensors folder or a GGUF file."""
+    path = resolve_model_path(path)
+    if not path.is_dir() and path.suffix != ".gguf":
+        raise ModelLoadError(f"{path}: not a .gguf file; give a GGUF file or a folder with config.json and *.safetensors")
+    return path
+
+
 def load_config(path: str | Path | None = None) -> LlamaConfig:
     """A checkpoint's architecture alone, without reading its weights."""
-    path = resolve_model_path(path)
-    if path.is_dir():
-        return _hf_config(path)[0]
-    if path.suffix != ".gguf":
-        raise ModelLoadError(f"{path}: not a .gguf file; give a GGUF file or a folder with config.json and *.safetensors")
-    return _gguf_config(_gguf_reader(path), path)
+    path = _checkpoint(path)
+    return _hf_config(path)[0] if path.is_dir() else _gguf_config(_gguf_reader(path), path)
 
 
 def load_metadata(path: str | Path | None = None) -> dict:
     """A checkpoint's metadata (tokenizer fields, chat template): enough for
     :func:`tasks.lm.tokenizer.build_tokenizer`. A GGUF file's weights are not read (a safetensors
     folder's are: its metadata comes with them)."""
-    path = resolve_model_path(path)
-    if path.is_dir():
-        return _load_safetensors_folder(path)[2]
-    if path.suffix != ".gguf":
-        raise ModelLoadError(f"{path}: not a .gguf file; give a GGUF file or a folder with config.json and *.safetensors")
-    return _gguf_meta(_gguf_reader(path), path)
+    path = _checkpoint(path)
+    return _load_safetensors_folder(path)[2] if path.is_dir() else _gguf_meta(_gguf_reader(path), path)
 
 
 def load_checkpoint(path: str | Path | None = None) -> tuple[LlamaConfig, dict[str, torch.Tensor], dict]:
@@ -108,12 +108,8 @@ def load_checkpoint(path: str | Path | None = None) -> tuple[LlamaConfig, dict[s
     For GGUF files, ``meta["q4_1"]`` also holds each Q4_1 tensor's exact 4-bit codes and per-block
     scale and minimum (``Q4Blocks``), so the model can run on the stored integers instead of
     re-quantizing the float copy."""
-    path = resolve_model_path(path)
-    if path.is_dir():
-        return _load_safetensors_folder(path)
-    if path.suffix != ".gguf":
-        raise ModelLoadError(f"{path}: not a .gguf file; give a GGUF file or a folder with config.json and *.safetensors")
-    return _load_gguf(path)
+    path = _checkpoint(path)
+    return _load_safetensors_folder(path) if path.is_dir() else _load_gguf(path)
 
 
 # --- GGUF -------------------------------------------------------------------------------

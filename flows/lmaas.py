@@ -189,19 +189,17 @@ def _served_accuracy(scaler, keys: dict, trained: list[dict], seed: int) -> dict
 
 def _slo_table(served: dict[str, list[dict]], tenants: dict) -> pd.DataFrame:
     """Per strategy and tenant: share of requests meeting the tenant's TTFT and TPOT objectives."""
+    from tasks.lmaas.registry import slo_attainment
+
     rows = []
     for strategy, requests in served.items():
         for tenant, info in sorted(tenants.items()):
-            mine = [s for s in requests if s["tenant"] == tenant]
-            if not mine:
-                continue
-            ttft_ok = [s["ttft_s"] <= info.ttft_slo_s for s in mine]
-            tpot = [(s["latency_s"] - s["ttft_s"]) / max(1, s["completion_tokens"] - 1) for s in mine]
-            tpot_ok = [t <= info.tpot_slo_s for t in tpot]
-            rows.append({"strategy": strategy, "tenant": tenant, "requests": len(mine),
-                         "ttft_slo_s": info.ttft_slo_s, "tpot_slo_s": info.tpot_slo_s,
-                         "ttft_attainment": sum(ttft_ok) / len(mine), "tpot_attainment": sum(tpot_ok) / len(mine),
-                         "slo_attainment": sum(a and b for a, b in zip(ttft_ok, tpot_ok)) / len(mine)})
+            mine = [(s["ttft_s"], s["latency_s"], s["completion_tokens"]) for s in requests if s["tenant"] == tenant]
+            if mine:
+                slo = slo_attainment(mine, info.ttft_slo_s, info.tpot_slo_s)
+                rows.append({"strategy": strategy, "tenant": tenant, "requests": len(mine),
+                             **{k: slo[k] for k in ("ttft_slo_s", "tpot_slo_s", "ttft_attainment", "tpot_attainment")},
+                             "slo_attainment": slo["attainment"]})
     return pd.DataFrame(rows)
 
 

@@ -4,7 +4,7 @@
 - ``tenant add|list|remove|key``: tenants, their quotas and SLOs, and their API keys;
 - ``adapter add|list|remove``: a tenant's LoRA adapters (PEFT folders, checked before anything is
   stored);
-- ``usage``: one tenant's metered usage.
+- ``usage``: one tenant's metered usage and how often its latency objectives were met.
 
 State lives in a real database (``--db``: SQLite under ``$TIERFLOW_HOME/lmaas`` by default, or any
 SQLAlchemy URL such as ``postgresql+psycopg://…``) and adapter files in the artifact store
@@ -178,11 +178,16 @@ def adapter_remove(tenant: str, name: str, db: str = typer.Option(None, help=DB_
 
 
 @lmaas_app.command("usage")
-def usage(tenant: str, db: str = typer.Option(None, help=DB_HELP), store: str = typer.Option(None, help=STORE_HELP)) -> None:
-    """One tenant's metered usage (requests, tokens, cost) per model, as JSON."""
+def usage(tenant: str, last: float = typer.Option(None, help="only the last this many seconds"),
+          db: str = typer.Option(None, help=DB_HELP), store: str = typer.Option(None, help=STORE_HELP)) -> None:
+    """One tenant's metered usage (requests, tokens, cost) per model and its latency objectives'
+    attainment (TTFT, TPOT, both; median and p99), as JSON."""
+    import time
+
     registry = _registry(db, store)
     with _refusing():
-        print(json.dumps(registry.usage(registry.tenant(tenant)), indent=2))
+        print(json.dumps(registry.usage(registry.tenant(tenant), since=None if last is None else time.time() - last),
+                         indent=2))
 
 
 # --- the service ----------------------------------------------------------------------------------

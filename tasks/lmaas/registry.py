@@ -129,6 +129,27 @@ class AdapterInfo:
         return f"{self.tenant}/{self.name}"
 
 
+def slo_attainment(requests, ttft_slo_s: float, tpot_slo_s: float) -> dict:
+    """How ``requests`` — (time to first token, latency, completion tokens) each — met a tenant's
+    objectives: the share within the TTFT objective, within the TPOT objective (time per output
+    token after the first; a one-token answer has none and meets it), and within both; with the
+    median and 99th percentile of each."""
+    ttfts = [ttft for ttft, _, _ in requests]
+    tpots = [(latency - ttft) / (tokens - 1) if tokens > 1 else 0.0 for ttft, latency, tokens in requests]
+    n = len(ttfts)
+
+    def pct(values: list[float], q: float) -> float | None:
+        ordered = sorted(values)
+        return ordered[min(n - 1, int(q * n))] if n else None
+    ttft_ok = [t <= ttft_slo_s for t in ttfts]
+    tpot_ok = [t <= tpot_slo_s for t in tpots]
+    return {"ttft_slo_s": ttft_slo_s, "tpot_slo_s": tpot_slo_s, "requests": n,
+            "ttft_attainment": sum(ttft_ok) / n if n else None, "tpot_attainment": sum(tpot_ok) / n if n else None,
+            "attainment": sum(a and b for a, b in zip(ttft_ok, tpot_ok)) / n if n else None,
+            "ttft_p50_s": pct(ttfts, 0.5), "ttft_p99_s": pct(ttfts, 0.99),
+            "tpot_p50_s": pct(tpots, 0.5), "tpot_p99_s": pct(tpots, 0.99)}
+
+
 def _tenant_info(t: Tenant) -> TenantInfo:
     return TenantInfo(t.id, t.name, t.max_concurrent, t.tokens_per_minute, t.ttft_slo_s, t.tpot_slo_s)
 
@@ -322,13 +343,20 @@ class Registry:
                                    .group_by(Tenant.name, Usage.model))
             return {model: (int(n), int(tokens or 0)) for _, model, n, tokens in rows}
 
-    def usage(self, tenant: TenantInfo) -> dict:
-        """One tenant's totals, per model: requests, tokens and cost (never another tenant's)."""
+    def usage(self, tenant: TenantInfo, since: float | None = None) -> dict:
+        """One tenant's totals, per model: requests, tokens and cost (never another tenant's), and
+        how often its latency objectives were met (:func:`slo_attainment`); ``since``: only
+        requests finished after it (epoch seconds)."""
+        mine = Usage.tenant_id == tenant.id
+        if since is not None:
+            mine = mine & (Usage.finished_at >= since)
         with Session(self.engine) as session:
             rows = session.execute(
                 select(Usage.model, func.count(), func.sum(Usage.prompt_tokens), func.sum(Usage.completion_tokens),
-                       func.sum(Usage.cost_usd)).where(Usage.tenant_id == tenant.id).group_by(Usage.model))
+                       func.sum(Usage.cost_usd)).where(mine).group_by(Usage.model))
             models = {model: {"requests": n, "prompt_tokens": int(p or 0), "completion_tokens": int(c or 0),
                               "cost_usd": float(cost or 0.0)} for model, n, p, c, cost in rows}
+            timings = session.execute(select(Usage.ttft_s, Usage.latency_s, Usage.completion_tokens).where(mine)).all()
         total = {key: sum(m[key] for m in models.values()) for key in ("requests", "prompt_tokens", "completion_tokens", "cost_usd")}
-        return {"tenant": tenant.name, "models": models, "total": total}
+        return {"tenant": tenant.name, "models": models, "total": total,
+                "slo": slo_attainment(timings, tenant.ttft_slo_s, tenant.tpot_slo_s)}

@@ -4,6 +4,7 @@ answered per tenant without revealing other tenants' adapters, and usage metered
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
@@ -130,6 +131,21 @@ def test_usage_is_metered_per_tenant_and_shows_only_ones_own(registry):
     usage = registry.usage(acme)
     assert usage["total"] == {"requests": 2, "prompt_tokens": 30, "completion_tokens": 12, "cost_usd": pytest.approx(0.003)}
     assert set(usage["models"]) == {"base", "acme/bot"}
+
+
+def test_each_tenants_latency_objectives_are_tracked_against_its_own_requests(registry):
+    acme, _ = registry.add_tenant("acme", ttft_slo_s=1.0, tpot_slo_s=0.1)
+    globex, _ = registry.add_tenant("globex", ttft_slo_s=5.0, tpot_slo_s=1.0)
+    # (ttft, latency, tokens): meets both; late first token; slow tokens (0.2 s each); one token only
+    for ttft, latency, tokens in ((0.5, 1.4, 10), (2.0, 2.9, 10), (0.5, 2.3, 10), (0.8, 0.8, 1)):
+        registry.record_usage(acme, "base", 10, tokens, ttft, latency, 0.0)
+    registry.record_usage(globex, "base", 10, 10, 2.0, 2.9, 0.0)  # the same timings meet globex's objectives
+    slo = registry.usage(acme)["slo"]
+    assert (slo["requests"], slo["ttft_slo_s"], slo["tpot_slo_s"]) == (4, 1.0, 0.1)
+    assert slo["ttft_attainment"] == 0.75 and slo["tpot_attainment"] == 0.75 and slo["attainment"] == 0.5
+    assert slo["ttft_p99_s"] == 2.0 and slo["tpot_p99_s"] == pytest.approx(0.2)
+    assert registry.usage(globex)["slo"]["attainment"] == 1.0
+    assert registry.usage(acme, since=time.time() + 60)["slo"]["requests"] == 0
 
 
 def test_removing_a_tenant_removes_its_keys_adapters_and_files(registry, adapter_folder):

@@ -116,4 +116,6 @@ def test_usage_is_metered_per_tenant_and_each_sees_only_its_own(service):
     assert usage["tenant"] == "acme" and set(usage["models"]) <= {"base", "acme/bot"}
     bot = usage["models"]["acme/bot"]
     assert bot["requests"] >= 1 and bot["completion_tokens"] >= 4 and bot["cost_usd"] > 0
+    slo = usage["slo"]  # its latency objectives, tracked on its own requests
+    assert slo["requests"] == usage["total"]["requests"] and 0 <= slo["attainment"] <= 1 and slo["ttft_p50_s"] > 0
     assert httpx.get(f"{service['url']}/v1/usage").status_code == 401

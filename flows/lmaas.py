@@ -65,11 +65,12 @@ SCALES = {
               "max_tokens": (16, 48), "idle_s": 10.0},
 }
 BASELINES = ("multi_lora", "merged_sequential", "unbatched")
+WEIGHT_FORMATS = ("int4", "bfloat16")  # profiled on each serving pool; its replicas run the faster
 SIMULATED = [
     "every serving and training worker is a Dask worker process on this host's 2 CPU cores: replicas that run "
     "together share them, so scale-out adds no compute here; prices are the catalog's cpu-small $/hour",
     "the baselines run in-process on a serving worker in bf16 (merging needs dense weights); the deployed "
-    "service runs int4 behind HTTP with cold starts counted",
+    "service runs behind HTTP in the weight format its pool's profile chose, with cold starts counted",
 ]
 
 
@@ -92,10 +93,11 @@ def train_adapter(task_name: str, steps: int, seed: int, out: str, pool: str) ->
 
 
 @task(cache_policy=NO_CACHE, task_run_name="profile serving on {pool}")
-def profile_pool(pool: str) -> dict:
+def profile_pool(pool: str) -> dict[str, dict]:
+    """The serving engine's profile on this worker, per weight format."""
     from tasks.lmaas.profile import profile_serving
 
-    return profile_serving(lora_rank=RANK, lora_targets=TARGETS)
+    return {fmt: profile_serving(weight_format=fmt, lora_rank=RANK, lora_targets=TARGETS) for fmt in WEIGHT_FORMATS}
 
 
 @task(cache_policy=NO_CACHE, task_run_name="replay the baselines on {pool}")
@@ -255,7 +257,7 @@ def lmaas_stages(scheduler: str, infra: str, scale: str, strategies: list[str], 
 
     from tasks.lm.tokenizer import build_tokenizer
     from tasks.lm.weights import load_config, load_metadata
-    from tasks.lmaas.profile import adapter_loads, trace_counts, worker_options
+    from tasks.lmaas.profile import adapter_loads, capacity, choose_weight_format, trace_counts, worker_options
     from tasks.lmaas.registry import Registry
     from tasks.lmaas.serverless import Autoscaler, ReplicaConfig, replay_service
     from tasks.lmaas.service import default_price_per_hour
@@ -296,12 +298,16 @@ def lmaas_stages(scheduler: str, infra: str, scale: str, strategies: list[str], 
                        seed=seed, max_tokens=shape["max_tokens"])
 
     # PROFILE
-    profiles = {}
-    for pool in serving:
-        with on_pool(pool):
-            profiles[pool.name] = profile_pool.submit(pool.name).result()
     tenants = {t.name: t for t in registry.tenants()}
     tightest_tpot = min(t.tpot_slo_s for t in tenants.values())
+    profiled, profiles, formats = {}, {}, {}
+    for pool in serving:
+        with on_pool(pool):
+            profiled[pool.name] = profile_pool.submit(pool.name).result()
+        formats[pool.name] = choose_weight_format(profiled[pool.name], tightest_tpot)
+        profiles[pool.name] = profiled[pool.name][formats[pool.name]]
+        logger.info("%s serves in %s: capacity %s tokens/s at TPOT ≤ %.2f s", pool.name, formats[pool.name],
+                    {f: round(capacity(p, tightest_tpot), 1) for f, p in profiled[pool.name].items()}, tightest_tpot)
 
     # OPTIMIZE
     duration = max(r.at_s for r in trace) + 1.0 / shape["rate"]
@@ -330,9 +336,9 @@ def lmaas_stages(scheduler: str, infra: str, scale: str, strategies: list[str], 
             # fetch is part of its cold start; beyond MAX_HOST_ADAPTERS the busiest are preloaded
             rate = {x.name: x.requests_per_s for x in loads}
             hot = sorted(plan.adapters_on(machine), key=lambda a: -rate[a])[:MAX_HOST_ADAPTERS]
-            configs[machine] = ReplicaConfig(db_url, store_url, price, lora_slots=16, lora_rank=RANK,
-                                             lora_targets=TARGETS, max_host_adapters=MAX_HOST_ADAPTERS,
-                                             preload=tuple(hot))
+            configs[machine] = ReplicaConfig(db_url, store_url, price, weight_format=formats[machine_pool[machine].name],
+                                             lora_slots=16, lora_rank=RANK, lora_targets=TARGETS,
+                                             max_host_adapters=MAX_HOST_ADAPTERS, preload=tuple(hot))
             assignment.update({a: machine for a in plan.adapters_on(machine)})
         # a replica is full when its continuous batch is (the engine runs up to 64 sequences)
         scaler = Autoscaler(client, groups, assignment, configs, idle_s=shape["idle_s"], max_in_flight=64)
@@ -411,6 +417,9 @@ def lmaas_stages(scheduler: str, infra: str, scale: str, strategies: list[str], 
                         for r in trained},
         "placement": {"workers": plan.workers, "usd_per_hour": plan.usd_per_hour, "optimal": plan.optimal,
                       "solve_seconds": round(plan.solve_seconds, 3)},
+        "serving_format": {pool: {"chosen": fmt, **{f: round(capacity(p, tightest_tpot), 1)
+                                                     for f, p in profiled[pool].items()}}
+                           for pool, fmt in formats.items()},
         "serverless": {"scaled_to_zero_between_runs": scaled_to_zero,
                        "cold_starts": serverless.stats["cold_starts"], "scale_outs": serverless.stats["scale_outs"],
                        "scale_ins": sum(e["event"] == "stop" and e["reason"].startswith("idle") for e in events),
@@ -430,7 +439,7 @@ def lmaas_stages(scheduler: str, infra: str, scale: str, strategies: list[str], 
     create_table_artifact(table.round(4).to_dict("records"), key="lmaas-strategies", description="strategies side by side")
     create_markdown_artifact(markdown, key="lmaas-report", description="LMaaS report")
     document = {"summary": summary, "strategies": table.to_dict("records"), "slo": slo.to_dict("records"),
-                "profiles": profiles, "plan": _plan_dict(plan), "replan": replan, "events": events}
+                "profiles": profiled, "plan": _plan_dict(plan), "replan": replan, "events": events}
     (out / "evaluation.json").write_text(json.dumps(document, indent=2, default=str))
     return summary
 

@@ -5,7 +5,8 @@ adapter's expected load.
 the base model's load, the largest part of a cold start) and decodes batches in which every
 sequence uses a different adapter, at several batch sizes, measuring tokens/s and the time per
 output token (TPOT). A worker's capacity for the placement is the best throughput among batch
-sizes whose TPOT meets the tightest tenant objective.
+sizes whose TPOT meets the tightest tenant objective. Each weight format is profiled, and the
+replicas run the one with the higher capacity (:func:`choose_weight_format`).
 
 :func:`adapter_loads` turns a trace (or the registry's metered usage) into per-adapter arrival
 rates and token loads; :func:`worker_options` turns the serving pools of an infrastructure spec and
@@ -23,7 +24,7 @@ BASE_RESERVED_BYTES = 2 * 2**30  # base model, KV cache and runtime beside the a
 
 
 def profile_serving(*, weight_format: str = "int4", lora_slots: int = 16, lora_rank: int = 8,
-                    lora_targets: tuple[str, ...] = ("q_proj", "v_proj"), batches: tuple[int, ...] = (1, 4, 16),
+                    lora_targets: tuple[str, ...] = ("q_proj", "v_proj"), batches: tuple[int, ...] = (1, 4, 16, 32),
                     new_tokens: int = 16, prompt_tokens: int = 32) -> dict:
     """Load the serving engine and decode batches of distinct adapters; returns the measurements."""
     from tasks.lm.engine import LMEngine
@@ -34,7 +35,7 @@ def profile_serving(*, weight_format: str = "int4", lora_slots: int = 16, lora_r
     engine = LMEngine.load(weight_format=weight_format, kv_cache_mib=256, lora_slots=lora_slots, lora_rank=lora_rank,
                            lora_targets=tuple(lora_targets), prefix_caching=False)
     base_load_s = time.perf_counter() - started
-    n_adapters = min(max(batches), lora_slots)
+    n_adapters = min(max(batches), lora_slots)  # larger batches reuse them: distinct up to the slots
     for i in range(n_adapters):
         engine.add_adapter(f"profile/{i}", random_adapter(engine.config, rank=lora_rank, targets=tuple(lora_targets),
                                                           seed=1000 + i, std=0.02))
@@ -57,6 +58,15 @@ def profile_serving(*, weight_format: str = "int4", lora_slots: int = 16, lora_r
                        "steps": engine.stats["steps"] - steps_before})
     return {"weight_format": weight_format, "base_load_s": base_load_s, "points": points,
             "bytes_per_adapter": adapter.n_params() * 4, "lora_slots": lora_slots}
+
+
+def choose_weight_format(profiles: dict[str, dict], tpot_slo_s: float) -> str:
+    """The weight format (a key of ``profiles``, one :func:`profile_serving` each) with the highest
+    :func:`capacity` at ``tpot_slo_s``: which is faster depends on the host (on AMX, bf16 GEMMs
+    overtake the int4 kernel at a few rows) and on the batch the objective allows."""
+    if not profiles:
+        raise ValueError("no weight format was profiled")
+    return max(profiles, key=lambda fmt: capacity(profiles[fmt], tpot_slo_s))
 
 
 def capacity(profile: dict, tpot_slo_s: float) -> float:

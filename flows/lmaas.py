@@ -43,7 +43,7 @@ from prefect_dask import DaskTaskRunner  # noqa: E402
 
 from data_contracts import validate  # noqa: E402
 from infra.catalog import load_catalog  # noqa: E402
-from infra.cluster import TieredCluster, on_pool  # noqa: E402
+from infra.cluster import TieredCluster, embedded_at, on_pool  # noqa: E402
 from infra.prefect_server import tierflow_home  # noqa: E402
 from infra.spec import load_infra_spec  # noqa: E402
 from infra.store import open_store  # noqa: E402
@@ -326,12 +326,14 @@ def lmaas_stages(scheduler: str, infra: str, scale: str, strategies: list[str], 
     # DEPLOY + EVALUATE (serverless service)
     price = default_price_per_hour(serving[0].device)
     with Client(scheduler, timeout="10s") as client:
-        by_name = {w["name"]: addr for addr, w in client.scheduler_info(n_workers=-1)["workers"].items()}
+        running = {w["name"] for w in client.scheduler_info(n_workers=-1)["workers"].values()}
         machine_pool = {m: p for p in serving for m in p.machine_names()}
         groups, configs, assignment = {}, {}, {}
         for machine in plan.workers:
             spares = [m for m in machine_pool[machine].machine_names() if m not in plan.workers]
-            groups[machine] = [by_name.get(m, by_name.get(machine_pool[m].name)) for m in [machine, *spares]]
+            # a pool without a worker per machine runs one worker, named after the pool
+            members = [m if m in running else machine_pool[m].name for m in [machine, *spares]]
+            groups[machine] = list(dict.fromkeys(members))
             # a replica holds its adapters in host memory from the start (S-LoRA's host tier): their
             # fetch is part of its cold start; beyond MAX_HOST_ADAPTERS the busiest are preloaded
             rate = {x.name: x.requests_per_s for x in loads}
@@ -341,12 +343,16 @@ def lmaas_stages(scheduler: str, infra: str, scale: str, strategies: list[str], 
                                              max_host_adapters=MAX_HOST_ADAPTERS, preload=tuple(hot))
             assignment.update({a: machine for a in plan.adapters_on(machine)})
         # a replica is full when its continuous batch is (the engine runs up to 64 sequences)
-        scaler = Autoscaler(client, groups, assignment, configs, idle_s=shape["idle_s"], max_in_flight=64)
+        # on the embedded cluster, machines without a replica are given back and started on demand
+        scaler = Autoscaler(client, groups, assignment, configs, machines=embedded_at(scheduler), idle_s=shape["idle_s"],
+                            max_in_flight=64)
         try:
-            # always on: every planned worker's replica is up before the trace, none scales to zero
+            # always on: every planned worker's replica is up before the trace, none scales to zero;
+            # the machines the plan does not use are given back (a scale-out starts one again)
             scaler.pinned = True
             for group in groups:
                 scaler.warm(group)
+            scaler.release_idle_machines()
             service = replay_service(scaler, trace, keys, strategy="lmaas")
             served_accuracy = _served_accuracy(scaler, keys, trained, seed)
             replica, _ = scaler.acquire(models[0])
@@ -424,6 +430,9 @@ def lmaas_stages(scheduler: str, infra: str, scale: str, strategies: list[str], 
                        "cold_starts": serverless.stats["cold_starts"], "scale_outs": serverless.stats["scale_outs"],
                        "scale_ins": sum(e["event"] == "stop" and e["reason"].startswith("idle") for e in events),
                        "cold_start_s_max": round(serverless.stats["cold_start_s_max"], 2),
+                       "machine_start_s": [e["machine_start_s"] for e in events if e["event"] == "machine up"],
+                       "machines_released": sum(e["event"] == "machine released" for e in events),
+                       "machine_seconds": {r.strategy: round(r.stats["machine_seconds"], 1) for r in (service, serverless)},
                        "latency_p99_s_vs_always_on": round(float(by.loc["lmaas_serverless", "latency_p99_s"]
                                                                  / by.loc["lmaas", "latency_p99_s"]), 3),
                        "base_load_s": [round(r["base_load_s"], 2) for r in cold],

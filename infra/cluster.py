@@ -6,6 +6,11 @@ of the infrastructure spec, each advertising the Dask resources ``tier-<tier>``,
 External: ``TieredCluster(spec, scheduler="tcp://host:port")`` connects to a running
 cluster and checks that its workers advertise the tiers and devices the spec needs.
 
+Machines: an embedded cluster can release one machine's worker (its process ends, as a cloud
+machine is given back) and start it again later (:meth:`TieredCluster.release_machine`,
+:meth:`TieredCluster.start_machine`); :func:`embedded_at` finds the cluster this process runs at
+a scheduler address. An external cluster's machines belong to its own manager.
+
 Routing: ``with on(tier="edge"): future = task.submit(...)`` — prefect-dask and plain
 Dask both honour the annotation, so the work runs on a worker with that resource.
 """
@@ -13,6 +18,8 @@ Dask both honour the annotation, so the work runs on a worker with that resource
 from __future__ import annotations
 
 import os
+import threading
+import time
 from contextlib import contextmanager
 from typing import ContextManager, Iterator
 
@@ -30,6 +37,15 @@ _FORWARDED_ENV = ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_E
 
 class ClusterError(RuntimeError):
     """The cluster cannot run the spec (e.g. no worker advertises a needed resource)."""
+
+
+_EMBEDDED: dict[str, "TieredCluster"] = {}  # scheduler address -> the embedded cluster this process runs there
+
+
+def embedded_at(address: str) -> "TieredCluster | None":
+    """The embedded cluster this process started at ``address``, or None (an external cluster, or
+    another process's): what can release and start its machines."""
+    return _EMBEDDED.get(address)
 
 
 def routing_resources(tier: str | None = None, device: str | None = None, pool: str | None = None) -> dict[str, int]:
@@ -141,6 +157,8 @@ class TieredCluster:
         self.scheduler = scheduler
         self.cluster: SpecCluster | None = None
         self.client: Client | None = None
+        self.released: dict[str, dict] = {}  # machine -> its worker spec, while released
+        self._machines = threading.Lock()
 
     @property
     def address(self) -> str:
@@ -158,6 +176,7 @@ class TieredCluster:
             except Exception:
                 self.cluster.close()
                 raise
+            _EMBEDDED[self.cluster.scheduler_address] = self
         else:
             try:
                 self.client = Client(self.scheduler, timeout="10s")
@@ -182,7 +201,45 @@ class TieredCluster:
         if self.client is not None:
             self.client.close()
         if self.cluster is not None:
+            _EMBEDDED.pop(self.cluster.scheduler_address, None)
             self.cluster.close()
+
+    # --- machines ------------------------------------------------------------------------------
+    def machine_address(self, name: str) -> str | None:
+        """The address of the worker named ``name``, or None if no such worker runs."""
+        for address, worker in self.client.scheduler_info(n_workers=-1)["workers"].items():
+            if worker.get("name") == name:
+                return address
+        return None
+
+    def release_machine(self, name: str) -> None:
+        """Give one machine back: its worker retires and its process ends. Its spec is kept, so
+        :meth:`start_machine` can start it again. Nothing should be running on it."""
+        if not self.embedded:
+            raise ClusterError(f"cannot release machine {name!r}: the cluster at {self.scheduler} is not this "
+                               f"process's; its own manager starts and stops its machines")
+        with self._machines:
+            if name not in self.cluster.worker_spec:
+                raise ClusterError(f"no running machine named {name!r}; running: {sorted(self.cluster.worker_spec)}")
+            self.released[name] = self.cluster.worker_spec.pop(name)
+            self.cluster.sync(self.cluster._correct_state)  # SpecCluster: align the workers with the spec
+
+    def start_machine(self, name: str, timeout_s: float = 120.0) -> str:
+        """Start a released machine's worker again (a no-op for a running one); returns its
+        address once it has joined the scheduler."""
+        with self._machines:
+            if name in self.released:
+                self.cluster.worker_spec[name] = self.released.pop(name)
+                self.cluster.sync(self.cluster._correct_state)
+            elif self.embedded and name not in self.cluster.worker_spec:
+                raise ClusterError(f"no machine named {name!r}; machines: "
+                                   f"{sorted([*self.cluster.worker_spec, *self.released])}")
+        deadline = time.monotonic() + timeout_s
+        while (address := self.machine_address(name)) is None:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"machine {name!r} did not join the scheduler within {timeout_s:.0f} s")
+            time.sleep(0.05)
+        return address
 
     def worker_pools(self) -> dict[str, str]:
         """Worker address → the resources it advertises, for reports."""

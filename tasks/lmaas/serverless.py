@@ -7,14 +7,17 @@ it stops when its Dask ``Event`` is set and returns what it measured (its cold s
 base-model load, adapter fetch and server start, the requests it served).
 
 The :class:`Autoscaler` (in the caller's process) owns the replicas of each serving group — the
-workers the placement (optimizers/lmaas.py) gave a set of adapters:
+machines the placement (optimizers/lmaas.py) gave a set of adapters:
 
 - **scale from zero**: a request for an adapter whose group runs no replica starts one and waits for
-  it; that wait is the request's cold start and counts in its latency;
+  it; that wait is the request's cold start and counts in its latency. On the embedded cluster a
+  machine given back is started first (its worker process), and that is in the cold start too;
 - **scale out**: when every replica of the group has ``max_in_flight`` requests and the group has
-  a worker without one, another replica starts there (in the background: the request that noticed
+  a machine without one, another replica starts there (in the background: the request that noticed
   goes to the least-loaded running replica);
-- **scale to zero**: a replica with nothing in flight for ``idle_s`` seconds is stopped.
+- **scale to zero**: a replica with nothing in flight for ``idle_s`` seconds is stopped, and its
+  machine, left with no replica, is given back (its worker process ends). The machine-seconds
+  used are counted: what a deployment pays for.
 
 :func:`replay_service` sends a trace to the replicas over HTTP (OpenAI completions, streamed, with
 each tenant's API key) at the trace's arrival times; latency counts from arrival, cold starts included.
@@ -28,7 +31,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -108,8 +111,9 @@ def run_replica(config: ReplicaConfig, name: str) -> dict:
 class Replica:
     name: str
     group: str
-    worker: str
-    future: object  # the Dask future of run_replica
+    machine: str  # the worker's name (a machine of the spec)
+    address: str | None = None  # the worker's address, once its machine is up
+    future: object = None  # the Dask future of run_replica
     url: str | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     error: str | None = None
@@ -126,28 +130,38 @@ class ScalingError(RuntimeError):
 class Autoscaler:
     """Replicas per serving group on the Dask cluster of ``client``.
 
-    ``groups``: group → the worker addresses that may run its replicas (one replica per worker);
-    ``assignment``: adapter model → group (the placement); requests for ``base`` or an unplaced
-    model go to ``default_group``. ``configs``: group → its :class:`ReplicaConfig` (with the
-    group's adapters to preload)."""
+    ``groups``: group → the machines (worker names) that may run its replicas, one replica per
+    machine, the planned one first; ``assignment``: adapter model → group (the placement);
+    requests for ``base`` or an unplanned model go to ``default_group``. ``configs``: group → its
+    :class:`ReplicaConfig` (with the group's adapters to preload).
+
+    ``machines``: the embedded cluster (:class:`infra.cluster.TieredCluster`), to give a machine
+    back when its last replica scales in and start it again for the next one (scale to zero is
+    then of machines, not only of replicas; a cold start includes the machine's start). Without
+    it, the machines stay up and only replicas come and go."""
 
     def __init__(self, client, groups: dict[str, list[str]], assignment: dict[str, str],
-                 configs: dict[str, ReplicaConfig], *, default_group: str | None = None, idle_s: float = 20.0,
-                 max_in_flight: int = 16, start_timeout_s: float = 300.0):
-        if not groups or any(not workers for workers in groups.values()):
-            raise ScalingError(f"every serving group needs at least one worker, got {groups}")
+                 configs: dict[str, ReplicaConfig], *, machines=None, default_group: str | None = None,
+                 idle_s: float = 20.0, max_in_flight: int = 16, start_timeout_s: float = 300.0):
+        if not groups or any(not members for members in groups.values()):
+            raise ScalingError(f"every serving group needs at least one machine, got {groups}")
         missing = sorted(set(groups) - set(configs))
         if missing:
             raise ScalingError(f"no replica configuration for group(s) {missing}")
         self.client, self.groups, self.assignment, self.configs = client, groups, assignment, configs
+        self.machines = machines
         self.default_group = default_group or next(iter(groups))
         self.idle_s, self.max_in_flight, self.start_timeout_s = idle_s, max_in_flight, start_timeout_s
         self.replicas: dict[str, list[Replica]] = {g: [] for g in groups}
         self.pinned = False  # True: no scale to zero (an always-on deployment)
-        self.events: list[dict] = []  # cold starts, scale-outs, scale-ins, in order
+        self.events: list[dict] = []  # cold starts, scale-outs, scale-ins, machines up and given back, in order
         self.records: list[dict] = []  # what stopped replicas returned
         self._collecting = 0  # stopped replicas whose record is still on its way
         self._lock = threading.RLock()
+        self._machine_locks = {m: threading.Lock() for members in groups.values() for m in members}
+        self._released: set[str] = set()  # machines this autoscaler gave back
+        self._up_since: dict[str, float] = {m: time.monotonic() for m in self._machine_locks}
+        self._up_total_s = 0.0
         self._origin = time.perf_counter()
         self._closed = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, daemon=True)
@@ -156,36 +170,86 @@ class Autoscaler:
     def group_of(self, model: str) -> str:
         return self.assignment.get(model, self.default_group)
 
-    def _event(self, kind: str, replica: Replica, **extra) -> None:
-        self.events.append({"at_s": round(time.perf_counter() - self._origin, 3), "event": kind,
-                            "group": replica.group, "worker": replica.worker, "replica": replica.name, **extra})
+    def _event(self, kind: str, replica: Replica | None = None, **extra) -> None:
+        where = {"group": replica.group, "machine": replica.machine, "replica": replica.name} if replica else {}
+        self.events.append({"at_s": round(time.perf_counter() - self._origin, 3), "event": kind, **where, **extra})
 
-    def _start(self, group: str, worker: str, reason: str) -> Replica:
+    def machine_seconds(self) -> float:
+        """Seconds of machine time so far, summed over the groups' machines (up from the start
+        unless given back): what a serving deployment pays for."""
+        with self._lock:
+            now = time.monotonic()
+            return self._up_total_s + sum(now - since for since in self._up_since.values())
+
+    def _on_machine(self, machine: str) -> bool:
+        return any(r.machine == machine and r.error is None for rs in self.replicas.values() for r in rs)
+
+    def _start(self, group: str, machine: str, reason: str) -> Replica:
+        replica = Replica(f"replica-{group}-{uuid.uuid4().hex[:8]}", group, machine)
+        self.replicas[group].append(replica)
+        self._event("start", replica, reason=reason)
+        threading.Thread(target=self._launch, args=(replica,), daemon=True).start()
+        return replica
+
+    def _launch(self, replica: Replica) -> None:
+        """Bring the replica's machine up (if it was given back), run the replica there, wait for its URL."""
         from distributed import Event, Variable
 
         from tasks.lmaas.serverless import run_replica  # the function Dask ships by reference
 
-        name = f"replica-{group}-{uuid.uuid4().hex[:8]}"
-        Event(f"{name}-stop", client=self.client).clear()
-        future = self.client.submit(run_replica, self.configs[group], name, workers=[worker], allow_other_workers=False,
-                                    pure=False, key=name)
-        replica = Replica(name, group, worker, future)
-        self.replicas[group].append(replica)
-        self._event("start", replica, reason=reason)
+        try:
+            with self._machine_locks[replica.machine]:
+                replica.address = self._bring_up(replica)
+                Event(f"{replica.name}-stop", client=self.client).clear()
+                replica.future = self.client.submit(run_replica, self.configs[replica.group], replica.name,
+                                                    workers=[replica.address], allow_other_workers=False, pure=False,
+                                                    key=replica.name)
+            replica.url = Variable(f"{replica.name}-url", client=self.client).get(timeout=self.start_timeout_s)
+            replica.cold_start_s = time.perf_counter() - replica.requested_at
+            replica.last_used = time.monotonic()  # idle time counts from when it can serve
+            self._event("ready", replica, cold_start_s=round(replica.cold_start_s, 3))
+        except Exception as exc:  # noqa: BLE001 - reported to every request waiting on it
+            failure = replica.future.exception() if replica.future is not None and replica.future.done() else exc
+            replica.error = f"replica {replica.name} on {replica.machine} did not become ready: {failure}"
+        finally:
+            replica.ready.set()
 
-        def wait_ready():
-            try:
-                replica.url = Variable(f"{name}-url", client=self.client).get(timeout=self.start_timeout_s)
-                replica.cold_start_s = time.perf_counter() - replica.requested_at
-                replica.last_used = time.monotonic()  # idle time counts from when it can serve
-                self._event("ready", replica, cold_start_s=round(replica.cold_start_s, 3))
-            except Exception as exc:  # noqa: BLE001 - reported to every request waiting on it
-                replica.error = (f"replica {name} on {worker} did not become ready: "
-                                 f"{future.exception() if future.done() else exc}")
-            finally:
-                replica.ready.set()
-        threading.Thread(target=wait_ready, daemon=True).start()
-        return replica
+    def _bring_up(self, replica: Replica) -> str:
+        if self.machines is None:
+            address = next((a for a, w in self.client.scheduler_info(n_workers=-1)["workers"].items()
+                            if w.get("name") == replica.machine), None)
+            if address is None:
+                raise ScalingError(f"no worker named {replica.machine!r} is running")
+            return address
+        if replica.machine not in self._released:
+            return self.machines.start_machine(replica.machine)  # running: just its address
+        started = time.perf_counter()
+        address = self.machines.start_machine(replica.machine)
+        with self._lock:
+            self._released.discard(replica.machine)
+            self._up_since[replica.machine] = time.monotonic()
+        self._event("machine up", replica, machine_start_s=round(time.perf_counter() - started, 3))
+        return address
+
+    def _release_if_idle(self, machine: str) -> None:
+        """Give ``machine`` back if no replica runs or starts on it (a scale-in's last step)."""
+        if self.machines is None or machine in self._released:
+            return
+        with self._machine_locks[machine]:
+            with self._lock:
+                if self._on_machine(machine):
+                    return
+            self.machines.release_machine(machine)
+            with self._lock:
+                self._released.add(machine)
+                self._up_total_s += time.monotonic() - self._up_since.pop(machine)
+        self._event("machine released", machine=machine)
+
+    def release_idle_machines(self) -> None:
+        """Give back every machine of the groups that runs no replica (a serverless deployment's
+        starting state: nothing up until a request needs it)."""
+        for machine in self._machine_locks:
+            self._release_if_idle(machine)
 
     def acquire(self, model: str) -> tuple[Replica, float]:
         """A ready replica for ``model`` (starting one if its group has none) and the seconds this
@@ -197,10 +261,10 @@ class Autoscaler:
                 raise ScalingError("the autoscaler is closed")
             live = [r for r in self.replicas[group] if r.error is None]
             ready = [r for r in live if r.ready.is_set()]
-            busy_workers = {r.worker for r in live}
-            spare = [w for w in self.groups[group] if w not in busy_workers]
+            busy = {r.machine for rs in self.replicas.values() for r in rs if r.error is None}
+            spare = [m for m in self.groups[group] if m not in busy]
             if not live:
-                replica = self._start(group, self.groups[group][0], "scale from zero")
+                replica = self._start(group, (spare or self.groups[group])[0], "scale from zero")
             else:
                 if spare and not [r for r in live if not r.ready.is_set()] and \
                         all(r.in_flight >= self.max_in_flight for r in ready):
@@ -225,11 +289,13 @@ class Autoscaler:
         return replica
 
     def wait_for_zero(self, timeout_s: float) -> bool:
-        """Wait until every replica has scaled to zero (idle); False if some still run after ``timeout_s``."""
+        """Wait until every replica has scaled to zero (and, with ``machines``, every machine is
+        given back); False if some still run after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self._lock:
-                if not any(self.replicas.values()):
+                machines_down = self.machines is None or self._released >= set(self._machine_locks)
+                if not any(self.replicas.values()) and not self._collecting and machines_down:
                     return True
             time.sleep(0.2)
         return False
@@ -250,7 +316,8 @@ class Autoscaler:
             self.reap()
 
     def reap(self) -> None:
-        """Stop replicas idle for ``idle_s`` (scale to zero) and collect the stopped ones' records."""
+        """Stop replicas idle for ``idle_s`` (scale to zero) and collect the stopped ones' records;
+        a machine left without replicas is given back once its replica has ended."""
         now = time.monotonic()
         with self._lock:
             if self.pinned:
@@ -261,18 +328,23 @@ class Autoscaler:
                         replicas.remove(replica)
                         if replica.error is None:
                             self._stop(replica, f"idle {self.idle_s:g} s")
-                        self._collect(replica)
+                        self._collect(replica, release_machine=True)
 
-    def _collect(self, replica: Replica) -> None:
+    def _collect(self, replica: Replica, release_machine: bool = False) -> None:
         with self._lock:
             self._collecting += 1
 
         def gather():
             try:
+                if replica.future is None:
+                    raise ScalingError(replica.error or "the replica never started")
                 record = replica.future.result(timeout=60)
                 self.records.append({**record, "cold_start_s": replica.cold_start_s, "group": replica.group})
             except Exception as exc:  # noqa: BLE001 - kept in the report
                 self.records.append({"replica": replica.name, "group": replica.group, "error": repr(exc)})
+            try:
+                if release_machine and not self._closed.is_set():
+                    self._release_if_idle(replica.machine)
             finally:
                 with self._lock:
                     self._collecting -= 1
@@ -283,7 +355,8 @@ class Autoscaler:
             return {g: sum(r.ready.is_set() and r.error is None for r in rs) for g, rs in self.replicas.items()}
 
     def close(self, timeout_s: float = 60.0) -> list[dict]:
-        """Stop every replica; returns every replica's record."""
+        """Stop every replica and start again every machine this autoscaler gave back (the cluster
+        as it found it); returns every replica's record."""
         self._closed.set()
         self._reaper.join(timeout=5)
         with self._lock:
@@ -298,6 +371,12 @@ class Autoscaler:
         deadline = time.monotonic() + timeout_s
         while self._collecting and time.monotonic() < deadline:
             time.sleep(0.05)
+        for machine in sorted(self._released):
+            with self._machine_locks[machine]:
+                self.machines.start_machine(machine)
+                with self._lock:
+                    self._released.discard(machine)
+                    self._up_since[machine] = time.monotonic()
         return list(self.records)
 
 
@@ -348,16 +427,15 @@ def replay_service(scaler: Autoscaler, trace: list[TraceRequest], keys: dict[str
     unknown = sorted({r.tenant for r in trace} - set(keys))
     if unknown:
         raise ValueError(f"no API key for tenant(s) {unknown}")
-    first_event = len(scaler.events)
+    first_event, machine_s = len(scaler.events), scaler.machine_seconds()
     replay = asyncio.run(_replay(scaler, trace, keys, time_scale))
     replay.strategy = strategy
     events = scaler.events[first_event:]
     cold = [e for e in events if e["event"] == "ready"]
     replay.stats = {"cold_starts": len(cold), "cold_start_s_max": max((e["cold_start_s"] for e in cold), default=0.0),
                     "scale_outs": sum(e.get("reason") == "scale out" for e in events if e["event"] == "start"),
-                    "scale_ins": sum(e["event"] == "stop" for e in events)}
+                    "scale_ins": sum(e["event"] == "stop" for e in events),
+                    "machines_up": sum(e["event"] == "machine up" for e in events),
+                    "machines_released": sum(e["event"] == "machine released" for e in events),
+                    "machine_seconds": scaler.machine_seconds() - machine_s}
     return replay
-
-
-def with_preload(config: ReplicaConfig, models: list[str]) -> ReplicaConfig:
-    return replace(config, preload=tuple(models))

@@ -85,7 +85,10 @@ class LmaasTenancy:
             # under the same name never meets prefixes cached with the old weights
             grant.adapter = engine_adapter_name(adapter)
             try:
-                if grant.adapter not in self.engine.adapters:  # a cold adapter: from the artifact store
+                # held by the grant: should the engine evict it from host memory before this request
+                # reaches it, the request brings it back without a second fetch
+                grant.adapter_weights = self.engine.adapters.get(grant.adapter)
+                if grant.adapter_weights is None:  # a cold adapter: from the artifact store
                     grant.adapter_weights = await asyncio.to_thread(self.registry.fetch_adapter, adapter)
             except BaseException:
                 grant.release()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -119,3 +120,30 @@ def test_usage_is_metered_per_tenant_and_each_sees_only_its_own(service):
     slo = usage["slo"]  # its latency objectives, tracked on its own requests
     assert slo["requests"] == usage["total"]["requests"] and 0 <= slo["attainment"] <= 1 and slo["ttft_p50_s"] > 0
     assert httpx.get(f"{service['url']}/v1/usage").status_code == 401
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory):
+    """One tenant with 12 adapters, served by an engine that keeps 3 in host memory and 2 in slots."""
+    tmp = tmp_path_factory.mktemp("lmaas-many")
+    engine = LMEngine.load(kv_cache_mib=128, lora_slots=2, lora_rank=4, lora_targets=("q_proj",), max_host_adapters=3)
+    registry = Registry(f"sqlite:///{tmp / 'lmaas.db'}", LocalStore(tmp / "store"), engine.config)
+    _, key = registry.add_tenant("acme", max_concurrent=32)
+    for i in range(12):
+        folder = save_adapter(random_adapter(engine.config, rank=4, targets=("q_proj",), seed=i), tmp / f"a{i}")
+        registry.register_adapter("acme", f"a{i}", folder)
+    with serving(create_service_app(registry, engine, price_per_hour=0.096)) as url:
+        yield {"url": url, "engine": engine, "acme": key}
+
+
+def test_adapters_beyond_host_memory_come_back_from_the_store_on_demand(many):
+    for i in [*range(12), 0, 5]:  # every adapter, then two that host memory has let go
+        assert ask(many, many["acme"], f"acme/a{i}", max_tokens=2).choices[0].finish_reason == "length"
+    engine = many["engine"]
+    assert len(engine.adapters) <= 3 and engine.stats["adapter_host_evictions"] >= 11
+
+
+def test_concurrent_requests_for_more_adapters_than_slots_all_get_served(many):
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda i: ask(many, many["acme"], f"acme/a{i}", max_tokens=3), range(8)))
+    assert [r.usage.completion_tokens for r in replies] == [3] * 8

@@ -109,6 +109,22 @@ def test_embedded_workers_advertise_tier_device_and_pool_resources_per_machine(e
         }
 
 
+def test_a_released_machine_leaves_the_cluster_and_comes_back_with_its_resources(embedded):
+    before = embedded.machine_address("edge-orin")
+    embedded.release_machine("edge-orin")
+    names = {w["name"] for w in embedded.client.scheduler_info(n_workers=-1)["workers"].values()}
+    assert "edge-orin" not in names and embedded.machine_address("edge-orin") is None
+    with pytest.raises(ClusterError, match=r"no running machine named 'edge-orin'"):
+        embedded.release_machine("edge-orin")
+    address = embedded.start_machine("edge-orin")
+    assert address != before  # a new worker process
+    worker = embedded.client.scheduler_info(n_workers=-1)["workers"][address]
+    assert worker["resources"]["tier-edge"] == 1 and worker["name"] == "edge-orin"
+    assert embedded.start_machine("edge-orin") == address  # already running: nothing to do
+    with pytest.raises(ClusterError, match=r"no machine named 'nope'"):
+        embedded.start_machine("nope")
+
+
 @pytest.mark.parametrize(
     "target, pool",
     [

@@ -211,11 +211,11 @@ def _replan(plan: AdapterPlacement, loads, workers) -> dict:
     reasons = needs_replan(plan, loads, workers)
     if not reasons:
         return {"needed": False, "reasons": [], "workers": plan.workers, "moved_adapters": 0}
-    try:
-        new = plan_adapter_placement(loads, workers)
+    try:  # the cheapest placement for the new mix that moves the fewest adapters
+        new = plan_adapter_placement(loads, workers, current=plan.assignment)
     except InfeasibleError as exc:  # the new mix needs more than the spec has: say which constraints conflict
         return {"needed": True, "reasons": reasons, "infeasible": str(exc), "workers": plan.workers, "moved_adapters": 0}
-    moved = sum(plan.assignment.get(a) != w for a, w in new.assignment.items())
+    moved = new.moved
     return {"needed": True, "reasons": reasons, "workers_before": plan.workers, "workers": new.workers,
             "usd_per_hour_before": plan.usd_per_hour, "usd_per_hour": new.usd_per_hour, "moved_adapters": moved,
             "solve_seconds": new.solve_seconds, "surge_tokens_per_s": round(sum(a.tokens_per_s for a in loads), 1),

@@ -18,6 +18,12 @@ profiled), adapter memory ``S_w`` and ``K_w`` resident slots. ``ρ`` is the high
 which the profile met the time-per-output-token objective (batched decode: latency grows with load).
 Punica and S-LoRA batch many adapters on one worker; the slot constraint keeps the adapters that
 are active together within what one batch can hold without swapping.
+
+Re-planning from a ``current`` assignment is lexicographic: first the least cost ``C*`` as above,
+then, among placements costing ``C*``, the fewest adapters moved off the worker that serves them
+now (a move empties a warm host-memory slot and costs a fetch from the store):
+
+    minimise    Σ_a (1 − x_a,cur(a))      subject to the constraints above and  Σ_w c_w · y_w ≤ C*
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ class AdapterPlacement:
     solve_seconds: float = 0.0
     optimal: bool = True
     inputs: dict = field(default_factory=dict)
+    moved: int | None = None  # adapters moved off their current worker (a re-plan)
 
     def adapters_on(self, worker: str) -> list[str]:
         return sorted(a for a, w in self.assignment.items() if w == worker)
@@ -104,12 +111,18 @@ def active_probability(requests_per_s: float, window_s: float) -> float:
 
 
 def plan_adapter_placement(adapters: list[AdapterLoad], workers: list[WorkerOption], *, max_utilisation: float = 0.7,
-                           window_s: float = 2.0, time_limit: float = 60.0) -> AdapterPlacement:
-    """The cheapest set of workers and assignment of adapters (the MILP in the module docstring).
+                           window_s: float = 2.0, time_limit: float = 60.0,
+                           current: dict[str, str] | None = None) -> AdapterPlacement:
+    """The cheapest set of workers and assignment of adapters (the MILP in the module docstring);
+    with ``current`` (adapter → worker), the cheapest that moves the fewest adapters.
 
     Raises :class:`optimizers.solve.InfeasibleError` naming the constraint families that conflict
     (e.g. an adapter larger than any worker's adapter memory, or more load than all workers carry)."""
     _check(adapters, workers, max_utilisation, window_s)
+    names = {w.name: j for j, w in enumerate(workers)}
+    unknown = sorted({w for w in (current or {}).values() if w not in names})
+    if unknown:
+        raise PlacementInputError(f"current: worker(s) {unknown} are not among the worker options {sorted(names)}")
     n_a, n_w = len(adapters), len(workers)
     load = np.array([a.tokens_per_s for a in adapters])
     size = np.array([a.size_bytes for a in adapters], dtype=float)
@@ -132,13 +145,26 @@ def plan_adapter_placement(adapters: list[AdapterLoad], workers: list[WorkerOpti
             f"adapters expected active within {window_s:g} s fit a worker's LoRA slots"),
     }
     solution = solve_milp(cp.Minimize(price @ y), families, what="the LMaaS adapter placement", time_limit=time_limit)
+    seconds, optimal, moved = solution.seconds, solution.optimal, None
+    placed = [(i, names[current[a.name]]) for i, a in enumerate(adapters) if a.name in (current or {})]
+    if placed:
+        cheapest = float(price @ np.round(y.value))
+        stay = cp.sum(cp.hstack([x[i, j] for i, j in placed]))
+        families["no dearer than the cheapest"] = Family([price @ y <= cheapest + 1e-9],
+                                                         f"the workers cost at most the least, ${cheapest:g}/hour")
+        second = solve_milp(cp.Maximize(stay), families, what="the LMaaS re-placement", time_limit=time_limit)
+        seconds, optimal = seconds + second.seconds, optimal and second.optimal
     chosen = np.round(x.value).astype(int)
     running = np.round(y.value).astype(int)
-    return _placement(adapters, workers, chosen.argmax(axis=1), running, load, size, active,
-                      solution.seconds, solution.optimal, {"max_utilisation": max_utilisation, "window_s": window_s})
+    where = chosen.argmax(axis=1)
+    if placed:
+        moved = sum(int(where[i] != j) for i, j in placed)
+    return _placement(adapters, workers, where, running, load, size, active, seconds, optimal,
+                      {"max_utilisation": max_utilisation, "window_s": window_s}, moved)
 
 
-def _placement(adapters, workers, where, running, load, size, active, seconds, optimal, inputs) -> AdapterPlacement:
+def _placement(adapters, workers, where, running, load, size, active, seconds, optimal, inputs,
+               moved: int | None = None) -> AdapterPlacement:
     names = [w.name for w in workers]
     on = [names[j] for j in range(len(workers)) if running[j]]
     utilisation, active_on, memory = {}, {}, {}
@@ -151,15 +177,18 @@ def _placement(adapters, workers, where, running, load, size, active, seconds, o
         memory[w.name] = int(size[mine].sum())
     return AdapterPlacement({a.name: names[j] for a, j in zip(adapters, where)}, on,
                             float(sum(w.usd_per_hour for j, w in enumerate(workers) if running[j])),
-                            utilisation, active_on, memory, seconds, optimal, inputs)
+                            utilisation, active_on, memory, seconds, optimal, inputs, moved)
 
 
 def brute_force_placement(adapters: list[AdapterLoad], workers: list[WorkerOption], *, max_utilisation: float = 0.7,
-                          window_s: float = 2.0) -> float | None:
-    """The optimal cost by trying every assignment (tiny instances only: workers ** adapters); None if infeasible."""
+                          window_s: float = 2.0, current: dict[str, str] | None = None):
+    """The optimal cost by trying every assignment (tiny instances only: workers ** adapters); None if
+    infeasible. With ``current``: the optimal (cost, adapters moved), lexicographically."""
     _check(adapters, workers, max_utilisation, window_s)
     load = [a.tokens_per_s for a in adapters]
     active = [active_probability(a.requests_per_s, window_s) for a in adapters]
+    index = {w.name: j for j, w in enumerate(workers)}
+    now = [index.get((current or {}).get(a.name)) for a in adapters]
     best = None
     for where in itertools.product(range(len(workers)), repeat=len(adapters)):
         feasible = True
@@ -174,7 +203,11 @@ def brute_force_placement(adapters: list[AdapterLoad], workers: list[WorkerOptio
                 break
         if feasible:
             cost = sum(workers[j].usd_per_hour for j in set(where))
-            best = cost if best is None else min(best, cost)
+            if current is None:
+                best = cost if best is None else min(best, cost)
+            else:
+                moved = sum(j is not None and k != j for k, j in zip(where, now))
+                best = (round(cost, 9), moved) if best is None else min(best, (round(cost, 9), moved))
     return best
 
 

@@ -45,6 +45,31 @@ def test_the_milp_placement_costs_what_brute_force_finds_optimal(seed):
         assert plan.active_adapters[worker] <= by_name[worker].resident_slots + 1e-6
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_a_replan_moves_as_few_adapters_as_brute_force_at_the_least_cost(seed):
+    adapters, options = random_instance(seed)
+    rng = random.Random(100 + seed)
+    current = {a.name: rng.choice(options).name for a in adapters[:-1]}  # the last adapter is new
+    best = brute_force_placement(adapters, options, current=current)
+    if best is None:
+        with pytest.raises(InfeasibleError):
+            plan_adapter_placement(adapters, options, current=current)
+        return
+    plan = plan_adapter_placement(adapters, options, current=current)
+    assert (plan.usd_per_hour, plan.moved) == (pytest.approx(best[0]), best[1])
+    assert plan.moved == sum(plan.assignment[a] != w for a, w in current.items())
+
+
+def test_a_replan_that_still_fits_moves_nothing_and_an_unknown_worker_is_named():
+    adapters = [AdapterLoad(f"a{i}", 20, 0.1, 4 * MIB) for i in range(6)]
+    options = workers(n_cheap=2, n_big=0)
+    first = plan_adapter_placement(adapters, options)
+    again = plan_adapter_placement(adapters, options, current=first.assignment)
+    assert again.moved == 0 and again.assignment == first.assignment
+    with pytest.raises(PlacementInputError, match=r"worker\(s\) \['gone-7'\] are not among the worker options"):
+        plan_adapter_placement(adapters, options, current={"a0": "gone-7"})
+
+
 def test_light_load_packs_onto_the_cheapest_worker_and_heavy_load_buys_a_bigger_one():
     light = [AdapterLoad(f"a{i}", 10, 0.05, 8 * MIB) for i in range(6)]
     plan = plan_adapter_placement(light, workers())

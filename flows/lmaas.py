@@ -257,7 +257,8 @@ def lmaas_stages(scheduler: str, infra: str, scale: str, strategies: list[str], 
 
     from tasks.lm.tokenizer import build_tokenizer
     from tasks.lm.weights import load_config, load_metadata
-    from tasks.lmaas.profile import adapter_loads, capacity, choose_weight_format, trace_counts, worker_options
+    from tasks.lmaas.profile import (adapter_loads, capacity, choose_weight_format, trace_counts, worker_options,
+                                     zipf_loads)
     from tasks.lmaas.registry import Registry
     from tasks.lmaas.serverless import Autoscaler, ReplicaConfig, replay_service
     from tasks.lmaas.service import default_price_per_hour
@@ -373,17 +374,10 @@ def lmaas_stages(scheduler: str, infra: str, scale: str, strategies: list[str], 
     with on_pool(serving[0]):
         baselines = replay_baselines.submit(trace, db_url, store_url, strategies, serving[0].name).result()
 
-    # RE-PLAN on a shifted mix: popularity reversed, and a surge to 1.5× what one worker takes
-    # within the latency objective (so the plan must grow)
+    # RE-PLAN on a shifted mix: popularity reversed (Zipf over the adapters in reverse order), and
+    # a surge to 1.5× what one worker takes within the latency objective (so the plan must grow)
     target = 1.5 * plan.inputs["max_utilisation"] * min(w.tokens_per_s for w in workers)
-    rate = target / (sum(shape["max_tokens"]) / 2)
-    for _ in range(3):  # bursty arrivals: correct the rate to the load the trace really has
-        surge = make_trace(list(reversed(models)), corpus, n_requests=shape["requests"], rate=rate, seed=seed + 1,
-                           max_tokens=shape["max_tokens"])
-        surge_s = max(r.at_s for r in surge) + 1.0 / rate
-        rate *= target / (sum(r.max_tokens for r in surge) / surge_s)
-    surge_counts = trace_counts(surge)
-    surge_loads = adapter_loads({m: surge_counts.get(m, (0, 0)) for m in models}, surge_s, sizes)
+    surge_loads = zipf_loads(list(reversed(models)), target, sum(shape["max_tokens"]) / 2, sizes)
     replan = _replan(plan, surge_loads, workers)
 
     # REPORT

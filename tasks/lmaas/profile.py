@@ -84,6 +84,18 @@ def adapter_loads(counts: dict[str, tuple[int, int]], seconds: float, size_bytes
             for model, (requests, tokens) in sorted(counts.items())]
 
 
+def zipf_loads(models: list[str], tokens_per_s: float, tokens_per_request: float, size_bytes: dict[str, int],
+               zipf_s: float = 1.0) -> list[AdapterLoad]:
+    """A load mix of ``tokens_per_s`` in all, spread over ``models`` (most popular first) by Zipf's
+    law, each request ``tokens_per_request`` tokens: a what-if for re-planning."""
+    from tasks.lmaas.trace import zipf_weights
+
+    if tokens_per_s < 0 or tokens_per_request <= 0:
+        raise ValueError(f"tokens_per_s must be ≥ 0 and tokens_per_request > 0 (got {tokens_per_s}, {tokens_per_request})")
+    return [AdapterLoad(m, tokens_per_s * w, tokens_per_s * w / tokens_per_request, size_bytes[m])
+            for m, w in zip(models, zipf_weights(len(models), zipf_s))]
+
+
 def trace_counts(trace) -> dict[str, tuple[int, int]]:
     requests, tokens = Counter(), Counter()
     for r in trace:

@@ -73,6 +73,20 @@ def postgres_server():
         shutil.rmtree(root, ignore_errors=True)
 
 
+def fresh_database(server: str) -> str:
+    """A new, empty database on the server at ``server`` (a ``postgresql://`` URL); its URL."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    name = f"t{uuid.uuid4().hex[:12]}"
+    admin = create_engine(f"{server.replace('postgresql://', 'postgresql+psycopg://')}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return f"{server}/{name}"
+
+
 def _run(command: list[str]) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     if done.returncode:

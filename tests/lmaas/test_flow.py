@@ -11,15 +11,20 @@ from infra.store import LocalStore
 from tasks.lm.lora import random_adapter, save_adapter
 from tasks.lm.weights import load_config
 from tasks.lmaas.registry import Registry
+from tests.lmaas.postgres import fresh_database
 
 INFRA = "data/lmaas.infra.yaml"
 
 
 @pytest.mark.slow
-def test_a_tiny_run_trains_registers_places_deploys_and_compares(prefect_api, tmp_path):
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_tiny_run_trains_registers_places_deploys_and_compares(prefect_api, tmp_path, request, database):
     from flows.lmaas import lmaas
 
-    summary = lmaas(scale="tiny", results_dir=str(tmp_path), run_id="test")
+    db = None  # SQLite in the run's folder
+    if database == "postgresql":  # a real server, which the replicas on the Dask workers share
+        db = fresh_database(request.getfixturevalue("postgres"))
+    summary = lmaas(scale="tiny", results_dir=str(tmp_path), run_id="test", db=db)
     out = tmp_path / "lmaas" / "test"
     for name in ("plan.json", "evaluation.json", "report.md", "lmaas.png", "strategies.csv", "slo.csv"):
         assert (out / name).exists(), name

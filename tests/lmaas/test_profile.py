@@ -6,7 +6,7 @@ import pytest
 
 from infra.catalog import load_catalog
 from infra.spec import InfraSpec
-from tasks.lmaas.profile import adapter_loads, capacity, choose_weight_format, trace_counts, worker_options
+from tasks.lmaas.profile import adapter_loads, capacity, choose_weight_format, trace_counts, worker_options, zipf_loads
 from tasks.lmaas.trace import TraceRequest
 
 
@@ -45,3 +45,10 @@ def test_a_trace_becomes_rates_and_each_machine_an_option_priced_from_the_catalo
     options = worker_options(spec.pools, {"serve": BF16}, 0.2, load_catalog())
     assert [(o.name, o.tokens_per_s, o.usd_per_hour) for o in options] == [("serve-0", 152.0, 0.096),
                                                                            ("serve-1", 152.0, 0.096)]
+
+
+def test_a_what_if_mix_spreads_its_load_by_zipf_over_the_adapters_in_the_order_given():
+    loads = zipf_loads(["b", "a", "c"], 110.0, 10.0, {"a": 1, "b": 2, "c": 3})
+    assert [x.name for x in loads] == ["b", "a", "c"]
+    assert [x.tokens_per_s for x in loads] == pytest.approx([60.0, 30.0, 20.0])  # 1 : 1/2 : 1/3
+    assert [x.requests_per_s for x in loads] == pytest.approx([6.0, 3.0, 2.0]) and loads[0].size_bytes == 2

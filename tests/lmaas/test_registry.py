@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 
 import pytest
 
@@ -13,16 +12,10 @@ from infra.store import LocalStore
 from tasks.lm.lora import AdapterError, random_adapter, save_adapter
 from tasks.lm.weights import LlamaConfig
 from tasks.lmaas.registry import AccessDenied, Registry, RegistryError, UnknownModel
-from tests.lmaas.postgres import postgres_server
+from tests.lmaas.postgres import fresh_database
 
 CONFIG = LlamaConfig(n_layers=2, dim=64, ffn_dim=128, n_heads=4, n_kv_heads=2, vocab_size=64, context_length=128,
                      rope_base=10000.0, norm_eps=1e-5, tied_embeddings=True)
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    with postgres_server() as url:
-        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -30,15 +23,8 @@ def registry(request, tmp_path):
     """The registry on SQLite (the default) and on a real PostgreSQL server (a fresh database per test)."""
     if request.param == "sqlite":
         return Registry(f"sqlite:///{tmp_path / 'lmaas.db'}", LocalStore(tmp_path / "store"), CONFIG)
-    from sqlalchemy import create_engine, text
-
-    server = request.getfixturevalue("postgres")
-    name = f"t{uuid.uuid4().hex[:12]}"
-    admin = create_engine(f"{server.replace('postgresql://', 'postgresql+psycopg://')}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f"CREATE DATABASE {name}"))
-    admin.dispose()
-    return Registry(f"{server}/{name}", LocalStore(tmp_path / "store"), CONFIG)  # a plain postgresql:// URL, as a user gives
+    # a plain postgresql:// URL, as a user gives it
+    return Registry(fresh_database(request.getfixturevalue("postgres")), LocalStore(tmp_path / "store"), CONFIG)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ brute force (arXiv:2407.04656v2; section numbers are that version's)."""
 import functools
 import itertools
 import math
-import time
 from fractions import Fraction
 
 import numpy as np
@@ -423,11 +422,10 @@ def test_bad_input_raises_naming_the_value(call, message):
     assert message in str(info.value)
 
 
-def test_replanning_a_thousand_nodes_takes_under_a_second():
-    # §6.7: the placement takes < 1 s on one CPU core for 1K GPUs
+def test_replanning_a_thousand_nodes_gives_a_valid_plan():
+    # §6.7 plans 1K GPUs; how long it takes is a benchmark figure (benchmarks/lazarus.py,
+    # replan_seconds_1000_nodes), not a timed unit test on a shared machine
     loads = np.random.default_rng(0).zipf(1.3, 64).astype(float)
-    start = time.perf_counter()
     plan = plan_lazarus(loads, n_nodes=1000, slots=6, f=2)
-    assert time.perf_counter() - start < 1.0
     assert sum(plan.replicas) == 6000
     assert_valid(plan.placement, plan.replicas, 1000, 6)

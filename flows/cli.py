@@ -24,7 +24,7 @@ from flows.honeybee_cli import honeybee_app
 from flows.lazarus_cli import lazarus_app
 from flows.lm_cli import lm_app
 from flows.lmaas_cli import lmaas_app
-from tasks.jellybean.workflow import DEFAULT_INFRA, DEFAULT_WORKFLOW
+from tasks.jellybean.defaults import DEFAULT_INFRA, DEFAULT_WORKFLOW
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")

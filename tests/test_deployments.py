@@ -1,8 +1,10 @@
 """deployments/prefect.yaml end to end: work pool → `prefect deploy` → process worker → flow run COMPLETED.
 
 Everything goes through the `prefect` command line against the session's real Prefect
-server, as an operator would do it (deployments/README.md); the run gets a tiny
-workflow and a two-pool infrastructure so the JellyBean flow itself stays cheap.
+server, as an operator would do it (deployments/README.md). Every deployment is registered
+with its schedule; the one that runs is `lmaas-replan/hourly-adapter-replan`, the cheapest (no
+cluster): it re-plans a current LMaaS placement from a registry's metered usage, and the test
+sees the plan file rewritten. The other flows run end to end in their own tests.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -46,23 +46,24 @@ def _client(api_url: str):
         yield client
 
 
-def _inputs(tmp_path: Path) -> dict:
-    data = ROOT / "data"
-    workflow = yaml.safe_load((data / "vqa.workflow.yaml").read_text())
-    workflow["operators"]["ExtractImageFeature"]["variants"] = ["resnet18", "resnet34"]
-    workflow["operators"]["SpeechRecognition"]["variants"] = ["wav2vec2-base-960h", "wav2vec2-large-960h-lv60-self"]
-    workflow["accuracy"]["profiles"] = str(data / "jellybean-vqa" / "accuracy_profiles.json")
-    workflow["messages"] = str(data / "jellybean-vqa" / "message_sizes.csv")
-    infra = {"name": "two-tiers", "pools": [
-        {"name": "hub-cpu", "tier": "hub", "device": "cpu-small", "count": 2},
-        {"name": "cloud-gpu", "tier": "cloud", "device": "t4", "count": 3},
-    ]}
-    (tmp_path / "workflow.yaml").write_text(yaml.safe_dump(workflow, sort_keys=False))
-    (tmp_path / "infra.yaml").write_text(yaml.safe_dump(infra, sort_keys=False))
-    return {"workflow": str(tmp_path / "workflow.yaml"), "infra": str(tmp_path / "infra.yaml"),
-            # Small pools: at the workflow's 40 req/s the MILP is infeasible on them, and the cloud_only
-            # baseline needs a cloud machine for each of the three operators (one operator per machine).
-            "scale": "small", "rate": 5.0, "results_dir": str(tmp_path / "results")}
+def _metered_plan(tmp_path: Path) -> Path:
+    """A one-worker LMaaS plan whose registry metered more load in the last 5 minutes than 70% of
+    the worker's throughput: a re-plan adds a second worker."""
+    from infra.store import LocalStore
+    from tasks.lm.lora import random_adapter, save_adapter
+    from tasks.lm.weights import load_config
+    from tasks.lmaas.registry import Registry
+    from tests.lmaas.test_flow import write_plan
+
+    config, url = load_config(None), f"sqlite:///{tmp_path / 'lmaas.db'}"
+    registry = Registry(url, LocalStore(tmp_path / "store"), config)
+    registry.add_tenant("acme")
+    for name in ("a", "b"):
+        registry.register_adapter("acme", name, save_adapter(random_adapter(config, rank=4, targets=("q_proj",)),
+                                                            tmp_path / name))
+        for _ in range(3):  # 2 × 12,000 tokens within the run's window of 300 s: 80 tokens/s > 70% of 100
+            registry.record_usage(registry.tenant("acme"), f"acme/{name}", 10, 4000, 0.1, 1.0, 0.0)
+    return write_plan(tmp_path, url, tmp_path / "store", ["serve-0"], {"acme/a": "serve-0", "acme/b": "serve-0"})
 
 
 def test_hourly_replan_deployment_runs_on_a_process_worker(prefect_api, tmp_path):
@@ -71,7 +72,8 @@ def test_hourly_replan_deployment_runs_on_a_process_worker(prefect_api, tmp_path
     # The worker resolves the pull step's {{ $TIERFLOW_ROOT }}; a short poll keeps the test quick.
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "TIERFLOW_ROOT": str(ROOT),
            "PREFECT_WORKER_QUERY_SECONDS": "2"}
-    params = _inputs(tmp_path)
+    plan_path = _metered_plan(tmp_path)
+    params = {"plan_path": str(plan_path), "window_s": 300}
 
     _prefect(["work-pool", "create", "tierflow-process", "--type", "process", "--overwrite"], env, timeout=120)
     _prefect(["--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"], env)
@@ -97,7 +99,8 @@ def test_hourly_replan_deployment_runs_on_a_process_worker(prefect_api, tmp_path
                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     flow_run_id, state = None, None
     try:
-        out = _prefect(["deployment", "run", "jellybean/hourly-replan", "--params", json.dumps(params)], env, timeout=120)
+        out = _prefect(["deployment", "run", "lmaas-replan/hourly-adapter-replan", "--params", json.dumps(params)], env,
+                       timeout=120)
         found = re.search(r"UUID:\s*(" + UUID.pattern + ")", out) or UUID.search(out)
         assert found, f"no flow run id in the output of `prefect deployment run`:\n{out}"
         flow_run_id = found.group(1)
@@ -134,7 +137,5 @@ def test_hourly_replan_deployment_runs_on_a_process_worker(prefect_api, tmp_path
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait(timeout=10)
 
-    evaluations = list((tmp_path / "results" / "jellybean").glob("*/evaluation.json"))
-    assert len(evaluations) == 1, f"expected one results/jellybean/<run-id>/evaluation.json, found {evaluations}"
-    summary = json.loads(evaluations[0].read_text())["summary"]
-    assert summary["system"] == "jellybean" and summary["workflow"] == "vqa"
+    plan = json.loads(plan_path.read_text())  # the run re-planned: the load outgrew one worker
+    assert sorted(plan["workers"]) == ["serve-0", "serve-1"], plan["workers"]

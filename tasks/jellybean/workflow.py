@@ -28,14 +28,10 @@ from infra.catalog import Catalog, tier_rank
 from infra.errors import InputError, from_validation_error, load_yaml
 from infra.spec import InfraSpec
 from optimizers.jellybean import AccuracyProduct, AccuracyTable, JellyBeanProblem, Pool
+from tasks.jellybean.defaults import DATA, DEFAULT_INFRA, DEFAULT_WORKFLOW  # noqa: F401 - re-exported
 from tasks.jellybean.inputs import read_accuracy_table, read_message_sizes
 
 Tier = Annotated[str, Field(pattern=r"^(device|hub|edge|cloud)$")]
-
-# The embedded default: the paper's VQA workflow on a four-tier infrastructure.
-DATA = Path(__file__).resolve().parents[2] / "data"
-DEFAULT_WORKFLOW = DATA / "vqa.workflow.yaml"
-DEFAULT_INFRA = DATA / "vqa.infra.yaml"
 
 
 class Source(BaseModel):

@@ -1,4 +1,5 @@
-"""The tierflow command line, as a user runs it: each stage alone with files between them, and `run --json`."""
+"""The tierflow command line, as a user runs it: each stage alone with files between them (`run --json`
+is tested in test_flow, whose run goes through it)."""
 
 import json
 import os
@@ -50,15 +51,6 @@ def test_stages_run_alone_with_files_between_them(prefect_api, small):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["milp"] == pytest.approx(plans["milp"]["total_cost_per_hour"], abs=1e-4)
     assert (small / "evaluation" / "report.md").is_file()
-
-
-def test_run_json_prints_the_summary_as_the_last_stdout_line(prefect_api, small):
-    (small / "run.yaml").write_text(yaml.safe_dump({"workflow": "wf.yaml", "infra": "infra.yaml"}))
-    result = tierflow("run", "jellybean", "--config", small / "run.yaml", "--results-dir", small / "results", "--json", cwd=small)
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["system"] == "jellybean"
-    assert 0 <= summary["overhead_share"] < 1
-    assert set(summary["savings"]) | set(summary["infeasible_baselines"]) == {"jellybean_heuristic", "infaas_style", "cloud_only"}
 
 
 def test_bad_input_exits_with_a_message_naming_the_field(small):

@@ -1,4 +1,5 @@
-"""JellyBean end to end on the embedded tiered cluster: profile → optimize → deploy → evaluate."""
+"""JellyBean end to end on the embedded tiered cluster: profile → optimize → deploy → evaluate,
+run as a user runs it (`tierflow run jellybean --config … --json`)."""
 
 import json
 from pathlib import Path
@@ -6,13 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.jellybean.test_cli import tierflow
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def small_run(prefect_api, tmp_path_factory):
-    from flows.jellybean import jellybean
-
     tmp = tmp_path_factory.mktemp("jellybean")
     workflow = yaml.safe_load((ROOT / "data" / "vqa.workflow.yaml").read_text())
     workflow["operators"]["ExtractImageFeature"]["variants"] = ["resnet18", "resnet34"]
@@ -24,9 +25,18 @@ def small_run(prefect_api, tmp_path_factory):
         {"name": "cloud-t4", "tier": "cloud", "device": "t4", "count": 3},
     ]}
     (tmp / "infra.yaml").write_text(yaml.safe_dump(infra))
-    summary = jellybean(workflow=str(tmp / "wf.yaml"), infra=str(tmp / "infra.yaml"), scale="small", rate=10.0,
-                        results_dir=str(tmp / "results"), run_id="test")
-    return summary, tmp / "results" / "jellybean" / "test"
+    (tmp / "run.yaml").write_text(yaml.safe_dump({"workflow": "wf.yaml", "infra": "infra.yaml", "rate": 10.0}))
+    result = tierflow("run", "jellybean", "--config", tmp / "run.yaml", "--results-dir", tmp / "results", "--json", cwd=tmp)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])  # the summary is the last stdout line
+    (out,) = (tmp / "results" / "jellybean").iterdir()  # results/jellybean/<run-id>/
+    return summary, out
+
+
+def test_run_json_prints_the_summary_as_the_last_stdout_line(small_run):
+    summary, _ = small_run
+    assert summary["system"] == "jellybean"
+    assert 0 <= summary["overhead_share"] < 1
+    assert set(summary["savings"]) | set(summary["infeasible_baselines"]) == {"jellybean_heuristic", "infaas_style", "cloud_only"}
 
 
 def test_run_writes_plan_evaluation_report_and_plot(small_run):

@@ -56,13 +56,13 @@ MAX_HOST_ADAPTERS = 512
 TRAINED = {"router": "acme", "owners": "initech", "reviews": "globex"}  # task -> the tenant that owns its adapter
 SCALES = {
     "tiny": {"tasks": ["reviews"], "steps": 6, "random_adapters": 6, "requests": 12, "rate": 2.0,
-             "max_tokens": (4, 8), "idle_s": 4.0},  # the tests'
+             "max_tokens": (4, 8), "idle_s": 4.0, "quiet_s": 6.0},  # the tests'
     "small": {"tasks": list(TRAINED), "steps": 60, "random_adapters": 100, "requests": 80, "rate": 3.0,
-              "max_tokens": (8, 24), "idle_s": 8.0},
+              "max_tokens": (8, 24), "idle_s": 8.0, "quiet_s": 30.0},
     "medium": {"tasks": list(TRAINED), "steps": 80, "random_adapters": 1000, "requests": 200, "rate": 4.0,
-               "max_tokens": (8, 32), "idle_s": 10.0},
+               "max_tokens": (8, 32), "idle_s": 10.0, "quiet_s": 30.0},
     "large": {"tasks": list(TRAINED), "steps": 100, "random_adapters": 2000, "requests": 400, "rate": 5.0,
-              "max_tokens": (16, 48), "idle_s": 10.0},
+              "max_tokens": (16, 48), "idle_s": 10.0, "quiet_s": 30.0},
 }
 BASELINES = ("multi_lora", "merged_sequential", "unbatched")
 WEIGHT_FORMATS = ("int4", "bfloat16")  # profiled on each serving pool; its replicas run the faster
@@ -144,6 +144,15 @@ def _register(registry, trained: list[dict], n_random: int, out: Path, config, s
         info = registry.register_adapter(f"t{i % n_tenants}", f"a{i}", folder)
         sizes[info.model] = info.n_params * 4
     return keys, sizes
+
+
+def _machine_seconds_with_quiet(scaler, replay, quiet_s: float) -> float:
+    """The machine-seconds of ``replay`` and of ``quiet_s`` seconds without traffic after it: what a
+    deployment pays for its traffic and the lull that follows (always on: every machine stays up;
+    serverless: idle replicas and their machines go away)."""
+    before = scaler.machine_seconds()
+    time.sleep(quiet_s)
+    return replay.stats["machine_seconds"] + scaler.machine_seconds() - before
 
 
 def _probe_isolation(url: str, keys: dict, models: list[str]) -> dict:
@@ -355,6 +364,7 @@ def lmaas_stages(scheduler: str, infra: str, scale: str, strategies: list[str], 
                 scaler.warm(group)
             scaler.release_idle_machines()
             service = replay_service(scaler, trace, keys, strategy="lmaas")
+            paid = {"lmaas": _machine_seconds_with_quiet(scaler, service, shape["quiet_s"])}
             served_accuracy = _served_accuracy(scaler, keys, trained, seed)
             replica, _ = scaler.acquire(models[0])
             try:
@@ -365,6 +375,7 @@ def lmaas_stages(scheduler: str, infra: str, scale: str, strategies: list[str], 
             scaler.pinned = False
             scaled_to_zero = scaler.wait_for_zero(shape["idle_s"] + 60)
             serverless = replay_service(scaler, trace, keys, strategy="lmaas_serverless")
+            paid["lmaas_serverless"] = _machine_seconds_with_quiet(scaler, serverless, shape["quiet_s"])
         finally:
             replicas = scaler.close()
         events = list(scaler.events)
@@ -375,8 +386,9 @@ def lmaas_stages(scheduler: str, infra: str, scale: str, strategies: list[str], 
         baselines = replay_baselines.submit(trace, db_url, store_url, strategies, serving[0].name).result()
 
     # RE-PLAN on a shifted mix: popularity reversed (Zipf over the adapters in reverse order), and
-    # a surge to 1.5× what one worker takes within the latency objective (so the plan must grow)
-    target = 1.5 * plan.inputs["max_utilisation"] * min(w.tokens_per_s for w in workers)
+    # a surge to half a worker beyond what the plan's workers take within the latency objective (1.5×
+    # one worker's when the plan has one), so the plan must grow, or say that the spec cannot hold it
+    target = (len(plan.workers) + 0.5) * plan.inputs["max_utilisation"] * min(w.tokens_per_s for w in workers)
     surge_loads = zipf_loads(list(reversed(models)), target, sum(shape["max_tokens"]) / 2, sizes)
     replan = _replan(plan, surge_loads, workers)
 
@@ -427,6 +439,12 @@ def lmaas_stages(scheduler: str, infra: str, scale: str, strategies: list[str], 
                        "machine_start_s": [e["machine_start_s"] for e in events if e["event"] == "machine up"],
                        "machines_released": sum(e["event"] == "machine released" for e in events),
                        "machine_seconds": {r.strategy: round(r.stats["machine_seconds"], 1) for r in (service, serverless)},
+                       # the replay and a lull of quiet_s after it, at the serving machines' catalog price
+                       "quiet_s": shape["quiet_s"],
+                       "machine_seconds_with_quiet": {k: round(v, 1) for k, v in paid.items()},
+                       "usd_per_million_tokens_with_quiet": {
+                           k: round(v * price / 3600 / (service.summary()["completion_tokens"] / 1e6), 4)
+                           for k, v in paid.items()},
                        "latency_p99_s_vs_always_on": round(float(by.loc["lmaas_serverless", "latency_p99_s"]
                                                                  / by.loc["lmaas", "latency_p99_s"]), 3),
                        "base_load_s": [round(r["base_load_s"], 2) for r in cold],

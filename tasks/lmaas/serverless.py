@@ -55,6 +55,7 @@ class ReplicaConfig:
     kv_cache_mib: int = 256
     max_queue: int = 256
     preload: tuple[str, ...] = ()  # adapter models ("tenant/adapter") fetched into host memory at start
+    log_steps: bool = False  # return the engine's step log (what each step computed, and its seconds)
 
 
 def run_replica(config: ReplicaConfig, name: str) -> dict:
@@ -80,6 +81,8 @@ def run_replica(config: ReplicaConfig, name: str) -> dict:
         if info.model in wanted:
             engine.add_adapter(engine_adapter_name(info), registry.fetch_adapter(info))
     adapter_fetch_s = time.perf_counter() - fetched
+    if config.log_steps:
+        engine.step_log = []
     app = create_service_app(registry, engine, price_per_hour=config.price_per_hour, max_queue=config.max_queue)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -104,7 +107,7 @@ def run_replica(config: ReplicaConfig, name: str) -> dict:
     return {"replica": name, "worker": get_worker().name, "url": url, "base_load_s": base_load_s,
             "adapter_fetch_s": adapter_fetch_s, "adapters_preloaded": len(wanted), "server_start_s": server_start_s,
             "ready_s": ready_s, "served_for_s": time.perf_counter() - started - ready_s,
-            "engine": {k: v for k, v in engine.stats.items()}}
+            "engine": {k: v for k, v in engine.stats.items()}, **({"steps": engine.step_log} if config.log_steps else {})}
 
 
 @dataclass

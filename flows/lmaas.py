@@ -443,7 +443,7 @@ def lmaas_stages(scheduler: str, infra: str, scale: str, strategies: list[str], 
                        "quiet_s": shape["quiet_s"],
                        "machine_seconds_with_quiet": {k: round(v, 1) for k, v in paid.items()},
                        "usd_per_million_tokens_with_quiet": {
-                           k: round(v * price / 3600 / (service.summary()["completion_tokens"] / 1e6), 4)
+                           k: round(float(v * price / 3600 / (by.loc[k, "completion_tokens"] / 1e6)), 4)
                            for k, v in paid.items()},
                        "latency_p99_s_vs_always_on": round(float(by.loc["lmaas_serverless", "latency_p99_s"]
                                                                  / by.loc["lmaas", "latency_p99_s"]), 3),

@@ -49,21 +49,14 @@ def _client(api_url: str):
 def _metered_plan(tmp_path: Path) -> Path:
     """A one-worker LMaaS plan whose registry metered more load in the last 5 minutes than 70% of
     the worker's throughput: a re-plan adds a second worker."""
-    from infra.store import LocalStore
-    from tasks.lm.lora import random_adapter, save_adapter
-    from tasks.lm.weights import load_config
-    from tasks.lmaas.registry import Registry
-    from tests.lmaas.test_flow import write_plan
+    from tests.lmaas.test_flow import acme_on_one_worker
 
-    config, url = load_config(None), f"sqlite:///{tmp_path / 'lmaas.db'}"
-    registry = Registry(url, LocalStore(tmp_path / "store"), config)
-    registry.add_tenant("acme")
-    for name in ("a", "b"):
-        registry.register_adapter("acme", name, save_adapter(random_adapter(config, rank=4, targets=("q_proj",)),
-                                                            tmp_path / name))
-        for _ in range(3):  # 2 × 12,000 tokens within the run's window of 300 s: 80 tokens/s > 70% of 100
-            registry.record_usage(registry.tenant("acme"), f"acme/{name}", 10, 4000, 0.1, 1.0, 0.0)
-    return write_plan(tmp_path, url, tmp_path / "store", ["serve-0"], {"acme/a": "serve-0", "acme/b": "serve-0"})
+    registry, _, path = acme_on_one_worker(tmp_path)
+    acme = registry.tenant("acme")
+    for model in ("acme/a", "acme/b"):  # 2 × 12,000 tokens within the run's window of 300 s: 80 tokens/s > 70% of 100
+        for _ in range(3):
+            registry.record_usage(acme, model, 10, 4000, 0.1, 1.0, 0.0)
+    return path
 
 
 def test_hourly_replan_deployment_runs_on_a_process_worker(prefect_api, tmp_path):

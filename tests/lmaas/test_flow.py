@@ -60,9 +60,9 @@ def write_plan(tmp_path, registry_url, store, workers, assignment, capacity=100.
     return path
 
 
-def test_the_scheduled_replan_grows_the_plan_when_metered_load_outgrows_a_worker(prefect_api, tmp_path):
-    from flows.lmaas import lmaas_replan
-
+def acme_on_one_worker(tmp_path):
+    """A SQLite registry under ``tmp_path`` with tenant acme's adapters a and b, and a current plan
+    that serves both on serve-0 (100 tokens/s): the registry, its URL and the plan's path."""
     config = load_config(None)
     url = f"sqlite:///{tmp_path / 'lmaas.db'}"
     registry = Registry(url, LocalStore(tmp_path / "store"), config)
@@ -71,6 +71,13 @@ def test_the_scheduled_replan_grows_the_plan_when_metered_load_outgrows_a_worker
         registry.register_adapter("acme", name, save_adapter(random_adapter(config, rank=4, targets=("q_proj",)),
                                                             tmp_path / name))
     path = write_plan(tmp_path, url, tmp_path / "store", ["serve-0"], {"acme/a": "serve-0", "acme/b": "serve-0"})
+    return registry, url, path
+
+
+def test_the_scheduled_replan_grows_the_plan_when_metered_load_outgrows_a_worker(prefect_api, tmp_path):
+    from flows.lmaas import lmaas_replan
+
+    registry, url, path = acme_on_one_worker(tmp_path)
     assert lmaas_replan(plan_path=str(path), window_s=60)["reasons"] == ["no load in the window"]
 
     acme = registry.tenant("acme")

@@ -24,6 +24,7 @@ from flows.honeybee_cli import honeybee_app
 from flows.lazarus_cli import lazarus_app
 from flows.lm_cli import lm_app
 from flows.lmaas_cli import lmaas_app
+from flows.console import console, ensure_server as _ensure_server, fail as _fail, user_errors as _user_errors
 from tasks.jellybean.defaults import DEFAULT_INFRA, DEFAULT_WORKFLOW
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -43,7 +44,6 @@ app.add_typer(lazarus_app, name="lazarus")
 app.add_typer(lm_app, name="lm")
 app.add_typer(lmaas_app, name="lmaas")
 
-console = Console(stderr=True)
 CONFIG_KEYS = {  # what a run config (--config) may set, per system; path-valued keys are resolved
     "jellybean": ("workflow", "infra", "rate"),
     "honeybee": ("workload", "infra", "storage_budget", "recall_target", "k", "near_tier", "max_index_gib"),
@@ -59,43 +59,10 @@ SYSTEMS = {
 }
 
 
-def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
-    raise typer.Exit(2)
-
-
-@contextmanager
-def _user_errors():
-    """Bad input, an infeasible plan or an unusable cluster: a one-line error and exit 2, no traceback."""
-    from data_contracts import ContractError
-    from infra.cluster import ClusterError
-    from infra.errors import InputError
-    from optimizers.solve import InfeasibleError, SolverError
-
-    try:
-        yield
-    except (InputError, ContractError, InfeasibleError, SolverError, ClusterError, OSError) as exc:
-        _fail(str(exc))
-
-
 def _quiet_logs() -> None:
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # the workers inherit it
-    for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker", "distributed.core"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    from infra.cluster import quiet_logs
 
-
-def _ensure_server() -> str:
-    from infra import prefect_server
-
-    configured = os.environ.get("PREFECT_API_URL")
-    with console.status("starting the Prefect server (first time: ~20 s)…"):
-        try:
-            url = prefect_server.ensure_api()
-        except RuntimeError as exc:
-            _fail(str(exc))
-    if not configured:
-        console.print(f"Prefect API: {url}  (UI: {url.removesuffix('/api')})")
-    return url
+    quiet_logs()
 
 
 # ----------------------------------------------------------------------------- run

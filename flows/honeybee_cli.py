@@ -6,7 +6,7 @@
   each query's doc ids with QPS, storage and build time;
 - ``update``: apply role/user/document changes to a workload incrementally.
 
-Nothing here imports Prefect (see flows/cli.py).
+Nothing here imports Prefect (see flows/console.py).
 """
 
 from __future__ import annotations
@@ -20,14 +20,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.console import console, fail, user_errors
+
 honeybee_app = typer.Typer(help="HoneyBee: role-based access control for vector search by overlapping partitions.",
                            no_args_is_help=True)
-
-
-def _cli():
-    from flows import cli
-
-    return cli
 
 
 def _load_model(model: Optional[Path], workload, recall: float):
@@ -44,7 +40,6 @@ def _load_model(model: Optional[Path], workload, recall: float):
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InputError(model, "<file>", str(model), f"not a HoneyBee cost model (cost_model.json): {exc}") from None
     grid = grid_for(len(workload.vectors))
-    console = _cli().console
     with console.status(f"profiling filtered search here ({grid} grid)…") as status:
         frame = measure_search(workload.vectors, workload.queries, GRIDS[grid],
                                progress=lambda what: status.update(f"profiling filtered search here: {what}…"))
@@ -60,10 +55,9 @@ def generate(
     """Write a generated enterprise-RBAC workload folder (vectors, grants, users, queries)."""
     from tasks.honeybee.workload import SCALES, describe, generate_workload, save_workload
 
-    cli = _cli()
     if scale not in SCALES:
-        cli._fail(f"--scale: {scale!r} is not one of {', '.join(SCALES)}")
-    with cli._user_errors():
+        fail(f"--scale: {scale!r} is not one of {', '.join(SCALES)}")
+    with user_errors():
         workload = generate_workload(scale, seed)
         save_workload(workload, out)
     stats = describe(workload)
@@ -85,14 +79,13 @@ def profile(
     from tasks.honeybee.settings import check_settings
     from tasks.honeybee.workload import load_workload
 
-    cli = _cli()
-    with cli._user_errors():
+    with user_errors():
         check_settings("--recall", {"recall_target": recall})
         loaded = load_workload(workload)
         grid = grid or grid_for(len(loaded.vectors))
         if grid not in GRIDS:
-            cli._fail(f"--grid: {grid!r} is not one of {', '.join(GRIDS)}")
-        with cli.console.status("profiling…") as status:
+            fail(f"--grid: {grid!r} is not one of {', '.join(GRIDS)}")
+        with console.status("profiling…") as status:
             frame = measure_search(loaded.vectors, loaded.queries, GRIDS[grid],
                                    progress=lambda what: status.update(f"profiling: {what}…"))
         validate(frame, "honeybee.search_profile", "honeybee profile")
@@ -118,14 +111,13 @@ def query(
     from tasks.honeybee.settings import check_settings
     from tasks.honeybee.workload import load_workload
 
-    cli = _cli()
     if strategy not in STRATEGIES:
-        cli._fail(f"--strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
-    with cli._user_errors():
+        fail(f"--strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    with user_errors():
         check_settings("command line", {"storage_budget": budget, "recall_target": recall, "k": k})
         loaded = load_workload(workload)
         cost_model = _load_model(model, loaded, recall)
-        with cli.console.status(f"planning, building and querying {strategy}…"):
+        with console.status(f"planning, building and querying {strategy}…"):
             local = run_locally(loaded, [strategy], cost_model, k=k, storage_budget=budget, recall_target=recall)[strategy]
     result = local.result
     queries = [{"query_id": q, "user": str(loaded.query_users[q]), "ids": [int(i) for i in ids if i >= 0]}
@@ -169,9 +161,8 @@ def update(
     from tasks.honeybee.update import LiveDeployment, load_state, save_state
     from tasks.honeybee.workload import load_workload
 
-    cli = _cli()
     state = state or workload.with_name(workload.name + ".honeybee-state")
-    with cli._user_errors():
+    with user_errors():
         check_settings("command line", {"storage_budget": budget, "recall_target": recall})
         todo = read_changes(changes)
         first_build = None
@@ -180,10 +171,10 @@ def update(
         else:
             loaded = load_workload(workload)
             cost_model = _load_model(model, loaded, recall)
-            with cli.console.status("planning and building the partitions (first update)…"):
+            with console.status("planning and building the partitions (first update)…"):
                 live = LiveDeployment(loaded, cost_model, storage_budget=budget, recall_target=recall)
             first_build = live.build_seconds
-        with cli.console.status(f"applying {len(todo)} changes, then a full rebuild to compare…"):
+        with console.status(f"applying {len(todo)} changes, then a full rebuild to compare…"):
             report = live.apply(todo, compare_with_fresh_plan=True)
         truth = Rbac(len(live.tables.vectors), live.tables.doc_roles, live.tables.user_roles)
         known = set(truth.users)

@@ -24,13 +24,11 @@ import uuid
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import dask
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
-from distributed import Client  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
@@ -93,10 +91,10 @@ def _plans(loads: list[float], nodes: int, slots: int, f: int) -> dict:
     return out
 
 
-def _run_strategy(policy: str, settings: RunSettings, client: Client, host: str, nodes: int, slots: int, f: int,
+def _run_strategy(policy: str, settings: RunSettings, cluster: TieredCluster, host: str, nodes: int, slots: int, f: int,
                   faults: list, seed: int, rebalance_every: int, logger) -> dict:
     """DEPLOY one strategy on the workers with the schedule of failures; returns its record."""
-    run = ElasticRun(settings, policy, slots, f, rebalance_every=rebalance_every, launcher=DaskLauncher(client, host),
+    run = ElasticRun(settings, policy, slots, f, rebalance_every=rebalance_every, launcher=DaskLauncher(cluster, host),
                      host=host)
     run.start(nodes)
     current = tierflow_home() / "lazarus" / "current.json"  # where `tierflow lazarus kill NODE` finds the run
@@ -135,7 +133,7 @@ def _plot(records: dict, reference: list[float], table: pd.DataFrame, plans: dic
 
 
 @flow(name="lazarus-stages", log_prints=True)
-def lazarus_stages(scheduler: str, infra: str, scale: str, strategies: list[str], trace: str | None,
+def lazarus_stages(cluster: TieredCluster, infra: str, scale: str, strategies: list[str], trace: str | None,
                    time_scale: float, store_url: str | None, results_dir: str, run_id: str, seed: int) -> dict:
     logger = get_run_logger()
     spec = load_infra_spec(infra)
@@ -172,11 +170,10 @@ def lazarus_stages(scheduler: str, infra: str, scale: str, strategies: list[str]
 
     host = "127.0.0.1"
     records = {}
-    with Client(scheduler, timeout="10s") as client:
-        for policy in strategies:
-            settings = replace(base, checkpoint_every=intervals[policy], checkpoint_prefix=f"lazarus/{run_id}/{policy}")
-            records[policy] = _run_strategy(policy, settings, client, host, nodes, slots, f, faults, seed,
-                                             shape["rebalance_every"], logger)
+    for policy in strategies:
+        settings = replace(base, checkpoint_every=intervals[policy], checkpoint_prefix=f"lazarus/{run_id}/{policy}")
+        records[policy] = _run_strategy(policy, settings, cluster, host, nodes, slots, f, faults, seed,
+                                         shape["rebalance_every"], logger)
 
     tokens_per_step = base.global_batch * config.block_size
     table = pd.DataFrame([summarize_run(records[p], profile["reference"], tokens_per_step) for p in strategies])
@@ -275,10 +272,8 @@ def lazarus(
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     started = time.perf_counter()
     # a task on a killed worker is the survivors' to recover, never Dask's to re-run elsewhere
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-        with TieredCluster(spec, scheduler=scheduler) as cluster:
-            stages = lazarus_stages.with_options(task_runner=DaskTaskRunner(address=cluster.address))
-            summary = stages(cluster.address, infra, scale, strategies, trace, time_scale, store, results_dir,
-                             run_id, seed)
+    with TieredCluster(spec, scheduler=scheduler, rerun_lost_tasks=False) as cluster:
+        stages = lazarus_stages.with_options(task_runner=DaskTaskRunner(address=cluster.address))
+        summary = stages(cluster, infra, scale, strategies, trace, time_scale, store, results_dir, run_id, seed)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
     return summary

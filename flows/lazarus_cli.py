@@ -5,7 +5,7 @@
   nodes;
 - ``kill``: preempt a training node of the running ``tierflow run lazarus`` (SIGKILL).
 
-Nothing here imports Prefect (see flows/cli.py).
+Nothing here imports Prefect (see flows/console.py).
 """
 
 from __future__ import annotations
@@ -17,13 +17,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.console import fail
+
 lazarus_app = typer.Typer(help="Lazarus: resilient, elastic Mixture-of-Experts training.", no_args_is_help=True)
-
-
-def _cli():
-    from flows import cli
-
-    return cli
 
 
 def parse_loads(text: str) -> list[float]:
@@ -33,7 +29,7 @@ def parse_loads(text: str) -> list[float]:
         try:
             loads.append(float(part))
         except ValueError:
-            _cli()._fail(f"--loads: entry {i + 1} is {part.strip()!r}, not a number (expected e.g. 120,80,40,10)")
+            fail(f"--loads: entry {i + 1} is {part.strip()!r}, not a number (expected e.g. 120,80,40,10)")
     return loads
 
 
@@ -62,21 +58,20 @@ def plan(
     """Replicas and placement (node → experts) with the exact recovery probability per failed-node count."""
     from optimizers.lazarus import STRATEGIES, PlacementError, allocate_replicas, plan_strategy
 
-    cli = _cli()
     names = list(STRATEGIES) if strategy == "all" else [strategy]
     if names[0] not in STRATEGIES:
-        cli._fail(f"--strategy: {strategy!r} is not one of {', '.join(STRATEGIES)} or all")
+        fail(f"--strategy: {strategy!r} is not one of {', '.join(STRATEGIES)} or all")
     parsed = parse_loads(loads)
     try:  # the request itself must be satisfiable (a re-plan after failures may lower f; a request may not)
         allocate_replicas(parsed, nodes, slots, f)
     except PlacementError as exc:
-        cli._fail(f"lazarus plan: {exc}")
+        fail(f"lazarus plan: {exc}")
     plans = {}
     for name in names:
         try:
             result = plan_strategy(name, parsed, nodes, slots, f)
         except PlacementError as exc:
-            cli._fail(f"lazarus plan: {exc}")
+            fail(f"lazarus plan: {exc}")
         plans[name] = {"strategy": name, "nodes": nodes, "slots": slots, "f": f, "loads": parsed,
                        "replicas": [int(r) for r in result.replicas],
                        "placement": {str(n): held for n, held in enumerate(result.placement.nodes)},
@@ -107,19 +102,18 @@ def kill(node: str = typer.Argument(..., help="a node of the running run, e.g. n
     from infra.prefect_server import tierflow_home
     from tasks.lazarus.control import ControlPlane
 
-    cli = _cli()
     current = tierflow_home() / "lazarus" / "current.json"
     try:
         run = json.loads(current.read_text())
         control = ControlPlane.connect(run["host"], int(run["port"]), timeout_s=5)
         registered = control.registered()
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        cli._fail(f"no running Lazarus run to kill a node of ({current}: {exc})")
+        fail(f"no running Lazarus run to kill a node of ({current}: {exc})")
     if node not in registered:
-        cli._fail(f"NODE: {node!r} is not a node of the running run; its nodes: {', '.join(sorted(registered))}")
+        fail(f"NODE: {node!r} is not a node of the running run; its nodes: {', '.join(sorted(registered))}")
     control.record_kill(node)
     try:
         os.kill(int(registered[node]["pid"]), signal.SIGKILL)
     except ProcessLookupError:
-        cli._fail(f"NODE: {node!r} is not running any more (pid {registered[node]['pid']})")
+        fail(f"NODE: {node!r} is not running any more (pid {registered[node]['pid']})")
     Console().print(f"killed {node} (pid {registered[node]['pid']}); the survivors re-plan and go on")

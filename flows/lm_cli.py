@@ -18,17 +18,13 @@ import time
 import typer
 from rich.console import Console
 
+from flows.console import fail
+
 lm_app = typer.Typer(help="The language-model runtime: a real small LM, batched, served over an OpenAI-compatible API.",
                      no_args_is_help=True)
 
 MODEL_HELP = "a Llama-architecture .gguf file or safetensors folder (default: the shipped SmolLM2-135M-Instruct)"
 FORMAT_HELP = "int4 (fast: 4-bit weights, bf16 activations) | bfloat16 | float32 (the exact reference)"
-
-
-def _fail(message: str) -> None:
-    from flows.cli import _fail as fail
-
-    fail(message)
 
 
 def _load_engine(model: str | None, weight_format: str, **options):
@@ -37,12 +33,12 @@ def _load_engine(model: str | None, weight_format: str, **options):
     from tasks.lm.weights import ModelLoadError
 
     if weight_format not in WEIGHT_FORMATS:
-        _fail(f"--weight-format is {weight_format!r}; expected one of {', '.join(WEIGHT_FORMATS)}")
+        fail(f"--weight-format is {weight_format!r}; expected one of {', '.join(WEIGHT_FORMATS)}")
     try:
         with Console(stderr=True).status("loading the model…"):
             return LMEngine.load(model, weight_format=weight_format, **options)
     except ModelLoadError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @lm_app.command("serve")
@@ -84,7 +80,7 @@ def generate(
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop or ())
     except InvalidRequest as exc:
-        _fail(f"--{exc.param.replace('_', '-')}: {exc}")
+        fail(f"--{exc.param.replace('_', '-')}: {exc}")
     engine = _load_engine(model, weight_format, kv_cache_mib=256)
     text = engine.tokenizer.render_chat([{"role": "user", "content": prompt}]) if chat else prompt
     try:
@@ -103,7 +99,7 @@ def generate(
         sys.stdout.flush()
         Console(stderr=True).print(f"[dim]{time.perf_counter() - started:.2f} s[/dim]")
     except InvalidRequest as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @lm_app.command("info")
@@ -115,7 +111,7 @@ def info(model: str = typer.Option(None, help=MODEL_HELP)) -> None:
     try:
         config, _, meta = load_checkpoint(model)
     except ModelLoadError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     paged_decode_attention()  # builds or finds the kernel, so the status is this machine's
     print(json.dumps({
         "name": meta["name"], "path": meta["path"], "format": meta["format"], "parameters": config.n_params,

@@ -43,7 +43,7 @@ from prefect_dask import DaskTaskRunner  # noqa: E402
 
 from data_contracts import validate  # noqa: E402
 from infra.catalog import load_catalog  # noqa: E402
-from infra.cluster import TieredCluster, embedded_at, on_pool  # noqa: E402
+from infra.cluster import TieredCluster, on_pool  # noqa: E402
 from infra.prefect_server import tierflow_home  # noqa: E402
 from infra.spec import load_infra_spec  # noqa: E402
 from infra.store import open_store  # noqa: E402
@@ -260,10 +260,8 @@ def _plot(table: pd.DataFrame, trained: list[dict], events: list[dict], out: Pat
 
 
 @flow(name="lmaas-stages", log_prints=True)
-def lmaas_stages(scheduler: str, infra: str, scale: str, strategies: list[str], store_url: str | None, db: str | None,
+def lmaas_stages(cluster: TieredCluster, infra: str, scale: str, strategies: list[str], store_url: str | None, db: str | None,
                  results_dir: str, run_id: str, seed: int) -> dict:
-    from distributed import Client
-
     from tasks.lm.tokenizer import build_tokenizer
     from tasks.lm.weights import load_config, load_metadata
     from tasks.lmaas.profile import (adapter_loads, capacity, choose_weight_format, trace_counts, worker_options,
@@ -335,50 +333,48 @@ def lmaas_stages(scheduler: str, infra: str, scale: str, strategies: list[str], 
 
     # DEPLOY + EVALUATE (serverless service)
     price = default_price_per_hour(serving[0].device)
-    with Client(scheduler, timeout="10s") as client:
-        running = {w["name"] for w in client.scheduler_info(n_workers=-1)["workers"].values()}
-        machine_pool = {m: p for p in serving for m in p.machine_names()}
-        groups, configs, assignment = {}, {}, {}
-        for machine in plan.workers:
-            spares = [m for m in machine_pool[machine].machine_names() if m not in plan.workers]
-            # a pool without a worker per machine runs one worker, named after the pool
-            members = [m if m in running else machine_pool[m].name for m in [machine, *spares]]
-            groups[machine] = list(dict.fromkeys(members))
-            # a replica holds its adapters in host memory from the start (S-LoRA's host tier): their
-            # fetch is part of its cold start; beyond MAX_HOST_ADAPTERS the busiest are preloaded
-            rate = {x.name: x.requests_per_s for x in loads}
-            hot = sorted(plan.adapters_on(machine), key=lambda a: -rate[a])[:MAX_HOST_ADAPTERS]
-            configs[machine] = ReplicaConfig(db_url, store_url, price, weight_format=formats[machine_pool[machine].name],
-                                             lora_slots=16, lora_rank=RANK, lora_targets=TARGETS,
-                                             max_host_adapters=MAX_HOST_ADAPTERS, preload=tuple(hot))
-            assignment.update({a: machine for a in plan.adapters_on(machine)})
-        # a replica is full when its continuous batch is (the engine runs up to 64 sequences)
-        # on the embedded cluster, machines without a replica are given back and started on demand
-        scaler = Autoscaler(client, groups, assignment, configs, machines=embedded_at(scheduler), idle_s=shape["idle_s"],
-                            max_in_flight=64)
+    running = set(cluster.workers().values())
+    machine_pool = {m: p for p in serving for m in p.machine_names()}
+    groups, configs, assignment = {}, {}, {}
+    for machine in plan.workers:
+        spares = [m for m in machine_pool[machine].machine_names() if m not in plan.workers]
+        # a pool without a worker per machine runs one worker, named after the pool
+        members = [m if m in running else machine_pool[m].name for m in [machine, *spares]]
+        groups[machine] = list(dict.fromkeys(members))
+        # a replica holds its adapters in host memory from the start (S-LoRA's host tier): their
+        # fetch is part of its cold start; beyond MAX_HOST_ADAPTERS the busiest are preloaded
+        rate = {x.name: x.requests_per_s for x in loads}
+        hot = sorted(plan.adapters_on(machine), key=lambda a: -rate[a])[:MAX_HOST_ADAPTERS]
+        configs[machine] = ReplicaConfig(db_url, store_url, price, weight_format=formats[machine_pool[machine].name],
+                                         lora_slots=16, lora_rank=RANK, lora_targets=TARGETS,
+                                         max_host_adapters=MAX_HOST_ADAPTERS, preload=tuple(hot))
+        assignment.update({a: machine for a in plan.adapters_on(machine)})
+    # a replica is full when its continuous batch is (the engine runs up to 64 sequences)
+    # on the embedded cluster, machines without a replica are given back and started on demand
+    scaler = Autoscaler(cluster, groups, assignment, configs, idle_s=shape["idle_s"], max_in_flight=64)
+    try:
+        # always on: every planned worker's replica is up before the trace, none scales to zero;
+        # the machines the plan does not use are given back (a scale-out starts one again)
+        scaler.pinned = True
+        for group in groups:
+            scaler.warm(group)
+        scaler.release_idle_machines()
+        service = replay_service(scaler, trace, keys, strategy="lmaas")
+        paid = {"lmaas": _machine_seconds_with_quiet(scaler, service, shape["quiet_s"])}
+        served_accuracy = _served_accuracy(scaler, keys, trained, seed)
+        replica, _ = scaler.acquire(models[0])
         try:
-            # always on: every planned worker's replica is up before the trace, none scales to zero;
-            # the machines the plan does not use are given back (a scale-out starts one again)
-            scaler.pinned = True
-            for group in groups:
-                scaler.warm(group)
-            scaler.release_idle_machines()
-            service = replay_service(scaler, trace, keys, strategy="lmaas")
-            paid = {"lmaas": _machine_seconds_with_quiet(scaler, service, shape["quiet_s"])}
-            served_accuracy = _served_accuracy(scaler, keys, trained, seed)
-            replica, _ = scaler.acquire(models[0])
-            try:
-                isolation = _probe_isolation(replica.url, keys, models)
-            finally:
-                scaler.release(replica)
-            # serverless: the replicas scale to zero when idle; the same trace then starts from zero
-            scaler.pinned = False
-            scaled_to_zero = scaler.wait_for_zero(shape["idle_s"] + 60)
-            serverless = replay_service(scaler, trace, keys, strategy="lmaas_serverless")
-            paid["lmaas_serverless"] = _machine_seconds_with_quiet(scaler, serverless, shape["quiet_s"])
+            isolation = _probe_isolation(replica.url, keys, models)
         finally:
-            replicas = scaler.close()
-        events = list(scaler.events)
+            scaler.release(replica)
+        # serverless: the replicas scale to zero when idle; the same trace then starts from zero
+        scaler.pinned = False
+        scaled_to_zero = scaler.wait_for_zero(shape["idle_s"] + 60)
+        serverless = replay_service(scaler, trace, keys, strategy="lmaas_serverless")
+        paid["lmaas_serverless"] = _machine_seconds_with_quiet(scaler, serverless, shape["quiet_s"])
+    finally:
+        replicas = scaler.close()
+    events = list(scaler.events)
     for result in (service, serverless):
         logger.info("%s: %.1f tokens/s, p99 %.2f s, %d cold starts", result.strategy, result.summary()["tokens_per_s"],
                     result.summary()["latency_p99_s"], result.stats["cold_starts"])
@@ -518,7 +514,7 @@ def lmaas(
     started = time.perf_counter()
     with TieredCluster(spec, scheduler=scheduler) as cluster:
         stages = lmaas_stages.with_options(task_runner=DaskTaskRunner(address=cluster.address))
-        summary = stages(cluster.address, infra, scale, strategies, store, db, results_dir, run_id, seed)
+        summary = stages(cluster, infra, scale, strategies, store, db, results_dir, run_id, seed)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
     return summary
 

@@ -17,6 +17,8 @@ import json
 
 import typer
 from rich.console import Console
+
+from flows.console import fail
 from rich.table import Table
 
 lmaas_app = typer.Typer(help="LMaaS: multi-tenant serving of one base model with many LoRA adapters.",
@@ -29,12 +31,6 @@ lmaas_app.add_typer(adapter_app, name="adapter")
 DB_HELP = "SQLAlchemy database URL (default: sqlite under $TIERFLOW_HOME/lmaas)"
 STORE_HELP = "artifact store for adapter files: a folder or s3://bucket/prefix (default: $TIERFLOW_HOME/lmaas/store)"
 MODEL_HELP = "the base model: a Llama .gguf file or safetensors folder (default: the shipped SmolLM2-135M-Instruct)"
-
-
-def _fail(message: str) -> None:
-    from flows.cli import _fail as fail
-
-    fail(message)
 
 
 def _registry(db: str | None, store: str | None, model: str | None = None, *, with_model: bool = False):
@@ -52,14 +48,14 @@ def _registry(db: str | None, store: str | None, model: str | None = None, *, wi
         try:
             config = load_config(model)
         except ModelLoadError as exc:
-            _fail(str(exc))
+            fail(str(exc))
     try:
         return Registry(db or f"sqlite:///{home / 'registry.db'}", open_store(store or home / "store", create_bucket=True),
                         config)
     except StoreError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except Exception as exc:  # an unreachable or malformed database URL
-        _fail(f"--db {db!r}: {exc}")
+        fail(f"--db {db!r}: {exc}")
 
 
 def _refusing():
@@ -76,7 +72,7 @@ def _refusing():
         except Exception as exc:
             lora = sys.modules.get("tasks.lm.lora")  # an adapter can be refused only once it is imported (torch)
             if isinstance(exc, RegistryError) or (lora is not None and isinstance(exc, lora.AdapterError)):
-                _fail(str(exc))
+                fail(str(exc))
             raise
 
     return guard()
@@ -217,7 +213,7 @@ def serve(
             engine = LMEngine.load(model, lora_slots=lora_slots, lora_rank=lora_rank, lora_targets=tuple(MODULES),
                                    max_host_adapters=max_host_adapters)
     except ModelLoadError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     price = default_price_per_hour() if price_per_hour is None else price_per_hour
     Console(stderr=True).print(f"serving base + {len(registry.adapters())} adapters at http://{host}:{port}/v1 "
                                f"(model: 'base' or '<tenant>/<adapter>'; metered at ${price}/hour)")

@@ -6,13 +6,21 @@ of the infrastructure spec, each advertising the Dask resources ``tier-<tier>``,
 External: ``TieredCluster(spec, scheduler="tcp://host:port")`` connects to a running
 cluster and checks that its workers advertise the tiers and devices the spec needs.
 
-Machines: an embedded cluster can release one machine's worker (its process ends, as a cloud
-machine is given back) and start it again later (:meth:`TieredCluster.release_machine`,
-:meth:`TieredCluster.start_machine`); :func:`embedded_at` finds the cluster this process runs at
-a scheduler address. An external cluster's machines belong to its own manager.
+Machines: a pool with ``worker_per_machine`` gets one worker process per machine (named after
+the machine), so a machine can fail alone. An embedded cluster can release one machine's worker
+(its process ends, as a cloud machine is given back) and start it again later
+(:meth:`TieredCluster.release_machine`, :meth:`TieredCluster.start_machine`). An external
+cluster's machines belong to its own manager.
 
 Routing: ``with on(tier="edge"): future = task.submit(...)`` — prefect-dask and plain
-Dask both honour the annotation, so the work runs on a worker with that resource.
+Dask both honour the annotation, so the work runs on a worker with that resource;
+``with on_worker(name_or_address)`` pins work to one worker.
+
+Services: :meth:`TieredCluster.start_service` runs a long-lived function (a server) on one
+worker; the function publishes its address through the :class:`ServiceContext` it is given and
+serves until :meth:`Service.stop`.
+
+Nothing outside ``infra/`` imports ``distributed``: what the flows and tasks need of Dask is here.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from contextlib import contextmanager
 from typing import ContextManager, Iterator
 
 import dask
-from distributed import Client, Nanny, Scheduler, SpecCluster
+from distributed import Client, Event, Nanny, Scheduler, SpecCluster, Variable, get_worker, secede
 
 from infra.spec import InfraSpec, Pool
 
@@ -37,15 +45,6 @@ _FORWARDED_ENV = ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_E
 
 class ClusterError(RuntimeError):
     """The cluster cannot run the spec (e.g. no worker advertises a needed resource)."""
-
-
-_EMBEDDED: dict[str, "TieredCluster"] = {}  # scheduler address -> the embedded cluster this process runs there
-
-
-def embedded_at(address: str) -> "TieredCluster | None":
-    """The embedded cluster this process started at ``address``, or None (an external cluster, or
-    another process's): what can release and start its machines."""
-    return _EMBEDDED.get(address)
 
 
 def routing_resources(tier: str | None = None, device: str | None = None, pool: str | None = None) -> dict[str, int]:
@@ -71,24 +70,117 @@ def on_pool(pool: Pool) -> ContextManager[None]:
 
 
 @contextmanager
-def on_worker(address: str) -> Iterator[None]:
-    """Pin everything submitted inside this block to one worker (by its address).
+def on_worker(worker: str) -> Iterator[None]:
+    """Pin everything submitted inside this block to one worker (by its address or its name,
+    e.g. a machine's name).
 
     For stateful work: a task that reads what an earlier task left in a worker's memory
     (e.g. built index partitions) must run on that same worker, not on any worker of its pool.
     """
-    with dask.annotate(workers=[address], allow_other_workers=False):
+    with dask.annotate(workers=[worker], allow_other_workers=False):
         yield
 
 
 def this_worker() -> str:
     """The address of the Dask worker running the caller ("local" outside a worker)."""
-    from distributed import get_worker
-
     try:
         return str(get_worker().address)
     except ValueError:
         return "local"
+
+
+def this_worker_name() -> str:
+    """The name of the Dask worker running the caller (its pool or machine; "local" outside a worker)."""
+    try:
+        return str(get_worker().name)
+    except ValueError:
+        return "local"
+
+
+def log_event(topic: str, message: dict) -> bool:
+    """Append ``message`` to the cluster's event log under ``topic``, from a task on a worker or
+    from a process holding a client; False when the caller is in neither (nothing is logged).
+
+    The log lives on the scheduler, so it outlasts a worker that is killed or released."""
+    try:
+        get_worker().log_event(topic, message)
+        return True
+    except ValueError:
+        pass
+    try:
+        from distributed import default_client
+
+        default_client().log_event(topic, message)
+        return True
+    except ValueError:
+        return False
+
+
+def quiet_logs() -> None:
+    """Only Dask's errors on the console (its workers inherit the setting)."""
+    import logging
+
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker", "distributed.core"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# --- long-lived services on a worker -------------------------------------------------------------
+
+
+class ServiceContext:
+    """What a service function gets, on its worker: where to publish its address, and when to stop."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @property
+    def worker(self) -> str:
+        """The name of the worker (machine) the service runs on."""
+        return this_worker_name()
+
+    def publish(self, address: str) -> None:
+        """Tell the caller where the service listens (e.g. ``http://127.0.0.1:PORT``)."""
+        Variable(f"{self.name}-address").set(address)
+
+    def wait_until_stopped(self) -> None:
+        """Block until the caller stops the service."""
+        Event(f"{self.name}-stop").wait()
+
+
+def _serve(fn, name: str, args: tuple, kwargs: dict):
+    secede()  # long-lived: give the worker's thread back to its pool, so other tasks still run there
+    return fn(ServiceContext(name), *args, **kwargs)
+
+
+class Service:
+    """A service running on a worker, seen from the process that started it."""
+
+    def __init__(self, client: Client, name: str, future):
+        self.client, self.name, self.future = client, name, future
+
+    def address(self, timeout_s: float) -> str:
+        """The address the service published once it was ready (waits up to ``timeout_s``);
+        the service's own error if it failed before."""
+        deadline = time.monotonic() + timeout_s
+        variable = Variable(f"{self.name}-address", client=self.client)
+        while True:
+            try:
+                return variable.get(timeout=min(1.0, max(deadline - time.monotonic(), 0.01)))
+            except TimeoutError:
+                if self.future.done():
+                    raise ClusterError(f"service {self.name} ended before it was ready: "
+                                       f"{self.future.exception() or 'it returned'}") from None
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"service {self.name} published no address within {timeout_s:.0f} s") from None
+
+    def stop(self) -> None:
+        """Ask the service to stop (it returns from :meth:`ServiceContext.wait_until_stopped`)."""
+        Event(f"{self.name}-stop", client=self.client).set()
+
+    def result(self, timeout_s: float):
+        """What the service function returned once it stopped."""
+        return self.future.result(timeout=timeout_s)
 
 
 def worker_env() -> dict[str, str]:
@@ -98,9 +190,11 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def embedded_cluster(spec: InfraSpec, *, host: str = "127.0.0.1", dashboard: bool = False) -> SpecCluster:
+def embedded_cluster(spec: InfraSpec, *, host: str = "127.0.0.1", dashboard: bool = False,
+                     rerun_lost_tasks: bool = True) -> SpecCluster:
     """Start one Nanny worker per pool (per machine where the pool asks for it), each
-    advertising its resources."""
+    advertising its resources. ``rerun_lost_tasks=False``: a task whose worker died is not run
+    again elsewhere (it fails)."""
     workers = {}
     for pool in spec.pools:
         options = {"host": host, "env": worker_env(), "memory_limit": 0}
@@ -115,7 +209,8 @@ def embedded_cluster(spec: InfraSpec, *, host: str = "127.0.0.1", dashboard: boo
     scheduler = {
         "cls": Scheduler,
         # The dashboard always listens somewhere; keep it on a free port of this host only.
-        "options": {"host": host, "port": 0, "dashboard_address": f"{host}:0", "dashboard": dashboard},
+        "options": {"host": host, "port": 0, "dashboard_address": f"{host}:0", "dashboard": dashboard,
+                    **({} if rerun_lost_tasks else {"allowed_failures": 0})},
     }
     return SpecCluster(workers=workers, scheduler=scheduler, name=spec.name, silence_logs=40)
 
@@ -149,12 +244,16 @@ def missing_resources(spec: InfraSpec, client: Client) -> dict[str, list[str]]:
 class TieredCluster:
     """A Dask cluster fit for a spec: embedded by default, or an existing one by address.
 
-    Use as a context manager; ``address`` is what a Prefect ``DaskTaskRunner`` connects to.
+    Use as a context manager; ``address`` is what a Prefect ``DaskTaskRunner`` connects to, and
+    ``client`` a Dask client of this cluster. ``rerun_lost_tasks=False``: a task on a worker that
+    dies is not re-run on another (for work whose recovery is the system's own, e.g. Lazarus's;
+    an external cluster's scheduler keeps its own setting).
     """
 
-    def __init__(self, spec: InfraSpec, scheduler: str | None = None):
+    def __init__(self, spec: InfraSpec, scheduler: str | None = None, *, rerun_lost_tasks: bool = True):
         self.spec = spec
         self.scheduler = scheduler
+        self.rerun_lost_tasks = rerun_lost_tasks
         self.cluster: SpecCluster | None = None
         self.client: Client | None = None
         self.released: dict[str, dict] = {}  # machine -> its worker spec, while released
@@ -164,24 +263,32 @@ class TieredCluster:
     def address(self) -> str:
         return self.scheduler or self.cluster.scheduler_address
 
+    def __getstate__(self) -> dict:
+        # Prefect sends a flow's parameters along with every task it ships to a worker: there the
+        # cluster travels as a description (spec and address), without this process's connection.
+        return {"spec": self.spec, "scheduler": self.address if (self.scheduler or self.cluster) else None,
+                "rerun_lost_tasks": self.rerun_lost_tasks, "cluster": None, "client": None, "released": {}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _machines=threading.Lock())
+
     @property
     def embedded(self) -> bool:
         return self.scheduler is None
 
     def __enter__(self) -> "TieredCluster":
         if self.scheduler is None:
-            self.cluster = embedded_cluster(self.spec)
+            self.cluster = embedded_cluster(self.spec, rerun_lost_tasks=self.rerun_lost_tasks)
             try:
                 self.client = Client(self.cluster)
             except Exception:
                 self.cluster.close()
                 raise
-            _EMBEDDED[self.cluster.scheduler_address] = self
         else:
             try:
                 self.client = Client(self.scheduler, timeout="10s")
-            except OSError as exc:
-                raise ClusterError(f"cannot reach the Dask scheduler at {self.scheduler}: {exc}") from None
+            except (OSError, ValueError) as exc:  # nobody listening, or not an address at all
+                raise ClusterError(f"--scheduler {self.scheduler}: no Dask scheduler answers there ({exc})") from None
             try:
                 missing = missing_resources(self.spec, self.client)
             except Exception:
@@ -201,16 +308,33 @@ class TieredCluster:
         if self.client is not None:
             self.client.close()
         if self.cluster is not None:
-            _EMBEDDED.pop(self.cluster.scheduler_address, None)
             self.cluster.close()
 
-    # --- machines ------------------------------------------------------------------------------
+    # --- workers and machines ---------------------------------------------------------------------
+    def workers(self) -> dict[str, str]:
+        """Address → name of every worker now in the cluster."""
+        return {address: str(w.get("name")) for address, w in self.client.scheduler_info(n_workers=-1)["workers"].items()}
+
     def machine_address(self, name: str) -> str | None:
         """The address of the worker named ``name``, or None if no such worker runs."""
-        for address, worker in self.client.scheduler_info(n_workers=-1)["workers"].items():
-            if worker.get("name") == name:
-                return address
-        return None
+        return next((address for address, worker in self.workers().items() if worker == name), None)
+
+    def worker_pid(self, address: str) -> int:
+        """The process id of the worker at ``address`` (on its own host); raises if it is gone."""
+        return int(self.client.run(os.getpid, workers=[address])[address])
+
+    def events(self, topic: str) -> list:
+        """The messages :func:`log_event` logged under ``topic`` on this cluster, oldest first."""
+        return [message for _, message in self.client.get_events(topic)]
+
+    def start_service(self, fn, *args, name: str, worker: str, **kwargs) -> Service:
+        """Run ``fn(ServiceContext, *args, **kwargs)`` on ``worker`` (address or name) as a long-lived
+        task; ``name`` must be unique among this cluster's services. Ship ``fn`` by reference (a
+        module-level function)."""
+        Event(f"{name}-stop", client=self.client).clear()
+        future = self.client.submit(_serve, fn, name, args, kwargs, workers=[worker], allow_other_workers=False,
+                                    pure=False, key=name)
+        return Service(self.client, name, future)
 
     def release_machine(self, name: str) -> None:
         """Give one machine back: its worker retires and its process ends. Its spec is kept, so

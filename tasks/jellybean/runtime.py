@@ -128,7 +128,7 @@ def serve(operator: str, variant: str, pool: str, request_ids: list[int], inputs
 
     ``inputs`` maps each upstream node to {request id: its output for that request}.
     """
-    from distributed import get_worker
+    from infra.cluster import this_worker_name
 
     torch.set_num_threads(1)
     model = load_model(operator, variant, image_variant if operator == "VQA" else "resnet18")
@@ -156,11 +156,7 @@ def serve(operator: str, variant: str, pool: str, request_ids: list[int], inputs
                     outputs[rid] = result[0].clone()
                     out_bytes[rid] = 4 * result[0].numel()
     elapsed = (time.perf_counter() - start) * 1000
-    try:
-        worker = get_worker().name
-    except ValueError:
-        worker = "local"
-    return BatchResult(operator, variant, pool, str(worker), list(request_ids), outputs, out_bytes,
+    return BatchResult(operator, variant, pool, this_worker_name(), list(request_ids), outputs, out_bytes,
                        elapsed / max(len(request_ids), 1), (wall_start, time.time()))
 
 

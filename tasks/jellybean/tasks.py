@@ -8,6 +8,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from infra.catalog import load_catalog
+from infra.cluster import this_worker_name
 from optimizers.jellybean import JellyBeanProblem, Plan, check_feasible_inputs, plan_milp
 from optimizers.jellybean_baselines import STRATEGIES
 from optimizers.solve import InfeasibleError
@@ -30,8 +31,6 @@ def profile_pool(pool: str, tier: str, device: str, variants: list[tuple[str, st
 
     Returns the profile rows and the interval (wall-clock start, end) the work took.
     """
-    from distributed import get_worker
-
     started = time.time()
     speedup = simulated_speedup(device)
     rows = []
@@ -40,7 +39,7 @@ def profile_pool(pool: str, tier: str, device: str, variants: list[tuple[str, st
         rows.append({
             "pool": pool, "tier": tier, "device": device, "operator": operator, "variant": variant,
             "measured_ms": measured, "latency_ms": measured / speedup, "simulated": device != runtime.HOST_DEVICE,
-            "worker": str(get_worker().name),
+            "worker": this_worker_name(),
         })
     return {"rows": rows, "interval": (started, time.time())}
 

@@ -4,7 +4,7 @@
 killing that process (SIGKILL, as a spot preemption does) kills the node. The embedded
 cluster's Nanny then starts a fresh worker in its place, which the run may admit again
 as a new node — a preempted machine coming back. The scheduler must not re-run a task
-whose worker died (``distributed.scheduler.allowed-failures: 0``, set by the flow): a
+whose worker died (the flow's cluster is started with ``rerun_lost_tasks=False``): a
 dead node's work is the survivors' to recover, not Dask's to retry.
 """
 
@@ -15,11 +15,10 @@ import signal
 import threading
 import time
 
-from distributed import Client
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from infra.cluster import on_worker, this_worker
+from infra.cluster import TieredCluster, on_worker, this_worker
 from tasks.lazarus.node import RunSettings, run_node
 
 
@@ -31,14 +30,14 @@ def train_node(node: str, host: str, port: int, settings: RunSettings) -> dict:
 
 
 class DaskLauncher:
-    """Starts nodes as ``train_node`` tasks, one per idle worker of ``client``'s cluster.
+    """Starts nodes as ``train_node`` tasks, one per idle worker of ``cluster``.
 
     Worker processes on this host are watched and killed by pid; a node's worker is idle
     again once its task ends or its process dies (the Nanny restarts it under a new address).
     """
 
-    def __init__(self, client: Client, host: str):
-        self.client, self.host = client, host
+    def __init__(self, cluster: TieredCluster, host: str):
+        self.cluster, self.host = cluster, host
         self.futures: dict[str, object] = {}
         self.workers: dict[str, str] = {}  # node → worker address
         self.pids: dict[str, int] = {}
@@ -47,7 +46,7 @@ class DaskLauncher:
         self._lock = threading.Lock()
 
     def _idle_workers(self) -> list[str]:
-        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        info = self.cluster.workers()
         busy = {self.workers[n] for n, f in self.futures.items() if not _done(f) and self.alive(n)}
         return sorted(a for a in info if a not in busy and a not in self._dead)
 
@@ -61,7 +60,7 @@ class DaskLauncher:
                 if idle:
                     worker = idle[0]
                     try:
-                        pid = self.client.run(os.getpid, workers=[worker])[worker]
+                        pid = self.cluster.worker_pid(worker)
                         break
                     except Exception:  # noqa: BLE001 - the worker died since the scheduler listed it
                         self._dead.add(worker)

@@ -1,10 +1,10 @@
 """Serverless LMaaS on Dask: serving replicas that start on demand, scale out, and go away when idle.
 
-A *replica* is the multi-tenant service (tasks/lmaas/service.py) running as a long-lived Dask task
-on one worker (:func:`run_replica`): it loads the base model, fetches its hot set of adapters from
-the artifact store, serves HTTP on 127.0.0.1 and publishes its address in a Dask ``Variable``;
-it stops when its Dask ``Event`` is set and returns what it measured (its cold start split into
-base-model load, adapter fetch and server start, the requests it served).
+A *replica* is the multi-tenant service (tasks/lmaas/service.py) running as a long-lived service
+on one worker of the cluster (:func:`run_replica`, started by :meth:`infra.cluster.TieredCluster.start_service`):
+it loads the base model, fetches its hot set of adapters from the artifact store, serves HTTP on
+127.0.0.1 and publishes its address; it stops when asked and returns what it measured (its cold
+start split into base-model load, adapter fetch and server start, the requests it served).
 
 The :class:`Autoscaler` (in the caller's process) owns the replicas of each serving group — the
 machines the placement (optimizers/lmaas.py) gave a set of adapters:
@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from infra.cluster import ServiceContext, TieredCluster
 from tasks.lmaas.strategies import Replay, Served
 from tasks.lmaas.trace import TraceRequest
 
@@ -58,17 +59,16 @@ class ReplicaConfig:
     log_steps: bool = False  # return the engine's step log (what each step computed, and its seconds)
 
 
-def run_replica(config: ReplicaConfig, name: str) -> dict:
-    """A Dask task: serve ``config`` until the Event ``<name>-stop`` is set; returns the replica's record."""
+def run_replica(service: ServiceContext, config: ReplicaConfig) -> dict:
+    """A service on a worker: serve ``config`` until stopped; returns the replica's record."""
     import uvicorn
-    from distributed import Event, Variable, get_worker, secede
 
     from infra.store import open_store
     from tasks.lm.engine import LMEngine
     from tasks.lmaas.registry import Registry
     from tasks.lmaas.service import create_service_app, engine_adapter_name
 
-    secede()  # long-lived: give the worker's thread back to its pool
+    name = service.name
     started = time.perf_counter()
     engine = LMEngine.load(config.model, weight_format=config.weight_format, kv_cache_mib=config.kv_cache_mib,
                            lora_slots=config.lora_slots, lora_rank=config.lora_rank,
@@ -98,13 +98,13 @@ def run_replica(config: ReplicaConfig, name: str) -> dict:
         time.sleep(0.01)
     server_start_s = time.perf_counter() - listening
     url = f"http://127.0.0.1:{port}"
-    Variable(f"{name}-url").set(url)
+    service.publish(url)
     ready_s = time.perf_counter() - started
-    Event(f"{name}-stop").wait()
+    service.wait_until_stopped()
     server.should_exit = True
     thread.join(timeout=30)
     sock.close()
-    return {"replica": name, "worker": get_worker().name, "url": url, "base_load_s": base_load_s,
+    return {"replica": name, "worker": service.worker, "url": url, "base_load_s": base_load_s,
             "adapter_fetch_s": adapter_fetch_s, "adapters_preloaded": len(wanted), "server_start_s": server_start_s,
             "ready_s": ready_s, "served_for_s": time.perf_counter() - started - ready_s,
             "engine": {k: v for k, v in engine.stats.items()}, **({"steps": engine.step_log} if config.log_steps else {})}
@@ -116,7 +116,7 @@ class Replica:
     group: str
     machine: str  # the worker's name (a machine of the spec)
     address: str | None = None  # the worker's address, once its machine is up
-    future: object = None  # the Dask future of run_replica
+    service: object = None  # the infra.cluster.Service running run_replica
     url: str | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     error: str | None = None
@@ -131,28 +131,29 @@ class ScalingError(RuntimeError):
 
 
 class Autoscaler:
-    """Replicas per serving group on the Dask cluster of ``client``.
+    """Replicas per serving group on ``cluster`` (an :class:`infra.cluster.TieredCluster`).
 
     ``groups``: group → the machines (worker names) that may run its replicas, one replica per
     machine, the planned one first; ``assignment``: adapter model → group (the placement);
     requests for ``base`` or an unplanned model go to ``default_group``. ``configs``: group → its
     :class:`ReplicaConfig` (with the group's adapters to preload).
 
-    ``machines``: the embedded cluster (:class:`infra.cluster.TieredCluster`), to give a machine
-    back when its last replica scales in and start it again for the next one (scale to zero is
-    then of machines, not only of replicas; a cold start includes the machine's start). Without
-    it, the machines stay up and only replicas come and go."""
+    ``release_machines`` (default: when the cluster is embedded, whose machines are this process's):
+    give a machine back when its last replica scales in and start it again for the next one (scale
+    to zero is then of machines, not only of replicas; a cold start includes the machine's start).
+    Without it, the machines stay up and only replicas come and go."""
 
-    def __init__(self, client, groups: dict[str, list[str]], assignment: dict[str, str],
-                 configs: dict[str, ReplicaConfig], *, machines=None, default_group: str | None = None,
+    def __init__(self, cluster: TieredCluster, groups: dict[str, list[str]], assignment: dict[str, str],
+                 configs: dict[str, ReplicaConfig], *, release_machines: bool | None = None,
+                 default_group: str | None = None,
                  idle_s: float = 20.0, max_in_flight: int = 16, start_timeout_s: float = 300.0):
         if not groups or any(not members for members in groups.values()):
             raise ScalingError(f"every serving group needs at least one machine, got {groups}")
         missing = sorted(set(groups) - set(configs))
         if missing:
             raise ScalingError(f"no replica configuration for group(s) {missing}")
-        self.client, self.groups, self.assignment, self.configs = client, groups, assignment, configs
-        self.machines = machines
+        self.cluster, self.groups, self.assignment, self.configs = cluster, groups, assignment, configs
+        self.machines = cluster if (cluster.embedded if release_machines is None else release_machines) else None
         self.default_group = default_group or next(iter(groups))
         self.idle_s, self.max_in_flight, self.start_timeout_s = idle_s, max_in_flight, start_timeout_s
         self.replicas: dict[str, list[Replica]] = {g: [] for g in groups}
@@ -196,31 +197,25 @@ class Autoscaler:
 
     def _launch(self, replica: Replica) -> None:
         """Bring the replica's machine up (if it was given back), run the replica there, wait for its URL."""
-        from distributed import Event, Variable
-
         from tasks.lmaas.serverless import run_replica  # the function Dask ships by reference
 
         try:
             with self._machine_locks[replica.machine]:
                 replica.address = self._bring_up(replica)
-                Event(f"{replica.name}-stop", client=self.client).clear()
-                replica.future = self.client.submit(run_replica, self.configs[replica.group], replica.name,
-                                                    workers=[replica.address], allow_other_workers=False, pure=False,
-                                                    key=replica.name)
-            replica.url = Variable(f"{replica.name}-url", client=self.client).get(timeout=self.start_timeout_s)
+                replica.service = self.cluster.start_service(run_replica, self.configs[replica.group],
+                                                             name=replica.name, worker=replica.address)
+            replica.url = replica.service.address(timeout_s=self.start_timeout_s)
             replica.cold_start_s = time.perf_counter() - replica.requested_at
             replica.last_used = time.monotonic()  # idle time counts from when it can serve
             self._event("ready", replica, cold_start_s=round(replica.cold_start_s, 3))
         except Exception as exc:  # noqa: BLE001 - reported to every request waiting on it
-            failure = replica.future.exception() if replica.future is not None and replica.future.done() else exc
-            replica.error = f"replica {replica.name} on {replica.machine} did not become ready: {failure}"
+            replica.error = f"replica {replica.name} on {replica.machine} did not become ready: {exc}"
         finally:
             replica.ready.set()
 
     def _bring_up(self, replica: Replica) -> str:
         if self.machines is None:
-            address = next((a for a, w in self.client.scheduler_info(n_workers=-1)["workers"].items()
-                            if w.get("name") == replica.machine), None)
+            address = self.cluster.machine_address(replica.machine)
             if address is None:
                 raise ScalingError(f"no worker named {replica.machine!r} is running")
             return address
@@ -309,9 +304,7 @@ class Autoscaler:
             replica.last_used = time.monotonic()
 
     def _stop(self, replica: Replica, reason: str) -> None:
-        from distributed import Event
-
-        Event(f"{replica.name}-stop", client=self.client).set()
+        replica.service.stop()
         self._event("stop", replica, reason=reason)
 
     def _reap_loop(self) -> None:
@@ -339,9 +332,9 @@ class Autoscaler:
 
         def gather():
             try:
-                if replica.future is None:
+                if replica.service is None:
                     raise ScalingError(replica.error or "the replica never started")
-                record = replica.future.result(timeout=60)
+                record = replica.service.result(timeout_s=60)
                 self.records.append({**record, "cold_start_s": replica.cold_start_s, "group": replica.group})
             except Exception as exc:  # noqa: BLE001 - kept in the report
                 self.records.append({"replica": replica.name, "group": replica.group, "error": repr(exc)})

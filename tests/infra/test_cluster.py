@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 from distributed import Client, get_worker
 
-from infra.cluster import ClusterError, TieredCluster, on, routing_resources
+from infra.cluster import (
+    ClusterError, TieredCluster, log_event, on, on_worker, routing_resources, this_worker, this_worker_name,
+)
 from infra.spec import InfraSpec, parse_infra_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,6 +59,24 @@ def worker_name() -> str:
 
 def worker_address() -> str:
     return get_worker().address
+
+
+def where_am_i() -> tuple[str, str]:
+    return this_worker_name(), this_worker()
+
+
+def log_here(topic: str) -> bool:
+    return log_event(topic, {"from": this_worker_name()})
+
+
+def echo_service(service, greeting: str) -> dict:
+    service.publish(f"echo://{service.worker}/{greeting}")
+    service.wait_until_stopped()
+    return {"worker": service.worker, "greeting": greeting}
+
+
+def broken_service(service) -> None:
+    raise RuntimeError("port 80 is taken")
 
 
 # --- routing_resources -------------------------------------------------------------------
@@ -123,6 +143,41 @@ def test_a_released_machine_leaves_the_cluster_and_comes_back_with_its_resources
     assert embedded.start_machine("edge-orin") == address  # already running: nothing to do
     with pytest.raises(ClusterError, match=r"no machine named 'nope'"):
         embedded.start_machine("nope")
+
+
+def test_work_pinned_to_a_worker_by_name_runs_there_and_knows_where_it_runs(embedded):
+    with on_worker("cloud-t4"):
+        placed = embedded.client.gather([embedded.client.submit(where_am_i, pure=False) for _ in range(3)])
+    assert placed == [("cloud-t4", embedded.machine_address("cloud-t4"))] * 3
+    assert where_am_i() == ("local", "local")  # the caller here is no worker
+
+
+def test_a_service_runs_on_its_worker_publishes_its_address_and_returns_when_stopped(embedded):
+    service = embedded.start_service(echo_service, "hi", name="echo-test", worker="edge-orin")
+    assert service.address(timeout_s=60) == "echo://edge-orin/hi"
+    with on_worker("edge-orin"):  # the service gave its thread back: its one-thread worker still runs tasks
+        assert embedded.client.submit(where_am_i, pure=False).result(timeout=60)[0] == "edge-orin"
+    service.stop()
+    assert service.result(timeout_s=60) == {"worker": "edge-orin", "greeting": "hi"}
+
+
+def test_a_service_that_fails_before_it_is_ready_says_why(embedded):
+    service = embedded.start_service(broken_service, name="broken-test", worker="hub-gw")
+    with pytest.raises(ClusterError, match="service broken-test ended before it was ready: port 80 is taken"):
+        service.address(timeout_s=60)
+
+
+def test_events_logged_on_a_worker_and_by_the_client_reach_the_scheduler(embedded):
+    with on(tier="edge"):
+        assert embedded.client.submit(log_here, "test-events", pure=False).result(timeout=60)
+    assert log_event("test-events", {"from": "client"})
+    assert sorted(message["from"] for message in embedded.events("test-events")) == ["client", "edge-orin"]
+
+
+def test_a_workers_pid_is_its_own_process(embedded):
+    pid = embedded.worker_pid(embedded.machine_address("hub-gw"))
+    assert pid != os.getpid() and Path(f"/proc/{pid}").exists()
+    assert sorted(embedded.workers().values()) == sorted(p.name for p in EMBEDDED_SPEC.pools)
 
 
 @pytest.mark.parametrize(

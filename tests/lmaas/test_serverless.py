@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from infra.cluster import ClusterError, TieredCluster, embedded_at
+from infra.cluster import ClusterError, TieredCluster
 from infra.spec import InfraSpec
 from infra.store import LocalStore
 from tasks.lm.lora import random_adapter, save_adapter
@@ -34,7 +34,7 @@ def deployment(tmp_path_factory):
         folder = save_adapter(random_adapter(config, rank=8, targets=TARGETS, seed=len(keys)), tmp / tenant)
         registry.register_adapter(tenant, "bot", folder)
     with TieredCluster(SPEC) as cluster:
-        yield {"client": cluster.client, "cluster": cluster, "keys": keys, "registry": registry,
+        yield {"cluster": cluster, "keys": keys, "registry": registry,
                "config": ReplicaConfig(db, str(tmp / "store"), 0.096, lora_slots=4, lora_rank=8, lora_targets=TARGETS,
                                        kv_cache_mib=64, preload=("acme/bot",))}
 
@@ -45,8 +45,8 @@ def trace(models_at: list[tuple[float, str]]) -> list[TraceRequest]:
 
 def test_from_zero_a_machine_and_its_replica_start_serve_every_tenant_then_both_go_away(deployment):
     cluster = deployment["cluster"]
-    scaler = Autoscaler(deployment["client"], {"g": ["serve-1", "serve-0"]}, {"acme/bot": "g", "globex/bot": "g"},
-                        {"g": deployment["config"]}, machines=cluster, idle_s=2.0, max_in_flight=8)
+    scaler = Autoscaler(cluster, {"g": ["serve-1", "serve-0"]}, {"acme/bot": "g", "globex/bot": "g"},
+                        {"g": deployment["config"]}, idle_s=2.0, max_in_flight=8)
     try:
         scaler.release_idle_machines()  # nothing runs yet: both machines are given back
         assert cluster.machine_address("serve-0") is None and cluster.machine_address("serve-1") is None
@@ -79,8 +79,8 @@ def test_from_zero_a_machine_and_its_replica_start_serve_every_tenant_then_both_
 
 
 def test_a_pinned_deployment_stays_up_and_a_busy_group_scales_out_to_its_spare_machine(deployment):
-    scaler = Autoscaler(deployment["client"], {"g": ["serve-0", "serve-1"]}, {}, {"g": deployment["config"]},
-                        idle_s=0.5, max_in_flight=1)
+    scaler = Autoscaler(deployment["cluster"], {"g": ["serve-0", "serve-1"]}, {}, {"g": deployment["config"]},
+                        release_machines=False, idle_s=0.5, max_in_flight=1)
     try:
         scaler.pinned = True
         first = scaler.warm("g")
@@ -100,10 +100,10 @@ def test_a_pinned_deployment_stays_up_and_a_busy_group_scales_out_to_its_spare_m
 
 def test_bad_configurations_and_unknown_tenants_are_refused(deployment):
     with pytest.raises(ScalingError, match="at least one machine"):
-        Autoscaler(deployment["client"], {"g": []}, {}, {"g": deployment["config"]})
+        Autoscaler(deployment["cluster"], {"g": []}, {}, {"g": deployment["config"]})
     with pytest.raises(ScalingError, match=r"no replica configuration for group\(s\) \['h'\]"):
-        Autoscaler(deployment["client"], {"g": ["x"], "h": ["y"]}, {}, {"g": deployment["config"]})
-    scaler = Autoscaler(deployment["client"], {"g": ["x"]}, {}, {"g": deployment["config"]})
+        Autoscaler(deployment["cluster"], {"g": ["x"], "h": ["y"]}, {}, {"g": deployment["config"]})
+    scaler = Autoscaler(deployment["cluster"], {"g": ["x"]}, {}, {"g": deployment["config"]}, release_machines=False)
     try:
         with pytest.raises(ValueError, match=r"no API key for tenant\(s\) \['initech'\]"):
             replay_service(scaler, trace([(0.0, "initech/bot")]), deployment["keys"])
@@ -114,7 +114,11 @@ def test_bad_configurations_and_unknown_tenants_are_refused(deployment):
 
 
 def test_an_external_clusters_machines_are_not_ours_to_release(deployment):
-    external = TieredCluster(SPEC, scheduler=deployment["cluster"].address)
-    with pytest.raises(ClusterError, match="its own manager starts and stops its machines"):
-        external.release_machine("serve-0")
-    assert embedded_at(deployment["cluster"].address) is deployment["cluster"] and embedded_at("tcp://elsewhere:1") is None
+    with TieredCluster(SPEC, scheduler=deployment["cluster"].address) as external:
+        with pytest.raises(ClusterError, match="its own manager starts and stops its machines"):
+            external.release_machine("serve-0")
+        scaler = Autoscaler(external, {"g": ["serve-0"]}, {}, {"g": deployment["config"]})
+        try:
+            assert scaler.machines is None, "on an external cluster only replicas come and go"
+        finally:
+            scaler.close()

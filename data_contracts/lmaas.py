@@ -1,4 +1,4 @@
-"""Contracts for LMaaS's data products (flows/lmaas.py).
+"""Contracts for LMaaS's data products (flows/lmaas/, tasks/lmaas/stages.py).
 
 - ``lmaas.training``: one row per fine-tuned adapter: steps ≥ 1, losses and accuracies finite, the
   accuracies in [0, 1], training throughput > 0, and the held-out loss *lower* after training than

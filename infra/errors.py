@@ -42,7 +42,9 @@ def load_yaml(path: "str | os.PathLike[str]") -> object:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "<file>"
-        raise InputError(path, where, getattr(exc, "problem", None), f"malformed YAML: {exc}") from None
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        column = f", column {mark.column + 1}" if mark else ""
+        raise InputError(path, where, what, f"malformed YAML{column}") from None
 
 
 def field_path(loc: tuple) -> str:

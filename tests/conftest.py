@@ -61,3 +61,33 @@ def moto_endpoint():
             yield f"http://{host}:{port}"
         finally:
             server.stop()
+
+
+# --- time per tests/NAME/ folder, printed at the end of the run ---------------------------------
+
+_FOLDER_SECONDS: dict[str, float] = {}
+_FOLDER_TESTS: dict[str, int] = {}
+
+
+def _folder(nodeid: str) -> str:
+    parts = nodeid.split("::")[0].split("/")
+    return "/".join(parts[:2]) + "/" if len(parts) > 2 else parts[0]
+
+
+def pytest_runtest_logreport(report) -> None:
+    """Setup, call and teardown of every test, added up per folder (module fixtures count where they run)."""
+    folder = _folder(report.nodeid)
+    _FOLDER_SECONDS[folder] = _FOLDER_SECONDS.get(folder, 0.0) + report.duration
+    if report.when == "call":
+        _FOLDER_TESTS[folder] = _FOLDER_TESTS.get(folder, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not _FOLDER_SECONDS:
+        return
+    terminalreporter.section("time per folder")
+    total = sum(_FOLDER_SECONDS.values())
+    for folder, seconds in sorted(_FOLDER_SECONDS.items(), key=lambda item: -item[1]):
+        terminalreporter.write_line(f"{seconds:8.1f} s  {100 * seconds / total:5.1f}%  {_FOLDER_TESTS.get(folder, 0):4d} tests  "
+                                    f"{folder}")
+    terminalreporter.write_line(f"{total:8.1f} s  total in tests (the session's server start included where it ran)")

@@ -1,10 +1,12 @@
-"""deployments/prefect.yaml end to end: work pool → `prefect deploy` → process worker → flow run COMPLETED.
+"""deployments/prefect.yaml: what the registry declares, and end to end: work pool → `prefect deploy`
+→ process worker → flow run COMPLETED.
 
-Everything goes through the `prefect` command line against the session's real Prefect
-server, as an operator would do it (deployments/README.md). Every deployment is registered
-with its schedule; the one that runs is `lmaas-replan/hourly-adapter-replan`, the cheapest (no
-cluster): it re-plans a current LMaaS placement from a registry's metered usage, and the test
-sees the plan file rewritten. The other flows run end to end in their own tests.
+The file holds exactly the deployments the systems declare (flows/<system>/__init__.py). End to end,
+everything goes through the `prefect` command line against the session's real Prefect server, as an
+operator would do it (deployments/README.md). Every deployment is registered with its schedule; the
+one that runs is `lmaas-replan/hourly-adapter-replan`, the cheapest (no cluster): it re-plans a
+current LMaaS placement from a registry's metered usage, and the test sees the plan file rewritten.
+The other flows run end to end in their own tests.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from flows.deployments import PREFECT_YAML, check_prefect_yaml, declared
+from flows.registry import systems
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -59,6 +64,34 @@ def _metered_plan(tmp_path: Path) -> Path:
     return path
 
 
+def test_prefect_yaml_holds_exactly_the_deployments_the_systems_declare():
+    assert check_prefect_yaml() == []
+    assert set(declared()) >= {"jellybean/hourly-replan", "lmaas-replan/hourly-adapter-replan"}
+
+
+def test_a_deployment_out_of_step_with_the_registry_is_named(tmp_path):
+    import yaml
+
+    document = yaml.safe_load(PREFECT_YAML.read_text())
+    document["deployments"][0]["schedules"][0]["cron"] = "5 * * * *"
+    document["deployments"].append({**document["deployments"][0], "name": "stray"})
+    del document["deployments"][1]
+    path = tmp_path / "prefect.yaml"
+    path.write_text(yaml.safe_dump(document))
+    problems = "\n".join(check_prefect_yaml(path))
+    assert "deployment 'jellybean/hourly-replan' field 'cron' = ['5 * * * *']; the registry says ['0 * * * *']" in problems
+    assert "deployment 'jellybean/stray' is declared by no system" in problems
+    assert "deployment 'jellybean/nightly-profile' of the registry is missing" in problems
+
+
+def test_each_deployments_flow_is_the_flow_prefect_knows_by_that_name():
+    for system in systems().values():
+        for deployment in system.deployments:
+            module, function = deployment.flow.split(":")
+            flow = getattr(__import__(module, fromlist=[function]), function)
+            assert flow.name == deployment.flow_name, deployment.name
+
+
 def test_hourly_replan_deployment_runs_on_a_process_worker(prefect_api, tmp_path):
     from prefect.states import Cancelling
 
@@ -73,8 +106,7 @@ def test_hourly_replan_deployment_runs_on_a_process_worker(prefect_api, tmp_path
 
     with _client(prefect_api) as client:
         crons = {}
-        for name in ("jellybean/hourly-replan", "jellybean/nightly-profile", "honeybee/nightly-repartition",
-                     "lazarus/weekly-resilience", "lmaas-replan/hourly-adapter-replan"):
+        for name in declared():
             deployment = client.read_deployment_by_name(name)
             assert deployment.work_pool_name == "tierflow-process", name
             crons[name] = [s.schedule.cron for s in deployment.schedules]
@@ -82,9 +114,7 @@ def test_hourly_replan_deployment_runs_on_a_process_worker(prefect_api, tmp_path
             # picks up only this test's run even if the test straddles the hour.
             for schedule in deployment.schedules:
                 client.update_deployment_schedule(deployment.id, schedule.id, active=False)
-        assert crons == {"jellybean/hourly-replan": ["0 * * * *"], "jellybean/nightly-profile": ["0 2 * * *"],
-                         "honeybee/nightly-repartition": ["30 3 * * *"], "lazarus/weekly-resilience": ["0 4 * * 0"],
-                         "lmaas-replan/hourly-adapter-replan": ["15 * * * *"]}
+        assert crons == {name: [d["cron"]] for name, d in declared().items()}
 
     log_path = tmp_path / "worker.log"
     with open(log_path, "wb") as log:

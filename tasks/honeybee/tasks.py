@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
 
-from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from infra.cluster import this_worker
+from tasks.common.tasks import task
 from tasks.honeybee.profile import GRIDS, measure_search
 from tasks.honeybee.rbac import Rbac
 from tasks.honeybee.serve import PartitionServer, PartitionSpec, SearchJob
@@ -41,26 +40,23 @@ def server_for(workload_dir: str) -> PartitionServer:
 @task(retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE, task_run_name="profile search on {pool}")
 def profile_search(workload_dir: str, grid: str, pool: str, seed: int = 0) -> dict:
     """Measure filtered search on this worker (see :mod:`tasks.honeybee.profile`)."""
-    started = time.time()
     server = server_for(workload_dir)
     frame = measure_search(server.vectors, server.queries, GRIDS[grid], seed=seed)
-    return {"rows": frame.to_dict("records"), "worker": this_worker(), "interval": (started, time.time())}
+    return {"rows": frame.to_dict("records"), "worker": this_worker()}
 
 
 @task(cache_policy=NO_CACHE, task_run_name="build {strategy} partitions on {pool}")
 def build_partitions(workload_dir: str, strategy: str, specs: list[PartitionSpec], pool: str) -> dict:
     """Build this pool's share of a strategy's partitions in the worker's memory."""
-    started = time.time()
     built = server_for(workload_dir).build(strategy, specs)
-    return {"partitions": built, "worker": this_worker(), "interval": (started, time.time())}
+    return {"partitions": built, "worker": this_worker()}
 
 
 @task(cache_policy=NO_CACHE, task_run_name="search {strategy} on {pool}")
 def search_partitions(workload_dir: str, strategy: str, jobs: list[SearchJob], k: int, pool: str) -> dict:
     """Run search jobs against this worker's partitions of a strategy."""
-    started = time.time()
     D, I, seconds = server_for(workload_dir).search(strategy, jobs, k)
-    return {"D": D, "I": I, "seconds": seconds, "interval": (started, time.time())}
+    return {"D": D, "I": I, "seconds": seconds}
 
 
 @task(cache_policy=NO_CACHE, task_run_name="drop {strategy} partitions on {pool}")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
-from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from infra.catalog import load_catalog
@@ -12,6 +9,7 @@ from infra.cluster import this_worker_name
 from optimizers.jellybean import JellyBeanProblem, Plan, check_feasible_inputs, plan_milp
 from optimizers.jellybean_baselines import STRATEGIES
 from optimizers.solve import InfeasibleError
+from tasks.common.tasks import task
 from tasks.jellybean import runtime
 
 
@@ -26,12 +24,8 @@ def simulated_speedup(device: str) -> float:
 
 
 @task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE, task_run_name="profile {pool}")
-def profile_pool(pool: str, tier: str, device: str, variants: list[tuple[str, str]], repeats: int = 2) -> dict:
-    """Measure every (operator, variant) on this worker and scale it to the pool's device.
-
-    Returns the profile rows and the interval (wall-clock start, end) the work took.
-    """
-    started = time.time()
+def profile_pool(pool: str, tier: str, device: str, variants: list[tuple[str, str]], repeats: int = 2) -> list[dict]:
+    """Measure every (operator, variant) on this worker and scale it to the pool's device: the profile rows."""
     speedup = simulated_speedup(device)
     rows = []
     for operator, variant in variants:
@@ -41,7 +35,7 @@ def profile_pool(pool: str, tier: str, device: str, variants: list[tuple[str, st
             "measured_ms": measured, "latency_ms": measured / speedup, "simulated": device != runtime.HOST_DEVICE,
             "worker": this_worker_name(),
         })
-    return {"rows": rows, "interval": (started, time.time())}
+    return rows
 
 
 @task(cache_policy=NO_CACHE, task_run_name="plan {strategy}")
@@ -49,19 +43,17 @@ def plan_strategy(problem: JellyBeanProblem, strategy: str, incumbent: Plan | No
     """One strategy's plan: the MILP (whose infeasibility fails the run), or a named baseline.
 
     The MILP is capped by ``incumbent`` (the heuristic's plan, when it has one), so it is
-    never dearer than it. Returns {"plan": Plan | None, "infeasible": why | None,
-    "interval": (start, end)}: a baseline that cannot serve the workflow is recorded as
-    such, not a failure.
+    never dearer than it. Returns {"plan": Plan | None, "infeasible": why | None}: a baseline
+    that cannot serve the workflow is recorded as such, not a failure.
     """
-    started = time.time()
     if strategy == "milp":
         check_feasible_inputs(problem)
-        return {"plan": plan_milp(problem, incumbent=incumbent), "infeasible": None, "interval": (started, time.time())}
+        return {"plan": plan_milp(problem, incumbent=incumbent), "infeasible": None}
     try:
         plan, why = STRATEGIES[strategy](problem), None
     except InfeasibleError as exc:
         plan, why = None, str(exc)
-    return {"plan": plan, "infeasible": why, "interval": (started, time.time())}
+    return {"plan": plan, "infeasible": why}
 
 
 @task(retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE, task_run_name="serve {operator} on {pool}")

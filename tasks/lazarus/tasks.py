@@ -15,10 +15,10 @@ import signal
 import threading
 import time
 
-from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from infra.cluster import TieredCluster, on_worker, this_worker
+from tasks.common.tasks import task
 from tasks.lazarus.node import RunSettings, run_node
 
 

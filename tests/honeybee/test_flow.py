@@ -11,7 +11,7 @@ from tasks.honeybee.workload import generate_workload, save_workload
 
 @pytest.fixture(scope="module")
 def tiny_run(prefect_api, tmp_path_factory):
-    from flows.honeybee import honeybee
+    from flows.honeybee.flow import honeybee
 
     tmp = tmp_path_factory.mktemp("honeybee")
     save_workload(generate_workload("tiny", seed=1), tmp / "workload")
@@ -37,16 +37,19 @@ def test_run_writes_plan_model_evaluation_report_and_plot(tiny_run):
 
 def test_every_strategy_meets_the_recall_target_and_nothing_forbidden_is_returned(tiny_run):
     summary, out = tiny_run
-    assert summary["rejected_at_merge"] == 0
-    assert summary["not_built"] == []
-    for strategy, recall in summary["recall"].items():
-        assert recall >= summary["recall_target"], strategy
+    details = summary["details"]
+    assert details["rejected_at_merge"] == 0
+    assert details["not_built"] == []
+    for strategy, recall in details["recall"].items():
+        assert recall >= details["recall_target"], strategy
+    assert {row["baseline"] for row in summary["rows"]} == {"rls", "rls_prefilter", "per_role", "per_user"}
+    assert all(row["metric"] == "QPS" and row["better"] == "higher" for row in summary["rows"])
 
 
 def test_honeybee_stays_within_its_storage_budget_and_baselines_store_what_they_are(tiny_run):
     summary, _ = tiny_run
-    storage = summary["storage"]
-    assert storage["honeybee"] <= summary["storage_budget"] + 1e-9
+    storage = summary["details"]["storage"]
+    assert storage["honeybee"] <= summary["details"]["storage_budget"] + 1e-9
     assert storage["rls"] == 1.0
     assert storage["rls"] <= storage["per_role"] <= storage["per_user"]
 

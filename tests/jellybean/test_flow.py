@@ -33,10 +33,12 @@ def small_run(prefect_api, tmp_path_factory):
 
 
 def test_run_json_prints_the_summary_as_the_last_stdout_line(small_run):
-    summary, _ = small_run
-    assert summary["system"] == "jellybean"
-    assert 0 <= summary["overhead_share"] < 1
-    assert set(summary["savings"]) | set(summary["infeasible_baselines"]) == {"jellybean_heuristic", "infaas_style", "cloud_only"}
+    summary, out = small_run
+    assert summary["system"] == "jellybean" and summary["results"] == str(out)
+    assert 0 <= summary["overhead_share"] < 1 and 0 < summary["task_seconds"] <= summary["wall_seconds"]
+    compared = {row["baseline"] for row in summary["rows"]}
+    assert compared | set(summary["details"]["infeasible_baselines"]) == {"jellybean_heuristic", "infaas_style", "cloud_only"}
+    assert json.loads((out / "evaluation.json").read_text())["summary"] == summary
 
 
 def test_run_writes_plan_evaluation_report_and_plot(small_run):
@@ -49,9 +51,10 @@ def test_run_writes_plan_evaluation_report_and_plot(small_run):
 
 def test_milp_plan_is_never_dearer_than_a_baseline_and_meets_the_target(small_run):
     summary, _ = small_run
-    assert summary["accuracy"] >= summary["accuracy_target"]
-    for name, cost in summary["baselines"].items():
-        assert summary["milp"] <= cost + 1e-6, name
+    assert summary["details"]["accuracy"] >= summary["details"]["accuracy_target"]
+    for row in summary["rows"]:
+        assert (row["metric"], row["unit"], row["better"]) == ("cost", "$/h", "lower")
+        assert row["value"] <= row["baseline_value"] + 1e-6 and row["ratio"] <= 1 + 1e-6, row["baseline"]
     assert summary["simulated"], "a result must say what was simulated"
 
 
@@ -84,3 +87,24 @@ def test_request_stream_is_dealt_in_proportion_and_reaches_every_worker():
     a, b, c = (len(dealt[w]) for w in "abc")
     assert a > b > c == 1
     assert split_requests([0, 1], {"a": 1.0, "b": 1.0, "c": 1.0}).keys() <= {"a", "b", "c"}
+
+
+def test_the_report_artifact_shows_its_plot_and_tables_in_the_prefect_ui(small_run, prefect_api, tmp_path):
+    import re
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from tests.browser import artifact_page, chromium_or_skip
+
+    chromium_or_skip()
+    summary, out = small_run
+    with get_client(sync_client=True) as client:
+        reports = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["jellybean-report"])))
+    (report,) = [a for a in reports if summary["run_id"] in (a.description or "")]
+    page = artifact_page(prefect_api.removesuffix("/api"), str(report.id), screenshot=tmp_path / "report.png")
+    plots = re.findall(r"!\[([^\]]*)\]\(", (out / "report.md").read_text())
+    shown = [image for image in page["images"] if image["alt"] in plots]
+    assert plots and len(shown) == len(plots), page["images"]
+    assert all(image["naturalWidth"] > 0 and image["naturalHeight"] > 0 for image in shown), shown
+    assert {"strategy", "total_cost_per_hour"} <= set(page["headers"])

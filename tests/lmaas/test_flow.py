@@ -20,30 +20,31 @@ INFRA = str(Path(__file__).resolve().parents[2] / "data" / "lmaas.infra.yaml")
 @pytest.mark.slow
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_a_tiny_run_trains_registers_places_deploys_and_compares(prefect_api, tmp_path, request, database):
-    from flows.lmaas import lmaas
+    from flows.lmaas.flow import lmaas
 
     db = None  # SQLite in the run's folder
     if database == "postgresql":  # a real server, which the replicas on the Dask workers share
         db = fresh_database(request.getfixturevalue("postgres"))
     summary = lmaas(scale="tiny", results_dir=str(tmp_path), run_id="test", db=db)
-    out = tmp_path / "lmaas" / "test"
+    out, details = tmp_path / "lmaas" / "test", summary["details"]
     for name in ("plan.json", "evaluation.json", "report.md", "lmaas.png", "strategies.csv", "slo.csv"):
         assert (out / name).exists(), name
     table = pd.read_csv(out / "strategies.csv")
     assert list(table.strategy) == ["lmaas", "lmaas_serverless", "multi_lora", "merged_sequential", "unbatched"]
     assert (table.requests == 12).all()
-    tuned = summary["fine_tuning"]["reviews"]
+    tuned = details["fine_tuning"]["reviews"]
     assert tuned["heldout_loss"][1] < tuned["heldout_loss"][0]
-    assert summary["isolation"] == {"own adapter": 200, "another tenant's adapter": 403,
+    assert details["isolation"] == {"own adapter": 200, "another tenant's adapter": 403,
                                     "unknown adapter of one's own": 404, "wrong API key": 401}
-    serverless = summary["serverless"]
+    serverless = details["serverless"]
     assert serverless["scaled_to_zero_between_runs"] and serverless["cold_starts"] >= 1
     # the spare machine and then the idle planned one were given back; from zero, one came up again
     assert serverless["machines_released"] >= 2 and len(serverless["machine_start_s"]) >= 1
-    assert summary["serving_format"]["serve"]["chosen"] in ("int4", "bfloat16")
-    assert summary["metered"]["completion_tokens"] > 0 and summary["metered"]["cost_usd"] > 0
-    assert summary["replan"]["needed"]  # the surge is half a worker beyond the plan's workers
-    assert json.loads((out / "evaluation.json").read_text())["summary"]["value"] == summary["value"]
+    assert details["serving_format"]["serve"]["chosen"] in ("int4", "bfloat16")
+    assert details["metered"]["completion_tokens"] > 0 and details["metered"]["cost_usd"] > 0
+    assert details["replan"]["needed"]  # the surge is half a worker beyond the plan's workers
+    assert {row["baseline"] for row in summary["rows"]} == {"multi_lora", "merged_sequential", "unbatched"}
+    assert json.loads((out / "evaluation.json").read_text())["summary"] == summary
 
 
 def write_plan(tmp_path, registry_url, store, workers, assignment, capacity=100.0):
@@ -75,7 +76,7 @@ def acme_on_one_worker(tmp_path):
 
 
 def test_the_scheduled_replan_grows_the_plan_when_metered_load_outgrows_a_worker(prefect_api, tmp_path):
-    from flows.lmaas import lmaas_replan
+    from flows.lmaas.flow import lmaas_replan
 
     registry, url, path = acme_on_one_worker(tmp_path)
     assert lmaas_replan(plan_path=str(path), window_s=60)["reasons"] == ["no load in the window"]
@@ -93,7 +94,7 @@ def test_the_scheduled_replan_grows_the_plan_when_metered_load_outgrows_a_worker
 
 
 def test_replan_without_a_plan_says_to_run_lmaas_first(prefect_api, tmp_path):
-    from flows.lmaas import lmaas_replan
+    from flows.lmaas.flow import lmaas_replan
 
     with pytest.raises(FileNotFoundError, match="run `tierflow run lmaas` first"):
         lmaas_replan(plan_path=str(tmp_path / "missing.json"))

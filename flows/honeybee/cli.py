@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.console import console, fail, user_errors
+from flows.honeybee import HoneyBeeParams
 
 honeybee_app = typer.Typer(help="HoneyBee: role-based access control for vector search by overlapping partitions.",
                            no_args_is_help=True)
@@ -76,11 +77,10 @@ def profile(
     from data_contracts import validate
     from optimizers.honeybee_cost import fit_cost_model
     from tasks.honeybee.profile import GRIDS, grid_for, measure_search
-    from tasks.honeybee.settings import check_settings
     from tasks.honeybee.workload import load_workload
 
     with user_errors():
-        check_settings("--recall", {"recall_target": recall})
+        HoneyBeeParams.check_fields({"recall_target": recall}, "--recall")
         loaded = load_workload(workload)
         grid = grid or grid_for(len(loaded.vectors))
         if grid not in GRIDS:
@@ -108,13 +108,12 @@ def query(
     """Run the workload's queries with one strategy: each query's doc ids, QPS, storage and build time."""
     from optimizers.honeybee import STRATEGIES
     from tasks.honeybee.local import run_locally
-    from tasks.honeybee.settings import check_settings
     from tasks.honeybee.workload import load_workload
 
     if strategy not in STRATEGIES:
         fail(f"--strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
     with user_errors():
-        check_settings("command line", {"storage_budget": budget, "recall_target": recall, "k": k})
+        HoneyBeeParams.check_fields({"storage_budget": budget, "recall_target": recall, "k": k}, "command line")
         loaded = load_workload(workload)
         cost_model = _load_model(model, loaded, recall)
         with console.status(f"planning, building and querying {strategy}…"):
@@ -157,13 +156,12 @@ def update(
     """
     from tasks.honeybee.changes import read_changes
     from tasks.honeybee.rbac import Rbac
-    from tasks.honeybee.settings import check_settings
     from tasks.honeybee.update import LiveDeployment, load_state, save_state
     from tasks.honeybee.workload import load_workload
 
     state = state or workload.with_name(workload.name + ".honeybee-state")
     with user_errors():
-        check_settings("command line", {"storage_budget": budget, "recall_target": recall})
+        HoneyBeeParams.check_fields({"storage_budget": budget, "recall_target": recall}, "command line")
         todo = read_changes(changes)
         first_build = None
         if state.exists():

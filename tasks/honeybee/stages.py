@@ -1,0 +1,153 @@
+"""HoneyBee's stages on the tiered cluster: what the flow (flows/honeybee/flow.py) tells in order.
+
+The search cost and recall models are measured on a worker and fitted; every strategy (HoneyBee's
+partitioning and its baselines) is planned for the same workload; each strategy's partitions are
+built on the pools the placement chose and the same queries run against every strategy at the same
+recall target; :func:`evaluate` puts them side by side through the run's :class:`RunContext`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from prefect import get_run_logger
+
+from data_contracts import validate
+from infra.catalog import load_catalog
+from infra.cluster import on_pool, on_worker
+from infra.spec import InfraSpec
+from optimizers.honeybee import PoolSlot
+from tasks.common.run import RunContext
+from tasks.honeybee import report
+from tasks.honeybee.evaluate import StrategyResult, calibrate_and_measure, ground_truth, summarize
+from tasks.honeybee.plans import Deployment, index_bytes_per_vector, index_gib
+from tasks.honeybee.rbac import Rbac
+from tasks.honeybee.tasks import build_partitions, drop_partitions, profile_search, search_partitions
+
+SIMULATED = [
+    "every pool's worker runs on this host's CPU: latencies are this host's, one core per query; "
+    "pool capacities (documents a pool can hold) come from the catalog's memory of its device",
+]
+
+
+def profile(workload_dir: str, infra: InfraSpec, grid: str) -> pd.DataFrame:
+    """PROFILE: measure filtered search on the worker of the pool that holds the most (the last, cloud-most)."""
+    pool = max(infra.pools, key=lambda p: ("device", "hub", "edge", "cloud").index(p.tier))
+    with on_pool(pool):
+        measured = profile_search.submit(workload_dir, grid, pool.name).result()
+    frame = pd.DataFrame(measured["rows"])
+    return validate(frame, "honeybee.search_profile", "profile stage").assign(pool=pool.name)
+
+
+def pool_slots(infra: InfraSpec, dim: int, memory_share: float = 0.5) -> list[PoolSlot]:
+    """How many documents each pool can hold: half its machines' memory (catalog) per stored vector."""
+    catalog = load_catalog()
+    per_vector = index_bytes_per_vector(dim)
+    return [PoolSlot(p.name, p.tier, memory_share * catalog.device(p.device).memory_gib * 2**30 * p.count / per_vector,
+                     p.count) for p in infra.pools]
+
+
+def deploy(workload_dir: str, infra: InfraSpec, deployment: Deployment) -> tuple[list[dict], dict[str, str]]:
+    """DEPLOY one strategy: build each pool's partitions on its worker; returns what was built and where."""
+    futures = {}
+    for pool in infra.pools:
+        specs = [s for s, p in zip(deployment.specs, deployment.pools) if p == pool.name]
+        if specs:
+            with on_pool(pool):
+                futures[pool.name] = build_partitions.submit(workload_dir, deployment.strategy, specs, pool.name)
+    built, workers = [], {}
+    for name, future in futures.items():
+        outcome = future.result()
+        built += [{**b, "pool": name} for b in outcome["partitions"]]
+        workers[name] = outcome["worker"]
+    return built, workers
+
+
+def searcher(workload_dir: str, strategy: str, workers: dict[str, str], k: int):
+    """Search jobs on the workers holding the partitions, one pool after another.
+
+    Pools are measured one at a time because every worker here shares this host's cores:
+    searching all pools at once would time contention, not the partitions.
+    """
+
+    def search(jobs):
+        answers = {}
+        for pool, pool_jobs in jobs.items():
+            with on_worker(workers[pool]):
+                result = search_partitions.submit(workload_dir, strategy, pool_jobs, k, pool).result()
+            answers[pool] = (result["D"], result["I"], result["seconds"])
+        return answers
+
+    return search
+
+
+def not_built(deployment: Deployment, reason: str) -> StrategyResult:
+    plan = deployment.plan
+    return StrategyResult(plan.strategy, plan.method, len(plan.partitions), plan.storage, 0.0, 0, float("nan"),
+                          float("nan"), float("nan"), float("nan"), float("nan"), False, 1.0,
+                          plan.expected_latency_s * 1e3, float("nan"), float("nan"), 0, built=False, notes=[reason])
+
+
+def deploy_and_measure(workload, workload_dir: str, infra: InfraSpec, deployments: dict[str, Deployment], k: int,
+                       recall_target: float, max_index_gib: float) -> tuple[list[StrategyResult], pd.DataFrame]:
+    """DEPLOY + measure each strategy in turn (its partitions are dropped once measured): the same
+    queries against every strategy at the same recall target."""
+    logger = get_run_logger()
+    rbac = Rbac.of(workload)
+    query_ids = np.arange(len(workload.queries))
+    truth = ground_truth(workload.vectors, workload.queries, query_ids, workload.query_users, rbac, k)
+    results, built_all = [], []
+    for strategy, deployment in deployments.items():
+        gib = index_gib(deployment.plan.storage, len(workload.vectors), workload.vectors.shape[1])
+        if gib > max_index_gib:
+            results.append(not_built(deployment, f"not built: its indexes would take ≈{gib:.1f} GiB "
+                                                  f"(> max_index_gib = {max_index_gib}); storage and predicted "
+                                                  "latency are the plan's"))
+            continue
+        built, workers = deploy(workload_dir, infra, deployment)
+        built_all += [{**b, "strategy": strategy} for b in built]
+        search = searcher(workload_dir, strategy, workers, k)
+        run, scale, notes = calibrate_and_measure(deployment, query_ids, workload.query_users, truth, rbac, search, k,
+                                                  recall_target)
+        results.append(summarize(deployment, run, truth, query_ids, workload.query_users, rbac, recall_target, scale,
+                                 built, notes))
+        for pool, worker in workers.items():
+            with on_worker(worker):
+                drop_partitions.submit(workload_dir, strategy, pool).result()
+        logger.info("%s: %.0f QPS, recall %.3f, storage %.2f×", strategy, results[-1].qps, results[-1].recall,
+                    results[-1].storage)
+    return results, pd.DataFrame(built_all)
+
+
+def evaluate(run: RunContext, name: str, stats: dict, results: list[StrategyResult], deployments: dict[str, Deployment],
+             model, built: pd.DataFrame, strategies: list[str]) -> None:
+    """EVALUATE: the side-by-side table, plot, report, artifacts and the run's rows."""
+    params = run.params
+    table = report.results_table(results)
+    validate(table.drop(columns=["method"]), "honeybee.evaluation", "evaluate stage")
+    run.write_table("strategies", table, "strategies side by side")
+    run.write_table("partitions", built)
+    plot = report.latency_storage_plot(table, run.path("latency_vs_storage.png"), f"HoneyBee on {name}: latency vs storage")
+    placement = {s: d.summary()["pools"] for s, d in deployments.items()}
+    notes = {r.strategy: r.notes for r in results}
+    run.write_report(report.markdown_report(name, stats, table, params.recall_target, params.storage_budget, model.fit,
+                                            placement, SIMULATED, plot.name, notes))
+
+    by = table.set_index("strategy")
+    mine, baselines = strategies[0], strategies[1:]
+    built_ones = {s: float(by.loc[s, "qps"]) for s in by.index if by.loc[s, "built"]}
+    summary = run.summary
+    summary.simulated = SIMULATED
+    summary.compare("QPS", "q/s", "higher", built_ones, mine, baselines, digits=1)
+    summary.details = {
+        "workload": name,
+        "storage": {s: round(float(by.loc[s, "storage"]), 3) for s in by.index},
+        "recall": {s: round(float(by.loc[s, "recall"]), 4) for s in by.index if by.loc[s, "built"]},
+        "recall_target": params.recall_target,
+        "storage_budget": params.storage_budget,
+        "method": str(by.loc[mine, "method"]),
+        "not_built": [s for s in by.index if not by.loc[s, "built"]],
+        "rejected_at_merge": int(table.rejected_at_merge.sum()),
+    }
+    run.write_evaluation({"workload": stats, "strategies": table.to_dict("records"), "notes": notes,
+                          "cost_model": model.to_dict(), "deployments": {s: d.summary() for s, d in deployments.items()}})

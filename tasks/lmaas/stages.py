@@ -1,0 +1,354 @@
+"""LMaaS's stages on the tiered cluster: what the flow (flows/lmaas/flow.py) tells in order.
+
+- TRAIN: real LoRA fine-tuning of the base model on tenants' small tasks (tasks/lmaas/finetune.py),
+  one Prefect task per adapter on the training pool; held-out loss before/after and accuracy;
+- REGISTER: the trained adapters and many more (randomly initialised, for scale) go into the
+  registry — a real database and the artifact store — under their tenants, each with an API key;
+- PROFILE: each serving pool's worker loads the serving engine and decodes batches of distinct
+  adapters, per weight format; capacity = the best throughput meeting the TPOT objective;
+- OPTIMIZE: the placement MILP (optimizers/lmaas.py) picks the serving workers and each one's
+  adapters from the trace's expected load and the catalog's prices;
+- DEPLOY + EVALUATE: serving replicas run as services on the chosen workers (tasks/lmaas/serverless.py)
+  and the multi-tenant trace is sent to them over HTTP with each tenant's key, always on and then
+  serverless (scale from zero, cold starts in latency); the baselines replay the same trace on a
+  serving worker;
+- RE-PLAN: the load mix shifts (a surge with popularity reversed) and the placement is re-solved.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+from prefect import get_run_logger
+from prefect.cache_policies import NO_CACHE
+
+from data_contracts import validate
+from infra.catalog import load_catalog
+from infra.cluster import TieredCluster, on_pool
+from infra.prefect_server import tierflow_home
+from infra.spec import InfraSpec, Pool
+from infra.store import open_store
+from optimizers.lmaas import AdapterPlacement, needs_replan, plan_adapter_placement
+from tasks.common.run import RunContext
+from tasks.common.tasks import task
+from tasks.lmaas.probes import probe_isolation, served_accuracy
+
+TARGETS = ("q_proj", "v_proj")
+RANK = 8
+MAX_HOST_ADAPTERS = 512
+WEIGHT_FORMATS = ("int4", "bfloat16")  # profiled on each serving pool; its replicas run the faster
+SIMULATED = [
+    "every serving and training worker is a Dask worker process on this host's 2 CPU cores: replicas that run "
+    "together share them, so scale-out adds no compute here; prices are the catalog's cpu-small $/hour",
+    "the baselines run in-process on a serving worker in bf16 (merging needs dense weights); the deployed "
+    "service runs behind HTTP in the weight format its pool's profile chose, with cold starts counted",
+]
+
+
+# --- tasks --------------------------------------------------------------------------------------
+
+@task(cache_policy=NO_CACHE, task_run_name="fine-tune {task_name} on {pool}")
+def train_adapter(task_name: str, steps: int, seed: int, out: str, pool: str) -> dict:
+    """Fine-tune one LoRA adapter and measure held-out accuracy before and after (served by the engine)."""
+    from tasks.lm.engine import LMEngine
+    from tasks.lm.lora import save_adapter
+    from tasks.lmaas.finetune import accuracy, finetune, make_task
+
+    engine = LMEngine.load(weight_format="bfloat16", kv_cache_mib=128, lora_slots=2, lora_rank=RANK, lora_targets=TARGETS)
+    job = make_task(task_name, seed)
+    adapter, record = finetune(engine, job, steps=steps, rank=RANK, targets=TARGETS, seed=seed)
+    engine.add_adapter(task_name, adapter)
+    folder = save_adapter(adapter, Path(out) / "adapters" / task_name)
+    return {**asdict(record), "folder": str(folder), "test_examples": len(job.test), "train_examples": len(job.train),
+            "accuracy_base": accuracy(engine, None, job.test), "accuracy_adapter": accuracy(engine, task_name, job.test)}
+
+
+@task(cache_policy=NO_CACHE, task_run_name="profile serving on {pool}")
+def profile_pool(pool: str) -> dict[str, dict]:
+    """The serving engine's profile on this worker, per weight format."""
+    from tasks.lmaas.profile import profile_serving
+
+    return {fmt: profile_serving(weight_format=fmt, lora_rank=RANK, lora_targets=TARGETS) for fmt in WEIGHT_FORMATS}
+
+
+@task(cache_policy=NO_CACHE, task_run_name="replay the baselines on {pool}")
+def replay_baselines(trace: list, db_url: str, store_url: str, strategies: list[str], pool: str) -> dict:
+    """The same trace, in-process on one serving worker, for each baseline strategy (bf16)."""
+    from tasks.lm.engine import LMEngine
+    from tasks.lmaas.registry import Registry
+    from tasks.lmaas.strategies import replay
+
+    engine = LMEngine.load(weight_format="bfloat16", kv_cache_mib=256, lora_slots=16, lora_rank=RANK,
+                           lora_targets=TARGETS, max_host_adapters=4096)
+    registry = Registry(db_url, open_store(store_url), engine.config)
+    wanted = {r.model for r in trace}
+    adapters = {info.model: registry.fetch_adapter(info) for info in registry.adapters() if info.model in wanted}
+    out = {}
+    for strategy in strategies:
+        engine.cache.clear_prefix_cache()
+        result = replay(strategy, engine, adapters, trace)
+        out[strategy] = {"summary": result.summary(), "served": [asdict(s) for s in result.served]}
+    return out
+
+
+# --- TRAIN and REGISTER ---------------------------------------------------------------------------
+
+def split_pools(infra: InfraSpec) -> tuple[Pool, list[Pool]]:
+    """The training pool (``train``) and the serving pools."""
+    train = next((p for p in infra.pools if p.name == "train"), infra.pools[0])
+    return train, [p for p in infra.pools if p.name != "train"] or list(infra.pools)
+
+
+def fine_tune(run: RunContext, pool: Pool, tasks: list[str], steps: int) -> list[dict]:
+    """TRAIN one adapter per task on the training pool, checked against the ``lmaas.training`` contract."""
+    with on_pool(pool):
+        futures = [train_adapter.submit(name, steps, run.params.seed, str(run.out.resolve()), pool.name) for name in tasks]
+    trained = [f.result() for f in futures]
+    training = pd.DataFrame([{k: r[k] for k in ("task", "steps", "heldout_loss_before", "heldout_loss_after",
+                                                 "accuracy_base", "accuracy_adapter", "seconds", "tokens_per_s",
+                                                 "trainable_params")} for r in trained])
+    validate(training, "lmaas.training", "train stage")
+    for r in trained:
+        get_run_logger().info("fine-tuned %s: held-out loss %.3f → %.3f, accuracy %.2f → %.2f", r["task"],
+                              r["heldout_loss_before"], r["heldout_loss_after"], r["accuracy_base"], r["accuracy_adapter"])
+    return trained
+
+
+@dataclass
+class Tenancy:
+    """The registry and what was registered: tenants' keys and each adapter's size."""
+
+    registry: object  # tasks.lmaas.registry.Registry
+    db_url: str
+    store_url: str
+    keys: dict[str, str]  # tenant -> API key
+    sizes: dict[str, int]  # adapter model -> bytes
+
+    @property
+    def models(self) -> list[str]:
+        return sorted(self.sizes)
+
+    @property
+    def tenants(self) -> dict:
+        return {t.name: t for t in self.registry.tenants()}
+
+
+def register(run: RunContext, trained: list[dict], owners: dict[str, str], n_random: int) -> Tenancy:
+    """REGISTER tenants with API keys, the trained adapters (task → owning tenant in ``owners``) and
+    ``n_random`` random ones, in the run's registry (``db``, default SQLite in the run's folder) and
+    adapter store."""
+    from tasks.lm.lora import random_adapter, save_adapter
+    from tasks.lm.weights import load_config
+    from tasks.lmaas.registry import Registry
+
+    params, seed = run.params, run.params.seed
+    store_url = params.adapter_store or str(run.path("store").resolve())
+    db_url = params.db or f"sqlite:///{run.path('lmaas.db').resolve()}"
+    config = load_config(None)
+    registry = Registry(db_url, open_store(store_url), config)
+    keys, sizes = {}, {}
+    for record in trained:
+        tenant = owners[record["task"]]
+        _, keys[tenant] = registry.add_tenant(tenant, max_concurrent=64, tokens_per_minute=10_000_000,
+                                              ttft_slo_s=3.0, tpot_slo_s=0.25)
+        info = registry.register_adapter(tenant, record["task"], record["folder"])
+        sizes[info.model] = info.n_params * 4
+    n_tenants = max(1, n_random // 10)
+    for k in range(n_tenants):
+        # a mix of objectives: interactive tenants (tight TTFT) and batch-like ones
+        tight = k % 2 == 0
+        _, keys[f"t{k}"] = registry.add_tenant(f"t{k}", max_concurrent=64, tokens_per_minute=10_000_000,
+                                               ttft_slo_s=2.0 if tight else 6.0, tpot_slo_s=0.2 if tight else 0.5)
+    for i in range(n_random):
+        folder = save_adapter(random_adapter(config, rank=RANK, targets=TARGETS, seed=seed * 100_000 + i, std=0.02),
+                              run.path("random-adapters") / f"a{i}")
+        info = registry.register_adapter(f"t{i % n_tenants}", f"a{i}", folder)
+        sizes[info.model] = info.n_params * 4
+    return Tenancy(registry, db_url, store_url, keys, sizes)
+
+
+def make_requests(models: list[str], shape: dict, seed: int) -> list:
+    """The multi-tenant trace every strategy replays (Zipf over the adapters, bursty arrivals)."""
+    from tasks.lm.tokenizer import build_tokenizer
+    from tasks.lm.weights import load_metadata
+    from tasks.lmaas.trace import make_trace
+    from tasks.moe.corpus import load_corpus
+
+    corpus = build_tokenizer(load_metadata(None)).encode(load_corpus()[:200_000])
+    return make_trace(models, corpus, n_requests=shape["requests"], rate=shape["rate"], seed=seed,
+                      max_tokens=shape["max_tokens"])
+
+
+# --- PROFILE and OPTIMIZE -------------------------------------------------------------------------
+
+def profile_serving_pools(serving: list[Pool], tightest_tpot: float) -> tuple[dict, dict, dict]:
+    """PROFILE each serving pool on its worker; returns every format's profile, the chosen format's
+    profile and the chosen format, per pool."""
+    from tasks.lmaas.profile import capacity, choose_weight_format
+
+    profiled, profiles, formats = {}, {}, {}
+    for pool in serving:
+        with on_pool(pool):
+            profiled[pool.name] = profile_pool.submit(pool.name).result()
+        formats[pool.name] = choose_weight_format(profiled[pool.name], tightest_tpot)
+        profiles[pool.name] = profiled[pool.name][formats[pool.name]]
+        get_run_logger().info("%s serves in %s: capacity %s tokens/s at TPOT ≤ %.2f s", pool.name, formats[pool.name],
+                              {f: round(capacity(p, tightest_tpot), 1) for f, p in profiled[pool.name].items()},
+                              tightest_tpot)
+    return profiled, profiles, formats
+
+
+def place(trace: list, tenancy: Tenancy, serving: list[Pool], profiles: dict, tightest_tpot: float, rate: float):
+    """OPTIMIZE: every registered adapter gets a place (the ones the trace does not use with no load);
+    returns the placement, the adapters' loads and the worker options it chose from."""
+    from tasks.lmaas.profile import adapter_loads, trace_counts, worker_options
+
+    duration = max(r.at_s for r in trace) + 1.0 / rate
+    counts = trace_counts(trace)
+    loads = adapter_loads({m: counts.get(m, (0, 0)) for m in tenancy.models}, duration, tenancy.sizes)
+    workers = worker_options(serving, profiles, tightest_tpot, load_catalog())
+    plan = plan_adapter_placement(loads, workers)
+    get_run_logger().info("placement: run %s at $%.3f/hour", plan.workers, plan.usd_per_hour)
+    return plan, loads, workers
+
+
+def keep_current_plan(plan: AdapterPlacement, tenancy: Tenancy, infra: str, tightest_tpot: float, profiles: dict) -> None:
+    """What the scheduled re-plan (``lmaas-replan``) starts from: ``$TIERFLOW_HOME/lmaas/plan.json``."""
+    current = tierflow_home() / "lmaas" / "plan.json"
+    current.parent.mkdir(parents=True, exist_ok=True)
+    current.write_text(json.dumps({**plan_dict(plan), "db": tenancy.db_url, "store": tenancy.store_url, "infra": infra,
+                                   "tpot_slo_s": tightest_tpot, "profiles": profiles}, default=str))
+
+
+def plan_dict(plan: AdapterPlacement) -> dict:
+    return {"workers": plan.workers, "usd_per_hour": plan.usd_per_hour, "utilisation": plan.utilisation,
+            "active_adapters": plan.active_adapters, "memory_bytes": plan.memory_bytes,
+            "solve_seconds": plan.solve_seconds, "optimal": plan.optimal, "inputs": plan.inputs,
+            "assignment": plan.assignment}
+
+
+# --- DEPLOY + EVALUATE ----------------------------------------------------------------------------
+
+@dataclass
+class ServiceReplays:
+    """What the deployed service did: the trace always on and serverless, and the probes."""
+
+    always_on: object  # tasks.lmaas.strategies.Replay
+    serverless: object
+    machine_seconds_with_quiet: dict[str, float]
+    served_accuracy: dict
+    isolation: dict
+    scaled_to_zero: bool
+    events: list[dict]
+    replicas: list[dict]
+    price_per_hour: float
+
+
+def _machine_seconds_with_quiet(scaler, replay, quiet_s: float) -> float:
+    """The machine-seconds of ``replay`` and of ``quiet_s`` seconds without traffic after it: what a
+    deployment pays for its traffic and the lull that follows (always on: every machine stays up;
+    serverless: idle replicas and their machines go away)."""
+    before = scaler.machine_seconds()
+    time.sleep(quiet_s)
+    return replay.stats["machine_seconds"] + scaler.machine_seconds() - before
+
+
+@task(cache_policy=NO_CACHE, task_run_name="replay the trace through the deployed service")
+def serve_trace(cluster: TieredCluster, plan: AdapterPlacement, loads: list, serving: list[Pool], formats: dict,
+                tenancy: Tenancy, trace: list, trained: list[dict], owners: dict[str, str], shape: dict,
+                seed: int) -> ServiceReplays:
+    """DEPLOY the placement as replicas on its workers (one group per planned worker, the pool's other
+    machines as spares) and replay the trace over HTTP: always on, then serverless from zero."""
+    from tasks.lmaas.serverless import Autoscaler, ReplicaConfig, replay_service
+    from tasks.lmaas.service import default_price_per_hour
+
+    price = default_price_per_hour(serving[0].device)
+    running = set(cluster.workers().values())
+    machine_pool = {m: p for p in serving for m in p.machine_names()}
+    rate = {x.name: x.requests_per_s for x in loads}
+    groups, configs, assignment = {}, {}, {}
+    for machine in plan.workers:
+        spares = [m for m in machine_pool[machine].machine_names() if m not in plan.workers]
+        # a pool without a worker per machine runs one worker, named after the pool
+        members = [m if m in running else machine_pool[m].name for m in [machine, *spares]]
+        groups[machine] = list(dict.fromkeys(members))
+        # a replica holds its adapters in host memory from the start (S-LoRA's host tier): their
+        # fetch is part of its cold start; beyond MAX_HOST_ADAPTERS the busiest are preloaded
+        hot = sorted(plan.adapters_on(machine), key=lambda a: -rate[a])[:MAX_HOST_ADAPTERS]
+        configs[machine] = ReplicaConfig(tenancy.db_url, tenancy.store_url, price,
+                                         weight_format=formats[machine_pool[machine].name], lora_slots=16,
+                                         lora_rank=RANK, lora_targets=TARGETS, max_host_adapters=MAX_HOST_ADAPTERS,
+                                         preload=tuple(hot))
+        assignment.update({a: machine for a in plan.adapters_on(machine)})
+    # a replica is full when its continuous batch is (the engine runs up to 64 sequences); on the
+    # embedded cluster, machines without a replica are given back and started on demand
+    scaler = Autoscaler(cluster, groups, assignment, configs, idle_s=shape["idle_s"], max_in_flight=64)
+    try:
+        # always on: every planned worker's replica is up before the trace, none scales to zero;
+        # the machines the plan does not use are given back (a scale-out starts one again)
+        scaler.pinned = True
+        for group in groups:
+            scaler.warm(group)
+        scaler.release_idle_machines()
+        always_on = replay_service(scaler, trace, tenancy.keys, strategy="lmaas")
+        paid = {"lmaas": _machine_seconds_with_quiet(scaler, always_on, shape["quiet_s"])}
+        accuracy = served_accuracy(scaler, tenancy.keys, trained, owners, seed)
+        replica, _ = scaler.acquire(tenancy.models[0])
+        try:
+            isolation = probe_isolation(replica.url, tenancy.keys, tenancy.models)
+        finally:
+            scaler.release(replica)
+        # serverless: the replicas scale to zero when idle; the same trace then starts from zero
+        scaler.pinned = False
+        scaled_to_zero = scaler.wait_for_zero(shape["idle_s"] + 60)
+        serverless = replay_service(scaler, trace, tenancy.keys, strategy="lmaas_serverless")
+        paid["lmaas_serverless"] = _machine_seconds_with_quiet(scaler, serverless, shape["quiet_s"])
+    finally:
+        replicas = scaler.close()
+    for result in (always_on, serverless):
+        get_run_logger().info("%s: %.1f tokens/s, p99 %.2f s, %d cold starts", result.strategy,
+                              result.summary()["tokens_per_s"], result.summary()["latency_p99_s"],
+                              result.stats["cold_starts"])
+    return ServiceReplays(always_on, serverless, paid, accuracy, isolation, scaled_to_zero, list(scaler.events),
+                          replicas, price)
+
+
+def replay_baselines_on(pool: Pool, trace: list, tenancy: Tenancy, strategies: list[str]) -> dict:
+    """The baselines replay the same trace on one serving pool's worker."""
+    with on_pool(pool):
+        return replay_baselines.submit(trace, tenancy.db_url, tenancy.store_url, strategies, pool.name).result()
+
+
+# --- RE-PLAN ------------------------------------------------------------------------------------
+
+def replan_on_surge(plan: AdapterPlacement, tenancy: Tenancy, workers: list, shape: dict) -> dict:
+    """RE-PLAN on a shifted mix: popularity reversed (Zipf over the adapters in reverse order), and a
+    surge to half a worker beyond what the plan's workers take within the latency objective (1.5× one
+    worker's when the plan has one), so the plan must grow, or say that the spec cannot hold it."""
+    from tasks.lmaas.profile import zipf_loads
+
+    target = (len(plan.workers) + 0.5) * plan.inputs["max_utilisation"] * min(w.tokens_per_s for w in workers)
+    surge = zipf_loads(list(reversed(tenancy.models)), target, sum(shape["max_tokens"]) / 2, tenancy.sizes)
+    return replan(plan, surge, workers)
+
+
+def replan(plan: AdapterPlacement, loads, workers) -> dict:
+    """Whether ``plan`` still holds for ``loads``; if not, the cheapest placement for them that moves
+    the fewest adapters (or which constraints the spec cannot meet)."""
+    from optimizers.solve import InfeasibleError
+
+    reasons = needs_replan(plan, loads, workers)
+    if not reasons:
+        return {"needed": False, "reasons": [], "workers": plan.workers, "moved_adapters": 0}
+    try:
+        new = plan_adapter_placement(loads, workers, current=plan.assignment)
+    except InfeasibleError as exc:
+        return {"needed": True, "reasons": reasons, "infeasible": str(exc), "workers": plan.workers, "moved_adapters": 0}
+    return {"needed": True, "reasons": reasons, "workers_before": plan.workers, "workers": new.workers,
+            "usd_per_hour_before": plan.usd_per_hour, "usd_per_hour": new.usd_per_hour, "moved_adapters": new.moved,
+            "solve_seconds": new.solve_seconds, "surge_tokens_per_s": round(sum(a.tokens_per_s for a in loads), 1),
+            "plan": plan_dict(new)}

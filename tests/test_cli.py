@@ -85,6 +85,11 @@ def test_an_unknown_scale_is_refused_naming_the_scales(tmp_path):
     assert "--scale: 'huge' is not one of small, medium, large" in run_refused(tmp_path, "jellybean", "--scale", "huge")
 
 
+def test_demo_only_refuses_a_system_it_does_not_know_before_running_any(tmp_path):
+    line = refused(tierflow("demo", "--only", "jellybean,nosuch", "--results-dir", tmp_path / "results", cwd=tmp_path))
+    assert "unknown system 'nosuch'" in line and not (tmp_path / "results").exists()
+
+
 @pytest.mark.parametrize("content, says", [
     (None, "file not found"),
     ("rate: [1, 2\n", "malformed YAML"),
@@ -154,3 +159,28 @@ def test_the_summary_table_reads_whole_in_80_columns():
     assert "heuristic" in text and "cloud" in text and "merged" in text  # the baselines' short names
     assert "0.92×" in text and "0.87×" in text and "regime: a regime described" in text
     assert "…" not in text and "overhead 15%" in text
+
+
+def test_a_run_talks_to_the_server_ensure_api_chose_even_if_prefect_was_imported_before(prefect_api, tmp_path):
+    code = f"""
+import json, os, sys
+os.environ["PREFECT_API_URL"] = "http://127.0.0.1:9/api"  # nobody listens there
+import prefect  # noqa: F401  (Prefect reads its settings now)
+from flows.cli import run_system
+from flows.system import Strategy, System
+from tasks.common.params import RunParams
+probe = System(name="probe", description="", flow="tests.probe_flow:probe", cli="", params=RunParams,
+               strategies=(Strategy("probe", "system", "probe", ""),), stages=(), scales=("small",), contracts=(),
+               regime="", demo_budget_s=1)
+print(json.dumps(run_system(probe, RunParams(), scale="small", scheduler=None, results_dir="{tmp_path}", store=None,
+                            api_url="{prefect_api}")))
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ran = json.loads(done.stdout.strip().splitlines()[-1])
+    assert ran["api_url"] == prefect_api
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:  # the session's server knows the run
+        assert str(client.read_flow_run(ran["flow_run"]).id) == ran["flow_run"]

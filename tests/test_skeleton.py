@@ -14,7 +14,7 @@ from infra.errors import InputError
 from infra.store import open_store
 from tasks.common.run import RunContext, artifact_key, embed_images
 from tasks.common.summary import ROW_KEYS, Summary
-from tasks.common.tasks import busy_seconds
+from tasks.common.tasks import busy_intervals, busy_seconds
 from tests.infra.test_store import unique_bucket
 
 PNG = base64.b64decode(  # a 1×1 transparent PNG
@@ -40,6 +40,14 @@ def test_overhead_is_the_share_of_wall_time_no_task_did_its_own_work():
     summary = Summary("jellybean", "r", "out", "")
     summary.timed(wall_seconds=10.0, task_seconds=4.0)
     assert (summary.wall_seconds, summary.task_seconds, summary.overhead_share) == (10.0, 4.0, 0.6)
+
+
+def test_a_task_killed_mid_run_counts_up_to_its_last_heartbeat_and_other_runs_do_not_count():
+    events = [{"id": "a", "flow_run": "r", "task": "train_node", "start": 0.0, "end": 2.0},
+              {"id": "a", "flow_run": "r", "task": "train_node", "start": 0.0, "end": 4.0},  # then killed
+              {"id": "b", "flow_run": "r", "task": "profile", "start": 5.0, "end": 6.0},
+              {"id": "c", "flow_run": "another run", "task": "x", "start": 0.0, "end": 9.0}]
+    assert sorted(busy_intervals(events, ["r"])) == [(0.0, 4.0), (5.0, 6.0)]
 
 
 def test_a_report_artifact_carries_its_plots_as_data_uris_and_the_file_links_them(tmp_path):

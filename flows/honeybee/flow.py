@@ -14,10 +14,10 @@ from flows.honeybee import DEFAULT_INFRA, SYSTEM, HoneyBeeParams
 from optimizers.honeybee_cost import fit_cost_model
 from tasks.common.run import RunContext, run_flow, stages_flow
 from tasks.common.summary import Summary
-from tasks.honeybee.plans import build_problem, make_deployment, plan_all
+from tasks.honeybee.plans import build_problem, make_deployment
 from tasks.honeybee.profile import grid_for
 from tasks.honeybee.rbac import Rbac
-from tasks.honeybee.stages import deploy_and_measure, evaluate, pool_slots, profile
+from tasks.honeybee.stages import deploy_and_measure, evaluate, plan_strategies, pool_slots, profile
 from tasks.honeybee.workload import describe
 
 
@@ -34,7 +34,7 @@ def honeybee_stages(run: RunContext) -> Summary:
 
     problem = build_problem(Rbac.of(workload), workload.query_users, model, storage_budget=params.storage_budget,
                             name=workload.name)
-    plans = plan_all(problem, tuple(strategies))
+    plans = plan_strategies(problem, strategies)
     run.write_plan(plans[SYSTEM.strategy].to_dict())
     slots = pool_slots(params.infra_spec, workload.vectors.shape[1])
     deployments = {s: make_deployment(problem, plan, model, slots, params.near_tier) for s, plan in plans.items()}

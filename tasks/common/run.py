@@ -33,7 +33,7 @@ from infra.spec import InfraSpec
 from infra.store import open_store
 from tasks.common.params import RunParams
 from tasks.common.summary import Summary
-from tasks.common.tasks import BUSY_TOPIC, busy_seconds, current_flow_run
+from tasks.common.tasks import BUSY_TOPIC, busy_intervals, busy_seconds, current_flow_run
 
 IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")
 
@@ -170,7 +170,7 @@ def run_flow(run: RunContext, stages, infra: InfraSpec, *, rerun_lost_tasks: boo
         run.cluster = cluster
         try:
             summary = stages.with_options(task_runner=DaskTaskRunner(address=cluster.address))(run)
-            busy = [(e["start"], e["end"]) for e in cluster.events(BUSY_TOPIC) if e.get("flow_run") in run.flow_runs]
+            busy = busy_intervals(cluster.events(BUSY_TOPIC), run.flow_runs)
         finally:
             run.cluster = None
     summary.timed(time.perf_counter() - run.started, busy_seconds(busy))

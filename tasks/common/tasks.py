@@ -2,21 +2,27 @@
 measures its own busy time.
 
 Each call logs when its body started and ended to the cluster's event log (on the scheduler, so it
-outlasts a worker that is killed or released), tagged with its flow run. The run adds those
-intervals up (:func:`busy_seconds`): the share of the run's wall time that no task was doing its
-own work is the platform's overhead (starting the cluster, Prefect's orchestration, shipping data).
+outlasts a worker that is killed or released), tagged with its flow run, and while it runs it says
+so every :data:`HEARTBEAT_S` seconds: a task whose worker is killed (a Lazarus node) still counts
+up to its last heartbeat. The run adds those intervals up (:func:`busy_seconds`): the share of the
+run's wall time that no task was doing its own work is the platform's overhead (starting the
+cluster, Prefect's orchestration, shipping data, the flow's own bookkeeping).
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
+import threading
 import time
+import uuid
 
 from prefect import task as prefect_task
 
 from infra.cluster import log_event
 
 BUSY_TOPIC = "tierflow-busy"
+HEARTBEAT_S = 2.0
 
 
 def task(fn=None, /, **options):
@@ -25,20 +31,37 @@ def task(fn=None, /, **options):
     def decorate(fn):
         @functools.wraps(fn)
         def timed(*args, **kwargs):
-            started = time.time()
+            interval = {"id": uuid.uuid4().hex, "flow_run": current_flow_run(), "task": fn.__name__,
+                        "start": time.time()}
+            done = threading.Event()
+            # the heartbeat thread needs this thread's context: it names the Dask worker running the task
+            beat = threading.Thread(target=contextvars.copy_context().run, args=(_heartbeat, interval, done),
+                                    daemon=True)
+            beat.start()
             try:
                 return fn(*args, **kwargs)
             finally:
-                record_busy(fn.__name__, started, time.time())
+                done.set()
+                log_event(BUSY_TOPIC, {**interval, "end": time.time()})
 
         return prefect_task(**options)(timed)
 
     return decorate(fn) if fn is not None else decorate
 
 
-def record_busy(name: str, start: float, end: float) -> None:
-    """Log that ``name`` did its own work from ``start`` to ``end`` (wall-clock seconds)."""
-    log_event(BUSY_TOPIC, {"flow_run": current_flow_run(), "task": name, "start": start, "end": end})
+def _heartbeat(interval: dict, done: threading.Event) -> None:
+    while not done.wait(HEARTBEAT_S):
+        log_event(BUSY_TOPIC, {**interval, "end": time.time()})
+
+
+def busy_intervals(events: list[dict], flow_runs: list[str]) -> list[tuple[float, float]]:
+    """Each task call of ``flow_runs`` as (start, end): its end, or its last heartbeat."""
+    last: dict[str, tuple[float, float]] = {}
+    for event in events:
+        if event.get("flow_run") in flow_runs:
+            start, end = last.get(event["id"], (event["start"], event["end"]))
+            last[event["id"]] = (start, max(end, event["end"]))
+    return list(last.values())
 
 
 def current_flow_run() -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from prefect import get_run_logger
+from prefect.cache_policies import NO_CACHE
 
 from data_contracts import validate
 from infra.catalog import load_catalog
@@ -18,9 +19,10 @@ from infra.cluster import on_pool, on_worker
 from infra.spec import InfraSpec
 from optimizers.honeybee import PoolSlot
 from tasks.common.run import RunContext
+from tasks.common.tasks import task
 from tasks.honeybee import report
 from tasks.honeybee.evaluate import StrategyResult, calibrate_and_measure, ground_truth, summarize
-from tasks.honeybee.plans import Deployment, index_bytes_per_vector, index_gib
+from tasks.honeybee.plans import Deployment, index_bytes_per_vector, index_gib, plan_all
 from tasks.honeybee.rbac import Rbac
 from tasks.honeybee.tasks import build_partitions, drop_partitions, profile_search, search_partitions
 
@@ -37,6 +39,21 @@ def profile(workload_dir: str, infra: InfraSpec, grid: str) -> pd.DataFrame:
         measured = profile_search.submit(workload_dir, grid, pool.name).result()
     frame = pd.DataFrame(measured["rows"])
     return validate(frame, "honeybee.search_profile", "profile stage").assign(pool=pool.name)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="plan every strategy")
+def plan_strategies(problem, strategies: list[str]) -> dict:
+    """OPTIMIZE: every strategy's partitioning of the same problem (HoneyBee's MILP among them), in
+    the flow's process."""
+    return plan_all(problem, tuple(strategies))
+
+
+@task(cache_policy=NO_CACHE, task_run_name="exact answers of the queries")
+def exact_answers(workload, rbac: Rbac, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every query's exact top-k among the documents its user may see (what recall is measured
+    against), in the flow's process."""
+    query_ids = np.arange(len(workload.queries))
+    return query_ids, ground_truth(workload.vectors, workload.queries, query_ids, workload.query_users, rbac, k)
 
 
 def pool_slots(infra: InfraSpec, dim: int, memory_share: float = 0.5) -> list[PoolSlot]:
@@ -94,8 +111,7 @@ def deploy_and_measure(workload, workload_dir: str, infra: InfraSpec, deployment
     queries against every strategy at the same recall target."""
     logger = get_run_logger()
     rbac = Rbac.of(workload)
-    query_ids = np.arange(len(workload.queries))
-    truth = ground_truth(workload.vectors, workload.queries, query_ids, workload.query_users, rbac, k)
+    query_ids, truth = exact_answers(workload, rbac, k)
     results, built_all = [], []
     for strategy, deployment in deployments.items():
         gib = index_gib(deployment.plan.storage, len(workload.vectors), workload.vectors.shape[1])

@@ -67,10 +67,9 @@ def print_summaries(summaries: list[dict], console: Console | None = None) -> No
     for line in summary_lines(summaries):
         console.print(line, highlight=False, soft_wrap=True)
     if any(row["simulated"] for s in summaries for row in s["rows"]):
-        console.print("[dim]* the system's figure (and its baselines') rests on simulated quantities: the run's "
-                      "report says which[/dim]")
+        console.print("[dim]* rests on simulated quantities (the run's report says which)[/dim]")
     for s in summaries:
-        timing = (f"{s['wall_seconds']:.0f} s, overhead {100 * s['overhead_share']:.0f}%"
+        timing = (f"{s['wall_seconds']:.0f} s, {100 * s['overhead_share']:.0f}% overhead"
                   if s.get("wall_seconds") is not None and s.get("overhead_share") is not None else "")
         where = s["results"] + (f" → {s['store']}" if s.get("store") else "")
-        console.print(f"{s['system']}: {timing}{', ' if timing else ''}{where}", highlight=False)
+        console.print(f"{s['system']}: {timing}{'; ' if timing else ''}{where}", highlight=False)

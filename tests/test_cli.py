@@ -158,7 +158,7 @@ def test_the_summary_table_reads_whole_in_80_columns():
     assert "cost $/h ↓" in text and "throughput tok/s ↑" in text
     assert "heuristic" in text and "cloud" in text and "merged" in text  # the baselines' short names
     assert "0.92×" in text and "0.87×" in text and "regime: a regime described" in text
-    assert "…" not in text and "overhead 15%" in text
+    assert "…" not in text and "100 s, 15% overhead" in text
 
 
 def test_a_run_talks_to_the_server_ensure_api_chose_even_if_prefect_was_imported_before(prefect_api, tmp_path):

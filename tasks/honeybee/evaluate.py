@@ -73,7 +73,8 @@ def run_queries(deployment: Deployment, query_ids: np.ndarray, users: np.ndarray
     roles_of = [effective_roles(rbac, rbac.user_roles_of(u)) for u in users[query_ids]]
     for q, roles in zip(query_ids, roles_of):
         slots = []
-        for pid, effort, exact in deployment.routes[roles]:
+        # A user whose roles grant nothing (all revoked, or left) has no route: the answer is empty.
+        for pid, effort, exact in (deployment.routes[roles] if roles else ()):
             pool = deployment.pools[pid]
             scaled = effort if exact or deployment.specs[pid].kind == "flat" else int(math.ceil(effort * effort_scale))
             jobs.setdefault(pool, []).append(SearchJob(int(q), roles, pid, scaled, exact))
@@ -204,8 +205,9 @@ def summarize(deployment: Deployment, run: QueryRun, truth: np.ndarray, query_id
     """The figures of one measured strategy, with the model's predictions beside them."""
     recall = recall_at_k(run.found, truth)
     roles = [effective_roles(rbac, rbac.user_roles_of(u)) for u in users[query_ids]]
-    predicted_latency = float(np.mean([deployment.predicted_latency[r] for r in roles]))
-    predicted_recall = float(np.mean([deployment.predicted_recall[r] for r in roles]))
+    # A user who may see nothing searches nothing: predicted 0 s, and the empty answer is exact.
+    predicted_latency = float(np.mean([deployment.predicted_latency[r] if r else 0.0 for r in roles]))
+    predicted_recall = float(np.mean([deployment.predicted_recall[r] if r else 1.0 for r in roles]))
     mean = float(run.latency_s.mean())
     return StrategyResult(
         strategy=deployment.strategy, method=deployment.plan.method, partitions=len(deployment.specs),

@@ -37,16 +37,17 @@ class Rbac:
     n_docs: the number of documents; doc ids are 0..n_docs-1.
     doc_roles: columns doc_id, role (the grants; a repeated pair counts once).
     user_roles: columns user, role.
+    users: further users who hold no role (e.g. one who left every role): they see nothing.
     """
 
-    def __init__(self, n_docs: int, doc_roles: pd.DataFrame, user_roles: pd.DataFrame):
+    def __init__(self, n_docs: int, doc_roles: pd.DataFrame, user_roles: pd.DataFrame, users: Iterable[str] = ()):
         self.n_docs = int(n_docs)
         doc_ids = doc_roles["doc_id"].to_numpy(dtype=np.int64)
         if len(doc_ids) and (doc_ids.min() < 0 or doc_ids.max() >= self.n_docs):
             bad = doc_ids[(doc_ids < 0) | (doc_ids >= self.n_docs)][0]
             raise InputError("doc_roles", "doc_id", int(bad), f"outside 0..{self.n_docs - 1}")
         self.roles: list[str] = sorted(set(doc_roles["role"].unique()) | set(user_roles["role"].unique()))
-        self.users: list[str] = sorted(user_roles["user"].unique())
+        self.users: list[str] = sorted(set(user_roles["user"].unique()) | set(users))
         self._role_code = {role: code for code, role in enumerate(self.roles)}
 
         # Codes follow the sorted role names, so a doc's row lists its roles in name order.
@@ -60,14 +61,16 @@ class Rbac:
         self._role_by_doc.sort_indices()
 
         grouped = user_roles.groupby("user", sort=True)["role"]
-        self._user_roles = {user: frozenset(roles) for user, roles in grouped}
+        self._user_roles = {user: frozenset() for user in self.users}
+        self._user_roles.update({user: frozenset(roles) for user, roles in grouped})
         self._masks: OrderedDict[frozenset[str], np.ndarray] = OrderedDict()
         self._max_masks = max(16, MASK_CACHE_BYTES // max(self.n_docs, 1))
         self._blocks: list[tuple[frozenset[str], np.ndarray]] | None = None
 
     @classmethod
     def of(cls, workload: "Workload") -> "Rbac":
-        return cls(len(workload.vectors), workload.doc_roles, workload.user_roles)
+        """The workload's permissions; a query user who holds no role (left them all) sees nothing."""
+        return cls(len(workload.vectors), workload.doc_roles, workload.user_roles, workload.query_users)
 
     def doc_role_sets(self) -> list[frozenset[str]]:
         """Each doc's roles (index = doc id); docs of one block share one frozenset."""

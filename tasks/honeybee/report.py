@@ -56,6 +56,8 @@ def markdown_report(name: str, stats: dict, table: pd.DataFrame, target: float, 
         f"{stats.get('user_selectivity_min', 0):.4%} … {stats.get('user_selectivity_max', 0):.1%}. "
         f"Recall@k target {target}, storage budget {budget}× N.",
         "",
+        *([f"Permissions and documents as `tierflow honeybee update` left them, read from its state "
+           f"`{stats['state']}` (the workload folder itself is never written).", ""] if stats.get("state") else []),
         "## Strategies (same queries, same recall target)",
         "",
         shown.round(4).to_markdown(index=False),

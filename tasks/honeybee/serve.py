@@ -88,8 +88,10 @@ class PartitionServer:
             self._filters[key] = self.partitions[strategy][pid].permission_filter(self.rbac.permitted_mask(roles))
         return self._filters[key]
 
-    def search(self, strategy: str, jobs: list[SearchJob], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Run ``jobs`` one query at a time on one thread.
+    def search(self, strategy: str, jobs: list[SearchJob], k: int,
+               queries: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Run ``jobs`` one query at a time on one thread; a job's ``query`` is a row of ``queries``
+        (default: the server's query vectors).
 
         Returns (D, I, seconds): (len(jobs), k) distances and global doc ids (padded with
         inf / -1) and each search's wall seconds. Building a user's filter the first time
@@ -99,10 +101,11 @@ class PartitionServer:
         I = np.full((len(jobs), k), -1, dtype=np.int64)
         seconds = np.zeros(len(jobs))
         partitions = self.partitions[strategy]
+        queries = self.queries if queries is None else queries
         with faiss_threads(1):
             for j, job in enumerate(jobs):
                 flt = self.filter_for(strategy, job.pid, job.roles)
-                index, query = partitions[job.pid], self.queries[job.query : job.query + 1]
+                index, query = partitions[job.pid], queries[job.query : job.query + 1]
                 start = time.perf_counter()
                 d, i = index.search(query, k, flt, ef=job.effort or None, nprobe=job.effort or None,
                                     exact=job.exact and index.kind == "hnsw")

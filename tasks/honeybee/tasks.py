@@ -18,16 +18,19 @@ from tasks.common.tasks import task
 from tasks.honeybee.profile import GRIDS, measure_search
 from tasks.honeybee.rbac import Rbac
 from tasks.honeybee.serve import PartitionServer, PartitionSpec, SearchJob
-from tasks.honeybee.workload import load_workload
+from tasks.honeybee.workload import STATE_META, current_state, load_workload
 
-_SERVERS: dict[tuple[str, float], PartitionServer] = {}
+_SERVERS: dict[tuple[str, int, int | None], PartitionServer] = {}
 _LOCK = threading.Lock()
 
 
 def server_for(workload_dir: str) -> PartitionServer:
-    """This process's server for a workload folder (re-read when the folder's vectors change)."""
+    """This process's server for a workload folder, re-read when the folder's vectors change or an
+    update writes its state (so a worker never serves permissions an update has replaced)."""
     folder = Path(workload_dir).resolve()
-    key = (str(folder), os.path.getmtime(folder / "vectors.npy"))
+    state = current_state(folder)
+    key = (str(folder), os.stat(folder / "vectors.npy").st_mtime_ns,
+           os.stat(state / STATE_META).st_mtime_ns if state else None)
     with _LOCK:
         if key not in _SERVERS:
             for old in [k for k in _SERVERS if k[0] == key[0]]:

@@ -13,7 +13,10 @@ A :class:`LiveDeployment` holds a HoneyBee plan's built partitions and applies c
   before) gets a partition of its own; a user class whose role set is new is routed over
   the built partitions (the cheapest cover, as the optimizer prices it); every other
   route stays. The report compares the storage and predicted latency with a fresh plan,
-  so a user sees when a full re-plan would pay.
+  so a user sees when a full re-plan would pay;
+- **kept for every reader**: :func:`save_state` writes the changed tables and partitions to
+  the workload's update state (never to the workload), where every later read of the
+  workload — ``query``, the flow, the deployment — finds them (:func:`load_workload`).
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
-import pandas as pd
 
 from optimizers.honeybee import PartitionPlan, PoolSlot, plan_strategy, route_users
 from optimizers.honeybee_cost import SearchCostModel
@@ -37,7 +41,10 @@ from tasks.honeybee.index import PartitionIndex, faiss_threads
 from tasks.honeybee.plans import Deployment, build_problem, effective_roles, make_deployment
 from tasks.honeybee.rbac import Rbac
 from tasks.honeybee.serve import PartitionServer, SearchJob, merge_results
-from tasks.honeybee.workload import Workload
+from tasks.honeybee.workload import (
+    STATE_META, Workload, check_state_made_from, current_state, load_workload, read_state, read_state_meta, save_workload,
+    state_link, workload_fingerprint,
+)
 
 STRATEGY = "honeybee"
 POOL = "local"
@@ -82,8 +89,9 @@ class LiveDeployment:
         self.model = model.with_floor(recall_target)
         self.storage_budget = storage_budget
         self.query_users = workload.query_users
+        self.queries = workload.queries
         self.tables = Tables(workload.vectors, workload.doc_roles, workload.user_roles)
-        self.rbac = Rbac(len(workload.vectors), workload.doc_roles, workload.user_roles)
+        self.rbac = Rbac(len(workload.vectors), workload.doc_roles, workload.user_roles, self.query_users)
         start = time.perf_counter()
         if _restored is not None:  # from save(): the built partitions come back as they were
             self.tables.deleted = set(_restored["deleted"])
@@ -113,7 +121,7 @@ class LiveDeployment:
         new = apply_changes(self.tables, changes)  # validates everything before touching anything
         old_masks = {p: self.rbac.permitted_mask(roles) for p, roles in enumerate(self.plan.partitions)}
         self.tables = new
-        self.rbac = Rbac(len(new.vectors), new.doc_roles, new.user_roles)
+        self.rbac = Rbac(len(new.vectors), new.doc_roles, new.user_roles, self.query_users)
         self.server.permissions_changed(new.vectors, self.rbac)
 
         added = removed = touched = 0
@@ -144,7 +152,7 @@ class LiveDeployment:
                                 "a full re-plan would bring it back")
         if compare_with_fresh_plan:
             fresh_start = time.perf_counter()
-            fresh = LiveDeployment(Workload(new.vectors, new.doc_roles, new.user_roles, self.server.queries,
+            fresh = LiveDeployment(Workload(new.vectors, new.doc_roles, new.user_roles, self.queries,
                                             self.query_users), self.model, storage_budget=self.storage_budget,
                                    recall_target=self.model.recall_floor)
             report.full_rebuild_seconds = time.perf_counter() - fresh_start
@@ -182,7 +190,7 @@ class LiveDeployment:
     # ---- searching ----------------------------------------------------------------------
     def search(self, queries: np.ndarray, users: list[str], k: int) -> np.ndarray:
         """Top-k permitted doc ids for each (query, user), through the live partitions."""
-        self.server.queries = np.ascontiguousarray(queries, dtype=np.float32)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
         found = np.full((len(queries), k), -1, dtype=np.int64)
         for q, user in enumerate(users):
             roles = effective_roles(self.rbac, self.rbac.user_roles_of(user))
@@ -190,65 +198,130 @@ class LiveDeployment:
                 continue
             route = self.deployment.routes[roles]
             jobs = [SearchJob(q, roles, pid, effort, exact) for pid, effort, exact in route]
-            D, I, _ = self.server.search(STRATEGY, jobs, k)
+            D, I, _ = self.server.search(STRATEGY, jobs, k, queries)
             found[q], _ = merge_results(list(D), list(I), self.rbac.permitted_mask(roles), k)
         return found
 
 
 # ---- keeping the live deployment between commands ----------------------------------------------
+#
+# A state folder is a workload folder (the tables as the changes left them) plus state.json and
+# the built partitions; every read of the workload answers from it (tasks.honeybee.workload).
 
-STATE_FILES = ("vectors.npy", "doc_roles.csv", "user_roles.csv", "queries.npy", "query_users.csv", "state.json")
+
+def state_folder_for_update(workload_dir: str | Path, requested: str | Path | None = None) -> Path:
+    """Where an update of the workload in ``workload_dir`` keeps its state.
+
+    By default the workload's current state (:func:`current_state`) or, for a first update,
+    ``<workload>.honeybee-state`` beside it. ``requested`` (``update --state``) may put a first
+    state elsewhere (the default place then links to it) but not start a second one: a workload
+    has one current set of permissions.
+    """
+    current = current_state(workload_dir)
+    if requested is None:
+        return current or state_link(workload_dir)
+    requested = Path(requested).resolve()
+    if current is not None and current != requested:
+        raise InputError("--state", "state", str(requested),
+                         f"{workload_dir} already keeps its update state in {current}: updates continue there "
+                         "(pass that folder, or none)")
+    return requested
 
 
-def save_state(live: LiveDeployment, folder: str | Path) -> Path:
-    """Write the live deployment (tables, plan, model, built partitions) to ``folder``.
+def save_state(live: LiveDeployment, folder: str | Path, workload_dir: str | Path) -> Path:
+    """Write the live deployment (tables, plan, model, built partitions) to ``folder``, made
+    from the workload in ``workload_dir`` (recorded by its fingerprint, so reads can tell a
+    state from an older workload); a state kept away from the workload gets a link beside it.
 
     Written to a temporary folder beside it and swapped in, so a crash leaves the previous
     state whole.
     """
-    folder = Path(folder)
+    folder = Path(folder).resolve()
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    np.save(tmp / "vectors.npy", live.tables.vectors)
-    np.save(tmp / "queries.npy", live.server.queries)
-    live.tables.doc_roles.to_csv(tmp / "doc_roles.csv", index=False)
-    live.tables.user_roles.to_csv(tmp / "user_roles.csv", index=False)
-    pd.DataFrame({"query_id": np.arange(len(live.query_users)), "user": live.query_users}).to_csv(
-        tmp / "query_users.csv", index=False)
+    save_workload(Workload(live.tables.vectors, live.tables.doc_roles, live.tables.user_roles, live.queries,
+                           live.query_users), tmp)
     (tmp / "partitions").mkdir()
     for pid, index in live.server.partitions[STRATEGY].items():
         (tmp / "partitions" / f"{pid}.npz").write_bytes(index.to_bytes())
     state = {"plan": live.plan.to_dict(), "model": live.model.to_dict(), "storage_budget": live.storage_budget,
-             "recall_target": live.model.recall_floor, "deleted": sorted(live.tables.deleted), "name": live.problem.name}
-    (tmp / "state.json").write_text(json.dumps(state, default=float))
+             "recall_target": live.model.recall_floor, "deleted": sorted(live.tables.deleted), "name": live.problem.name,
+             "workload": str(Path(workload_dir).resolve()), "workload_fingerprint": workload_fingerprint(workload_dir),
+             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (tmp / STATE_META).write_text(json.dumps(state, default=float))
     old = folder.with_name(f".{folder.name}-old")
     if folder.exists():
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
+    link = state_link(workload_dir)
+    if link != folder and not link.exists() and not link.is_symlink():
+        os.symlink(folder, link, target_is_directory=True)
     return folder
 
 
-def load_state(folder: str | Path) -> LiveDeployment:
-    """The live deployment :func:`save_state` wrote; raises InputError for a folder that is not one."""
-    from optimizers.honeybee_cost import SearchCostModel
-
+def load_state(folder: str | Path, workload_dir: str | Path) -> LiveDeployment:
+    """The live deployment :func:`save_state` wrote from the workload in ``workload_dir``; raises
+    InputError for a folder that is not a state, or one made from another version of the workload."""
     folder = Path(folder)
-    for name in STATE_FILES:
-        if not (folder / name).is_file():
-            raise InputError(folder / name, "<file>", str(folder / name), "missing: not a HoneyBee update state folder")
+    check_state_made_from(folder, workload_dir)
+    state = read_state_meta(folder)
+    workload = read_state(folder)
     try:
-        state = json.loads((folder / "state.json").read_text())
-        vectors, queries = np.load(folder / "vectors.npy"), np.load(folder / "queries.npy")
-        doc_roles = pd.read_csv(folder / "doc_roles.csv", dtype={"role": str})
-        user_roles = pd.read_csv(folder / "user_roles.csv", dtype=str)
-        query_users = pd.read_csv(folder / "query_users.csv", dtype={"user": str})["user"].to_numpy(dtype=object)
         plan = state["plan"]
         partitions = {pid: PartitionIndex.from_bytes((folder / "partitions" / f"{pid}.npz").read_bytes())
                       for pid in range(len(plan["partitions"]))}
-    except (OSError, ValueError, KeyError) as exc:
+        model = SearchCostModel.from_dict(state["model"])
+        settings = {"storage_budget": state["storage_budget"], "recall_target": state["recall_target"]}
+        restored = {"plan": plan, "deleted": state["deleted"], "partitions": partitions}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(folder, "<folder>", str(folder), f"unreadable HoneyBee update state: {exc}") from None
-    workload = Workload(vectors, doc_roles, user_roles, queries, query_users, name=state["name"])
-    return LiveDeployment(workload, SearchCostModel.from_dict(state["model"]), storage_budget=state["storage_budget"],
-                          recall_target=state["recall_target"],
-                          _restored={"plan": plan, "deleted": state["deleted"], "partitions": partitions})
+    return LiveDeployment(replace(workload, name=state.get("name", workload.name)), model, **settings,
+                          _restored=restored)
+
+
+@dataclass
+class UpdateOutcome:
+    """One ``tierflow honeybee update``: the report, where the state is kept, and the re-check
+    of every workload query against the new permissions."""
+
+    report: UpdateReport
+    state: Path
+    first_build_seconds: float | None
+    verified_queries: int
+    forbidden_results: int
+
+    def to_dict(self) -> dict:
+        return {**self.report.to_dict(), "state": str(self.state), "first_build_seconds": self.first_build_seconds,
+                "verified_queries": self.verified_queries, "forbidden_results": self.forbidden_results}
+
+
+def update_workload(workload_dir: str | Path, changes: list[Change], model_for: Callable[[Workload], SearchCostModel],
+                    *, state: str | Path | None = None, storage_budget: float = 1.4, recall_target: float = 0.95,
+                    compare_with_fresh_plan: bool = True,
+                    status: Callable[[str], AbstractContextManager] = lambda what: nullcontext()) -> UpdateOutcome:
+    """Apply ``changes`` to the workload in ``workload_dir`` and keep the result in its update state.
+
+    The first update plans and builds HoneyBee's partitions (priced by ``model_for(workload)``,
+    at ``storage_budget`` and ``recall_target``); later ones continue from the state
+    (:func:`state_folder_for_update`). Every query of the workload is then searched through
+    the live partitions and re-checked against the new permissions before the state is saved.
+    ``status(message)`` is entered around each long step (a CLI spinner).
+    """
+    folder = state_folder_for_update(workload_dir, state)
+    first_build = None
+    if folder.exists():
+        live = load_state(folder, workload_dir)
+    else:
+        workload = load_workload(workload_dir)
+        model = model_for(workload)
+        with status("planning and building the partitions (first update)…"):
+            live = LiveDeployment(workload, model, storage_budget=storage_budget, recall_target=recall_target)
+        first_build = live.build_seconds
+    with status(f"applying {len(changes)} changes" + (", then a full rebuild to compare…" if compare_with_fresh_plan else "…")):
+        report = live.apply(changes, compare_with_fresh_plan=compare_with_fresh_plan)
+    truth = Rbac(len(live.tables.vectors), live.tables.doc_roles, live.tables.user_roles, live.query_users)
+    found = live.search(live.queries, list(live.query_users), k=10)
+    leaked = sum(int((~truth.user_mask(user)[ids[ids >= 0]]).sum()) for user, ids in zip(live.query_users, found))
+    save_state(live, folder, workload_dir)
+    return UpdateOutcome(report, folder, first_build, len(found), leaked)

@@ -36,9 +36,11 @@ draws from its own stream, so changing e.g. the query count leaves the documents
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -65,6 +67,8 @@ class Workload:
     user_roles: columns user (str), role (str); no duplicate pairs.
     queries: (Q, d) float32; the query id is the row index.
     query_users: (Q,) object array of user names.
+    state: the update state folder the tables come from (:func:`load_workload`), or None
+        when they are the workload folder's own.
     """
 
     vectors: np.ndarray
@@ -73,6 +77,7 @@ class Workload:
     queries: np.ndarray
     query_users: np.ndarray
     name: str = "generated"
+    state: str | None = None
 
 
 # --------------------------------------------------------------------------- generator
@@ -407,8 +412,15 @@ def _write_atomically(path: Path, mode: str, write: Callable) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def load_workload(folder: str | os.PathLike[str]) -> Workload:
-    """Read and check a workload folder (see :data:`FILES`); never modifies it.
+def load_workload(folder: str | os.PathLike[str], *, updates: bool = True) -> Workload:
+    """Read and check a workload folder (see :data:`FILES`) as its updates left it; never modifies it.
+
+    With ``updates`` (the default) a workload that ``tierflow honeybee update`` changed is read
+    from its update state (:func:`current_state`): the permissions, users and documents every
+    read must answer from; ``Workload.state`` names the state folder. The state must have been
+    made from the workload's files as they are now (:func:`workload_fingerprint`), else an
+    InputError says so — a workload edited after an update has no one current permission set.
+    ``updates=False`` reads the folder's own files only.
 
     Raises :class:`InputError` naming the file, the field and the offending value for:
     a missing or unreadable file, a CSV without its header columns; vectors that are not a
@@ -417,12 +429,31 @@ def load_workload(folder: str | os.PathLike[str]) -> Workload:
     a duplicate pair; query ids not covering 0..Q-1 exactly once, an unknown user or role.
     """
     folder = Path(folder)
+    state = current_state(folder) if updates and folder.is_dir() else None
+    if state is None:
+        return _read_folder(folder, updated=False)
+    check_state_made_from(state, folder)
+    # The state holds the workload's queries too (the fingerprint says they are the workload's).
+    return replace(read_state(state), name=folder.name)
+
+
+def read_state(state: str | os.PathLike[str]) -> Workload:
+    """The tables an update state holds, checked as a workload folder's are, except that changes
+    may have left documents with no role, roles that grant nothing and query users with no role."""
+    return replace(_read_folder(Path(state), updated=True), state=str(Path(state).resolve()))
+
+
+def _read_folder(folder: Path, *, updated: bool) -> Workload:
+    """A workload folder's files, checked; ``updated`` for an update state, where changes may have
+    left documents with no role (revoked or deleted: no one sees them), roles that grant nothing
+    and query users who hold no role any more (they see nothing)."""
+    kind = "an update state folder" if updated else "a workload folder"
     if not folder.is_dir():
-        raise InputError(folder, "<folder>", str(folder), f"not a folder; a workload folder holds {', '.join(FILES)}")
+        raise InputError(folder, "<folder>", str(folder), f"not a folder; {kind} holds {', '.join(FILES)}")
     path = {name: folder / name for name in FILES}
     for name in FILES:
         if not path[name].is_file():
-            raise InputError(path[name], "<file>", str(path[name]), f"file not found; a workload folder holds {', '.join(FILES)}")
+            raise InputError(path[name], "<file>", str(path[name]), f"file not found; {kind} holds {', '.join(FILES)}")
 
     vectors = _read_matrix(path["vectors.npy"])
     queries = _read_matrix(path["queries.npy"], allow_empty=True)
@@ -441,7 +472,7 @@ def load_workload(folder: str | os.PathLike[str]) -> Workload:
     doc_roles["doc_id"] = doc_ids
     _unique(path["doc_roles.csv"], doc_roles, ["doc_id", "role"])
     roleless = np.flatnonzero(np.bincount(doc_ids, minlength=n_docs) == 0)
-    if len(roleless):
+    if len(roleless) and not updated:
         raise InputError(path["doc_roles.csv"], "doc_id", int(roleless[0]),
                          f"doc {roleless[0]} (a row of vectors.npy) has no role; every doc needs at least one "
                          f"({len(roleless)} docs have none)")
@@ -451,7 +482,7 @@ def load_workload(folder: str | os.PathLike[str]) -> Workload:
     _names(path["user_roles.csv"], user_roles, "role")
     _unique(path["user_roles.csv"], user_roles, ["user", "role"])
     unknown = np.flatnonzero(~user_roles["role"].isin(doc_roles["role"].unique()).to_numpy())
-    if len(unknown):
+    if len(unknown) and not updated:
         raise InputError(path["user_roles.csv"], _at(user_roles, unknown[0], "role"), user_roles["role"].iloc[unknown[0]],
                          "unknown role: not in doc_roles.csv, so it grants no document")
 
@@ -470,7 +501,7 @@ def load_workload(folder: str | os.PathLike[str]) -> Workload:
                          f"({len(missing)} missing)")
     _names(path["query_users.csv"], query_users, "user")
     unknown = np.flatnonzero(~query_users["user"].isin(user_roles["user"].unique()).to_numpy())
-    if len(unknown):
+    if len(unknown) and not updated:
         raise InputError(path["query_users.csv"], _at(query_users, unknown[0], "user"), query_users["user"].iloc[unknown[0]],
                          "unknown user: not in user_roles.csv, so the user may see nothing")
 
@@ -568,6 +599,75 @@ def _meets_contract(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
         raise InputError(path, exc.product, exc.failures[0], "breaks the data contract: " + "; ".join(exc.failures)) from None
 
 
+# --------------------------------------------------------------------------- the update state beside a workload
+#
+# ``tierflow honeybee update`` never writes a workload folder: it keeps the changed tables (and
+# the live partitions) in an update state, a folder in the workload format plus ``state.json``
+# (:mod:`tasks.honeybee.update`). Every read of the workload answers from it (:func:`load_workload`).
+
+STATE_SUFFIX = ".honeybee-state"
+STATE_META = "state.json"
+
+
+def state_link(folder: str | os.PathLike[str]) -> Path:
+    """Where a workload's update state is found: ``<workload>.honeybee-state`` beside the folder,
+    the state itself or a link to a state kept elsewhere (``update --state``)."""
+    folder = Path(folder).resolve()
+    return folder.with_name(folder.name + STATE_SUFFIX)
+
+
+def current_state(folder: str | os.PathLike[str]) -> Path | None:
+    """The update state folder a workload's reads answer from, or None when it was never updated.
+
+    A link to a state that is gone is an InputError, not a fall-back to the workload's own
+    (older) permissions.
+    """
+    link = state_link(folder)
+    if link.is_symlink() and not link.exists():
+        raise InputError(link, "<link>", os.readlink(link),
+                         "the workload's update state is missing (the link points nowhere): restore that folder, "
+                         "or remove the link to answer from the workload's own permissions")
+    return link.resolve() if link.exists() else None
+
+
+def workload_fingerprint(folder: str | os.PathLike[str]) -> str:
+    """SHA-256 over the workload's files (:data:`FILES`): which workload an update state was made from."""
+    digest = hashlib.sha256()
+    for name in FILES:
+        digest.update(name.encode() + b"\0")
+        with open(Path(folder) / name, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_state_meta(state: str | os.PathLike[str]) -> dict:
+    """An update state's ``state.json``; InputError for a folder that is not a state."""
+    path = Path(state) / STATE_META
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(path, "<file>", str(path), "missing: not a HoneyBee update state folder") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(path, "<file>", str(path), f"unreadable HoneyBee update state: {exc}") from None
+    if not isinstance(meta, dict):
+        raise InputError(path, "<file>", str(path), "unreadable HoneyBee update state: expected a JSON object")
+    return meta
+
+
+def check_state_made_from(state: str | os.PathLike[str], folder: str | os.PathLike[str]) -> None:
+    """Raise InputError unless ``state`` was made from the workload files in ``folder`` as they are now.
+
+    A state written before states recorded their workload carries no fingerprint and is
+    trusted: its revocations still apply.
+    """
+    recorded = read_state_meta(state).get("workload_fingerprint")
+    if recorded is not None and recorded != workload_fingerprint(folder):
+        raise InputError(Path(state) / STATE_META, "workload_fingerprint", recorded[:12],
+                         f"this update state was made from another version of {folder} (its files changed since): "
+                         f"move the state aside and re-apply the changes to the new workload")
+
+
 # --------------------------------------------------------------------------- statistics
 
 
@@ -591,6 +691,7 @@ def describe(workload: Workload) -> dict:
     role_sizes = workload.doc_roles["role"].value_counts().to_numpy()
     return {
         "name": workload.name,
+        "state": workload.state,
         "n_docs": n_docs,
         "dim": int(workload.vectors.shape[1]),
         "n_roles": len(rbac.roles),

@@ -57,6 +57,22 @@ def number(path: Path, line_no: int, column: str, text: str, *, positive: bool =
     return value
 
 
+def find_cycle(edges: list[tuple[str, str]]) -> list[tuple[str, str]] | None:
+    """The edges of one cycle of the graph, in flow order, or None when it is acyclic."""
+    from graphlib import CycleError, TopologicalSorter
+
+    inputs: dict[str, set[str]] = {}
+    for u, v in edges:
+        inputs.setdefault(v, set()).add(u)
+    try:
+        TopologicalSorter(inputs).prepare()
+    except CycleError as exc:
+        nodes = exc.args[1]  # first == last; consecutive nodes are joined by an edge one way or the other
+        cycle = list(zip(nodes, nodes[1:]))
+        return cycle if all(e in edges for e in cycle) else [(v, u) for u, v in reversed(cycle)]
+    return None
+
+
 def read_json(path: Path) -> object:
     try:
         return json.loads(path.read_text())
@@ -179,12 +195,19 @@ def load_repository_inputs(folder: str | Path, *, profile_file: str = "execution
         raise InputError("--rate", "rate", rate, "must be > 0")
 
     path = folder / "logical_graph.csv"
-    edges = []
+    edges, edge_line = [], {}
     for line, row in read_rows(path, ["upstream", "downstream"]):
         edge = (row["upstream"], row["downstream"])
-        if edge in edges or edge[::-1] in edges:
-            raise InputError(path, f"row {line}", ",".join(edge), "edge listed twice")
+        if edge in edge_line:
+            raise InputError(path, f"row {line}", ",".join(edge), f"edge listed twice (first on row {edge_line[edge]})")
         edges.append(edge)
+        edge_line[edge] = line
+    cycle = find_cycle(edges)
+    if cycle:
+        closing = max(cycle, key=edge_line.get)  # the edge listed last closed it
+        raise InputError(path, f"row {edge_line[closing]}", ",".join(closing),
+                         f"closes a cycle {' → '.join([*(u for u, _ in cycle), cycle[0][0]])} "
+                         f"(rows {', '.join(str(edge_line[e]) for e in cycle)}); a workflow must be acyclic")
     nodes = {n for e in edges for n in e}
     for s in sources:
         if s not in nodes:
@@ -204,12 +227,20 @@ def load_repository_inputs(folder: str | Path, *, profile_file: str = "execution
         raise InputError(path, "--profile", profile_file, "no such execution profile in the inputs folder")
     latency: dict[tuple[str, str, str], float] = {}
     variants: dict[str, list[str]] = {}
+    # The variants accuracy_profiles.json knows of each operator: a profile row naming another is a typo.
+    known_variants = {op: {combo[j] for combo in table} for j, op in enumerate(table_ops)}
+    for op, info in op_profiles.items():
+        if isinstance(info.get("cost"), dict):
+            known_variants.setdefault(op, set()).update(info["cost"])
     for line, row in read_rows(path, ["operator", "worker", "variant", "latency_ms"]):
         op, worker, var = row["operator"], row["worker"], row["variant"]
         if op not in nodes or op in sources:
             raise InputError(path, f"row {line} operator", op, "not an operator of logical_graph.csv")
         if worker not in known_workers:
             raise InputError(path, f"row {line} worker", worker, "unknown worker (not in workers_specs.csv)")
+        if known_variants.get(op) and var not in known_variants[op]:
+            raise InputError(path, f"row {line} variant", var,
+                             f"unknown variant of {op}: accuracy_profiles.json has {', '.join(sorted(known_variants[op]))}")
         latency[op, worker, var] = number(path, line, "latency_ms", row["latency_ms"], positive=True)
         if var not in variants.setdefault(op, []):
             variants[op].append(var)

@@ -29,7 +29,7 @@ from infra.errors import InputError, from_validation_error, load_yaml
 from infra.spec import InfraSpec
 from optimizers.jellybean import AccuracyProduct, AccuracyTable, JellyBeanProblem, Pool
 from tasks.jellybean.defaults import DATA, DEFAULT_INFRA, DEFAULT_WORKFLOW  # noqa: F401 - re-exported
-from tasks.jellybean.inputs import read_accuracy_table, read_message_sizes
+from tasks.jellybean.inputs import find_cycle, read_accuracy_table, read_message_sizes
 
 Tier = Annotated[str, Field(pattern=r"^(device|hub|edge|cloud)$")]
 
@@ -84,9 +84,11 @@ def load_workflow(path: str | Path, *, rate: float | None = None) -> WorkflowSpe
     spec.path = str(path)
     nodes = set(spec.sources) | set(spec.operators)
     for op, op_spec in spec.operators.items():
-        for u in op_spec.inputs:
+        for i, u in enumerate(op_spec.inputs):
             if u not in nodes:
                 raise InputError(path, f"operators.{op}.inputs", u, "unknown node (not a source or operator)")
+            if u in op_spec.inputs[:i]:
+                raise InputError(path, f"operators.{op}.inputs", u, "input listed twice")
         if op_spec.accuracy:
             for var in op_spec.accuracy:
                 if var not in op_spec.variants:
@@ -99,12 +101,11 @@ def load_workflow(path: str | Path, *, rate: float | None = None) -> WorkflowSpe
             raise InputError("--rate", "rate", rate, "must be a number > 0")
         for s in spec.sources.values():
             s.rate = float(rate)
-    from graphlib import CycleError, TopologicalSorter
-
-    try:
-        TopologicalSorter({op: set(o.inputs) for op, o in spec.operators.items()}).prepare()
-    except CycleError as exc:
-        raise InputError(path, "operators", " → ".join(exc.args[1]), "the workflow has a cycle") from None
+    cycle = find_cycle(spec.edges())
+    if cycle:
+        u, v = cycle[-1]
+        raise InputError(path, f"operators.{v}.inputs", u,
+                         f"closes a cycle {' → '.join([*(a for a, _ in cycle), cycle[0][0]])}; a workflow must be acyclic")
     return spec
 
 

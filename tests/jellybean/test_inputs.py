@@ -151,3 +151,51 @@ def test_an_accuracy_row_with_too_few_variants_is_named(inputs):
 def test_a_rate_override_is_checked_like_the_spec(tmp_path, workflow, rate):
     with pytest.raises(InputError, match="> 0"):
         load_workflow(write(tmp_path, workflow), rate=rate)
+
+
+def test_a_variant_typo_in_the_execution_profile_is_an_unknown_variant_on_its_own_row(inputs):
+    path = inputs / "execution_profile.csv"
+    lines = path.read_text().splitlines()
+    row = next(i for i, r in enumerate(lines) if r.startswith("ExtractImageFeature,workflow-compute-cpu-3,resnet50,"))
+    lines[row] = lines[row].replace(",resnet50,", ",resnet5O,")
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError) as err:
+        load_repository_inputs(inputs)
+    assert err.value.source.endswith("execution_profile.csv")
+    assert err.value.field == f"row {row + 1} variant" and err.value.value == "resnet5O"
+    assert "unknown variant of ExtractImageFeature" in err.value.reason and "resnet50" in err.value.reason
+
+
+@pytest.mark.parametrize("extra, cycle", [
+    ("ExtractImageFeature,ReadImage", "ExtractImageFeature → ReadImage → ExtractImageFeature"),
+    ("VQA,ReadSpeech", "VQA → ReadSpeech → SpeechRecognition → VQA"),
+])
+def test_a_reversed_edge_that_makes_a_cycle_names_the_cycle(inputs, extra, cycle):
+    append(inputs / "logical_graph.csv", extra)
+    with pytest.raises(InputError) as err:
+        load_repository_inputs(inputs)
+    assert err.value.source.endswith("logical_graph.csv")
+    assert err.value.field == "row 5" and err.value.value == extra
+    assert f"closes a cycle {cycle}" in err.value.reason and "listed twice" not in err.value.reason
+
+
+def test_an_edge_listed_twice_names_both_rows(inputs):
+    append(inputs / "logical_graph.csv", "ReadImage,ExtractImageFeature")
+    with pytest.raises(InputError) as err:
+        load_repository_inputs(inputs)
+    assert err.value.field == "row 5" and "listed twice (first on row 1)" in err.value.reason
+
+
+def test_a_cycle_in_a_workflow_spec_names_the_cycle(tmp_path, workflow):
+    workflow["operators"]["ExtractImageFeature"]["inputs"] = ["ReadImage", "VQA"]
+    with pytest.raises(InputError) as err:
+        load_workflow(write(tmp_path, workflow))
+    assert "closes a cycle" in err.value.reason
+    assert "ExtractImageFeature → VQA" in err.value.reason or "VQA → ExtractImageFeature" in err.value.reason
+
+
+def test_an_input_listed_twice_in_a_workflow_spec_is_named(tmp_path, workflow):
+    workflow["operators"]["VQA"]["inputs"] = ["ExtractImageFeature", "SpeechRecognition", "ExtractImageFeature"]
+    with pytest.raises(InputError) as err:
+        load_workflow(write(tmp_path, workflow))
+    assert err.value.field == "operators.VQA.inputs" and err.value.value == "ExtractImageFeature"

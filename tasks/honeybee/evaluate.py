@@ -5,15 +5,18 @@
 query fans out to the partitions routed to its user, each searched with the user's
 permission filter; :func:`merge_results` merges and re-checks permissions. A query's
 latency is the sum of its partition searches plus the merge (one core serves it), so
-QPS = 1 / mean latency per core.
+QPS = 1 / mean latency per core. Each measured search's time is its median over
+:data:`~tasks.honeybee.index.TIMED_PASSES` passes over the jobs (a shared core's lost time
+slices would otherwise land on whichever search ran then).
 
 Every strategy is held to the same recall target the same way: searches start at the
 efforts the cost model predicts for the floor, and while the measured recall@k on a
 calibration sample is below the target (plus a small margin), every HNSW efSearch and IVF
 nprobe is multiplied by 1.5 (the
 ``rls`` baseline "raises ef until recall meets the target" this way). Strategies compared
-in one process are measured interleaved, chunk by chunk of the queries
-(:func:`measure_interleaved`), so the noise of a shared machine does not favour one.
+in one run are built together and measured interleaved, chunk by chunk of the queries
+(:func:`measure_interleaved`), so the noise of a shared machine does not favour one —
+:func:`evaluate_strategies`, what the flow and ``tierflow honeybee query`` both run.
 """
 
 from __future__ import annotations
@@ -25,13 +28,13 @@ from typing import Callable
 
 import numpy as np
 
-from tasks.honeybee.index import exact_search, recall_at_k
+from tasks.honeybee.index import TIMED_PASSES, exact_search, recall_at_k
 from tasks.honeybee.plans import Deployment, effective_roles
 from tasks.honeybee.rbac import Rbac
 from tasks.honeybee.serve import SearchJob, merge_results
 
-# pool → jobs → (D, I, seconds), one row per job
-SearchFn = Callable[[dict[str, list[SearchJob]]], dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]
+# (pool → jobs, timed passes) → pool → (D, I, seconds), one row per job
+SearchFn = Callable[[dict[str, list[SearchJob]], int], dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]
 EFFORT_STEP = 1.5
 MAX_CALIBRATION_ROUNDS = 12
 CALIBRATION_MARGIN = 0.003  # the sample must beat the target by this much: the full query set is not the sample
@@ -66,8 +69,8 @@ class QueryRun:
 
 
 def run_queries(deployment: Deployment, query_ids: np.ndarray, users: np.ndarray, rbac: Rbac, search: SearchFn,
-                k: int, effort_scale: float = 1.0) -> QueryRun:
-    """Fan ``query_ids`` out to their users' partitions, search, merge; time everything."""
+                k: int, effort_scale: float = 1.0, passes: int = 1) -> QueryRun:
+    """Fan ``query_ids`` out to their users' partitions, search (timed over ``passes``), merge; time everything."""
     jobs: dict[str, list[SearchJob]] = {}
     where: list[list[tuple[str, int]]] = []
     roles_of = [effective_roles(rbac, rbac.user_roles_of(u)) for u in users[query_ids]]
@@ -80,7 +83,7 @@ def run_queries(deployment: Deployment, query_ids: np.ndarray, users: np.ndarray
             jobs.setdefault(pool, []).append(SearchJob(int(q), roles, pid, scaled, exact))
             slots.append((pool, len(jobs[pool]) - 1))
         where.append(slots)
-    answers = search(jobs)
+    answers = search(jobs, passes)
     found = np.full((len(query_ids), k), -1, dtype=np.int64)
     latency = np.zeros(len(query_ids))
     searches = np.zeros(len(query_ids), dtype=int)
@@ -174,7 +177,7 @@ def measure_interleaved(contenders: dict[str, Contender], query_ids: np.ndarray,
         rows = query_ids[start : start + chunk]
         for name in names[i % len(names):] + names[: i % len(names)]:
             c = contenders[name]
-            parts[name].append(run_queries(c.deployment, rows, users, rbac, c.search, k, c.scale))
+            parts[name].append(run_queries(c.deployment, rows, users, rbac, c.search, k, c.scale, TIMED_PASSES))
     runs = {name: QueryRun.concat(parts[name]) for name in names}
     for name, c in contenders.items():
         for _ in range(3):
@@ -183,21 +186,32 @@ def measure_interleaved(contenders: dict[str, Contender], query_ids: np.ndarray,
             c.scale *= EFFORT_STEP
             c.notes.append(f"whole query set below the recall target at the calibrated effort: raised to ×{c.scale:.2f} "
                            "and re-run on its own")
-            runs[name] = run_queries(c.deployment, query_ids, users, rbac, c.search, k, c.scale)
+            runs[name] = run_queries(c.deployment, query_ids, users, rbac, c.search, k, c.scale, TIMED_PASSES)
     return runs
 
 
-def calibrate_and_measure(deployment: Deployment, query_ids: np.ndarray, users: np.ndarray, truth: np.ndarray,
-                          rbac: Rbac, search: SearchFn, k: int, target: float, *, calibration: int = 300,
-                          seed: int = 0) -> tuple[QueryRun, float, list[str]]:
-    """One strategy: :func:`calibrate`, then run every query (raising efforts further, at most
-    three times, if the whole set falls short where the sample did not)."""
-    scale, notes = calibrate(deployment, query_ids, users, truth, rbac, search, k, target,
-                             calibration=calibration, seed=seed)
-    contender = Contender(deployment, search, scale, notes)
-    run = measure_interleaved({deployment.strategy: contender}, query_ids, users, truth, rbac, k, target,
-                              chunk=len(query_ids) or 1)[deployment.strategy]
-    return run, contender.scale, contender.notes
+def evaluate_strategies(deployments: dict[str, Deployment],
+                        build: Callable[[str, Deployment], tuple[list[dict], SearchFn]], drop: Callable[[str], None],
+                        query_ids: np.ndarray, users: np.ndarray, truth: np.ndarray, rbac: Rbac, k: int,
+                        target: float) -> dict[str, tuple[StrategyResult, QueryRun]]:
+    """Every strategy on the same queries, the same way: build them all (``build(name, deployment)``
+    returns what was built and how to search it), calibrate each to ``target``, measure them interleaved
+    (:func:`measure_interleaved`), summarize, then ``drop`` each.
+
+    All of them are built before any is measured, so their indexes are in memory together.
+    """
+    contenders, built = {}, {}
+    for name, deployment in deployments.items():
+        built[name], search = build(name, deployment)
+        scale, notes = calibrate(deployment, query_ids, users, truth, rbac, search, k, target)
+        contenders[name] = Contender(deployment, search, scale, notes)
+    runs = measure_interleaved(contenders, query_ids, users, truth, rbac, k, target)
+    out = {}
+    for name, c in contenders.items():
+        out[name] = (summarize(c.deployment, runs[name], truth, query_ids, users, rbac, target, c.scale, built[name],
+                               c.notes), runs[name])
+        drop(name)
+    return out
 
 
 def summarize(deployment: Deployment, run: QueryRun, truth: np.ndarray, query_ids: np.ndarray, users: np.ndarray,

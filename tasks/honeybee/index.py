@@ -31,6 +31,10 @@ DEFAULT_EF = 64  # HNSW efSearch when the caller names none
 DEFAULT_NPROBE = 8  # IVF lists probed when the caller names none
 KMEANS_SEED = 1234  # IVF training is deterministic for a given partition
 EXACT_CHUNK_ROWS = 1 << 18  # corpus rows gathered at a time by exact_search (≤ 128 MiB at d = 128)
+# Timed searches (profile and evaluation) run this many passes over their queries and keep each
+# query's median: a core shared with other processes now and then loses a whole time slice
+# (~4 ms, 20–40× a search here) to them, which would otherwise land on whichever search ran then.
+TIMED_PASSES = 3
 
 
 @dataclass(frozen=True)

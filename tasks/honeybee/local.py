@@ -12,9 +12,7 @@ import numpy as np
 
 from optimizers.honeybee import PoolSlot
 from optimizers.honeybee_cost import SearchCostModel, fit_cost_model
-from tasks.honeybee.evaluate import (
-    Contender, QueryRun, StrategyResult, calibrate, ground_truth, measure_interleaved, summarize,
-)
+from tasks.honeybee.evaluate import QueryRun, StrategyResult, evaluate_strategies, ground_truth
 from tasks.honeybee.plans import Deployment, build_problem, make_deployment, plan_all
 from tasks.honeybee.profile import GRIDS, measure_search
 from tasks.honeybee.rbac import Rbac
@@ -46,7 +44,7 @@ def run_locally(workload: Workload, strategies: list[str], model: SearchCostMode
     (indexes built with ``build_threads`` faiss threads; queries always run on one).
 
     Every strategy is built and calibrated first, then all are measured interleaved
-    (:func:`measure_interleaved`). ``extra_budgets`` adds HoneyBee planned at other storage
+    (:func:`evaluate_strategies`). ``extra_budgets`` adds HoneyBee planned at other storage
     budgets, keyed ``honeybee@<budget>``.
     """
     rbac = Rbac.of(workload)
@@ -59,21 +57,14 @@ def run_locally(workload: Workload, strategies: list[str], model: SearchCostMode
     query_ids = np.arange(len(workload.queries))
     truth = ground_truth(workload.vectors, workload.queries, query_ids, workload.query_users, rbac, k)
     server = PartitionServer(workload.vectors, workload.queries, rbac)
-    contenders, built = {}, {}
-    for name, plan in plans.items():
-        deployment = make_deployment(problem, plan, model, slots, near_tier=None)
-        built[name] = server.build(name, deployment.specs, threads=build_threads)
+    deployments = {name: make_deployment(problem, plan, model, slots, near_tier=None) for name, plan in plans.items()}
 
-        def search(jobs, name=name):
-            return {pool: server.search(name, pool_jobs, k) for pool, pool_jobs in jobs.items()}
+    def build(name: str, deployment: Deployment):
+        def search(jobs, passes):
+            return {pool: server.search(name, pool_jobs, k, passes=passes) for pool, pool_jobs in jobs.items()}
 
-        scale, notes = calibrate(deployment, query_ids, workload.query_users, truth, rbac, search, k, recall_target)
-        contenders[name] = Contender(deployment, search, scale, notes)
-    runs = measure_interleaved(contenders, query_ids, workload.query_users, truth, rbac, k, recall_target)
-    out = {}
-    for name, c in contenders.items():
-        result = summarize(c.deployment, runs[name], truth, query_ids, workload.query_users, rbac, recall_target,
-                           c.scale, built[name], c.notes)
-        server.drop(name)
-        out[name] = LocalRun(result, runs[name], c.deployment)
-    return out
+        return server.build(name, deployment.specs, threads=build_threads), search
+
+    measured = evaluate_strategies(deployments, build, server.drop, query_ids, workload.query_users, truth, rbac, k,
+                                   recall_target)
+    return {name: LocalRun(result, run, deployments[name]) for name, (result, run) in measured.items()}

@@ -88,30 +88,33 @@ class PartitionServer:
             self._filters[key] = self.partitions[strategy][pid].permission_filter(self.rbac.permitted_mask(roles))
         return self._filters[key]
 
-    def search(self, strategy: str, jobs: list[SearchJob], k: int,
-               queries: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def search(self, strategy: str, jobs: list[SearchJob], k: int, queries: np.ndarray | None = None,
+               passes: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Run ``jobs`` one query at a time on one thread; a job's ``query`` is a row of ``queries``
         (default: the server's query vectors).
 
         Returns (D, I, seconds): (len(jobs), k) distances and global doc ids (padded with
-        inf / -1) and each search's wall seconds. Building a user's filter the first time
+        inf / -1) and each search's wall seconds — with ``passes`` > 1 the jobs are run that
+        many times over, one pass after another, and each keeps its median (see
+        :data:`~tasks.honeybee.index.TIMED_PASSES`). Building a user's filter the first time
         is done before the clock starts (a serving system caches it per role set).
         """
         D = np.full((len(jobs), k), np.inf, dtype=np.float32)
         I = np.full((len(jobs), k), -1, dtype=np.int64)
-        seconds = np.zeros(len(jobs))
+        seconds = np.zeros((passes, len(jobs)))
         partitions = self.partitions[strategy]
         queries = self.queries if queries is None else queries
+        filters = [self.filter_for(strategy, job.pid, job.roles) for job in jobs]
         with faiss_threads(1):
-            for j, job in enumerate(jobs):
-                flt = self.filter_for(strategy, job.pid, job.roles)
-                index, query = partitions[job.pid], queries[job.query : job.query + 1]
-                start = time.perf_counter()
-                d, i = index.search(query, k, flt, ef=job.effort or None, nprobe=job.effort or None,
-                                    exact=job.exact and index.kind == "hnsw")
-                seconds[j] = time.perf_counter() - start
-                D[j], I[j] = d[0], i[0]
-        return D, I, seconds
+            for p in range(passes):
+                for j, (job, flt) in enumerate(zip(jobs, filters)):
+                    index, query = partitions[job.pid], queries[job.query : job.query + 1]
+                    start = time.perf_counter()
+                    d, i = index.search(query, k, flt, ef=job.effort or None, nprobe=job.effort or None,
+                                        exact=job.exact and index.kind == "hnsw")
+                    seconds[p, j] = time.perf_counter() - start
+                    D[j], I[j] = d[0], i[0]
+        return D, I, np.median(seconds, axis=0)
 
 
 def merge_results(distances: list[np.ndarray], ids: list[np.ndarray], permitted: np.ndarray,
@@ -122,6 +125,18 @@ def merge_results(distances: list[np.ndarray], ids: list[np.ndarray], permitted:
     document outside ``permitted`` (the user's (N,) mask) is dropped and counted.
     Returns (ids padded with -1, number of documents the final permission check dropped).
     """
+    out = np.full(k, -1, dtype=np.int64)
+    if len(ids) == 1:  # one partition (most queries): its answer is in distance order, each doc once
+        keep = ids[0] >= 0
+        d, i = distances[0][keep], ids[0][keep]
+        allowed = permitted[i]
+        rejected = len(i) - int(np.count_nonzero(allowed))
+        if rejected:
+            d, i = d[allowed], i[allowed]
+        if len(d) > 1 and not (np.diff(d) > 0).all():  # a distance tie: the smaller id first, as below
+            i = i[np.lexsort((i, d))]
+        out[: min(k, len(i))] = i[:k]
+        return out, rejected
     d = np.concatenate(distances) if distances else np.zeros(0, dtype=np.float32)
     i = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
     keep = i >= 0
@@ -133,6 +148,5 @@ def merge_results(distances: list[np.ndarray], ids: list[np.ndarray], permitted:
     i = i[order]
     _, first = np.unique(i, return_index=True)
     top = i[np.sort(first)][:k]
-    out = np.full(k, -1, dtype=np.int64)
     out[: len(top)] = top
     return out, rejected

@@ -56,9 +56,10 @@ def build_partitions(workload_dir: str, strategy: str, specs: list[PartitionSpec
 
 
 @task(cache_policy=NO_CACHE, task_run_name="search {strategy} on {pool}")
-def search_partitions(workload_dir: str, strategy: str, jobs: list[SearchJob], k: int, pool: str) -> dict:
-    """Run search jobs against this worker's partitions of a strategy."""
-    D, I, seconds = server_for(workload_dir).search(strategy, jobs, k)
+def search_partitions(workload_dir: str, strategy: str, jobs: list[SearchJob], k: int, pool: str,
+                      passes: int = 1) -> dict:
+    """Run search jobs against this worker's partitions of a strategy (timed over ``passes`` passes)."""
+    D, I, seconds = server_for(workload_dir).search(strategy, jobs, k, passes=passes)
     return {"D": D, "I": I, "seconds": seconds}
 
 

@@ -98,3 +98,28 @@ def test_the_one_partition_merge_answers_as_the_general_merge_including_ties_and
         one = merge_results([d], [i], permitted, 7)
         general = merge_results([d, np.zeros(0, np.float32)], [i, np.zeros(0, np.int64)], permitted, 7)
         assert (one[0] == general[0]).all() and one[1] == general[1]
+
+
+def test_summary_rows_judge_the_claim_against_its_baselines_and_show_what_per_user_stores():
+    import pandas as pd
+
+    from tasks.honeybee.report import regime, summary_rows
+
+    table = pd.DataFrame([
+        {"strategy": "honeybee", "qps": 2000.0, "latency_mean_ms": 0.5, "storage": 1.4, "built": True},
+        {"strategy": "rls", "qps": 100.0, "latency_mean_ms": 10.0, "storage": 1.0, "built": True},
+        {"strategy": "rls_prefilter", "qps": 500.0, "latency_mean_ms": 2.0, "storage": 1.0, "built": True},
+        {"strategy": "per_role", "qps": 2500.0, "latency_mean_ms": 0.4, "storage": 3.2, "built": True},
+        {"strategy": "per_user", "qps": float("nan"), "latency_mean_ms": float("nan"), "storage": 250.0, "built": False},
+    ])
+    phrase = regime({"n_docs": 100_000, "dim": 128, "n_roles": 300, "query_selectivity_p50": 0.021})
+    assert phrase == "100k docs × 128-d, 300 roles, median query's user sees 2.1%"
+    rows = summary_rows(table, phrase, ["latencies are this host's"])
+    assert [(r["metric"], r["baseline"]) for r in rows] == [
+        ("QPS", "rls"), ("QPS", "rls_prefilter"), ("latency", "per_role"), ("storage", "per_role"), ("storage", "per_user")]
+    by = {(r["metric"], r["baseline"]): r for r in rows}
+    assert by["QPS", "rls"]["ratio"] == 20.0 and by["QPS", "rls"]["better"] == "higher"
+    assert by["latency", "per_role"]["ratio"] == 1.25 and by["latency", "per_role"]["better"] == "lower"
+    assert by["storage", "per_user"]["baseline_value"] == 250.0, "per_user's storage shows even where it was not built"
+    keys = {"system", "metric", "unit", "better", "value", "baseline", "baseline_value", "ratio", "regime", "simulated"}
+    assert all(set(r) == keys and r["regime"] == phrase for r in rows)

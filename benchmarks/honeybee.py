@@ -298,7 +298,7 @@ def main() -> None:
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--sweep", default=None, metavar="N,N,…",
                         help="instead: the --shape workload at these collection sizes (e.g. 5000,20000,50000,100000)")
-    parser.add_argument("--shape", default="small", choices=["tiny", "small", "medium", "large"],
+    parser.add_argument("--shape", default="small", choices=list(SCALES),
                         help="workload shape (roles, users, queries, dimension) of --sweep")
     args = parser.parse_args()
     if args.sweep:

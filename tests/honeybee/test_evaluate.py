@@ -112,8 +112,8 @@ def test_summary_rows_judge_the_claim_against_its_baselines_and_show_what_per_us
         {"strategy": "per_role", "qps": 2500.0, "latency_mean_ms": 0.4, "storage": 3.2, "built": True},
         {"strategy": "per_user", "qps": float("nan"), "latency_mean_ms": float("nan"), "storage": 250.0, "built": False},
     ])
-    phrase = regime({"n_docs": 100_000, "dim": 128, "n_roles": 300, "query_selectivity_p50": 0.021})
-    assert phrase == "100k docs × 128-d, 300 roles, median query's user sees 2.1%"
+    phrase = regime({"n_docs": 100_000, "dim": 128, "n_roles": 300, "n_users": 3000})
+    assert phrase == "100k docs × 128-d, 300 roles, 3,000 users"
     rows = summary_rows(table, phrase, ["latencies are this host's"])
     assert [(r["metric"], r["baseline"]) for r in rows] == [
         ("QPS", "rls"), ("QPS", "rls_prefilter"), ("latency", "per_role"), ("storage", "per_role"), ("storage", "per_user")]

@@ -124,7 +124,7 @@ def query(
     figures = {"strategy": strategy, "method": result.method, "k": k, "qps": round(result.qps, 1),
                "latency_p50_ms": round(result.latency_p50_ms, 4), "latency_p99_ms": round(result.latency_p99_ms, 4),
                "recall": round(result.recall, 4), "recall_target": recall, "storage": round(result.storage, 4),
-               "build_s": round(result.build_s, 3), "partitions": result.partitions,
+               "build_s": round(result.build_s, 3), "partitions": result.partitions, "state": loaded.state,
                "qps_note": "per core: 1 / mean latency of one query's partition searches and merge"}
     if as_json:
         sys.stdout.write(json.dumps({**figures, "queries": queries}) + "\n")
@@ -135,7 +135,9 @@ def query(
     Console().print(table)
     if len(queries) > 20:
         Console().print(f"… {len(queries) - 20} more queries (use --json for all)")
-    Console().print(", ".join(f"{key}={value}" for key, value in figures.items() if key != "qps_note"))
+    Console().print(", ".join(f"{key}={value}" for key, value in figures.items() if key not in ("qps_note", "state")))
+    if loaded.state:
+        Console().print(f"answered from the updated permissions and documents in {loaded.state}")
 
 
 @honeybee_app.command("update")
@@ -143,7 +145,8 @@ def update(
     workload: Path = typer.Option(..., help="workload folder (left unchanged)"),
     changes: Path = typer.Option(..., help="JSON-lines changes: grant, revoke, join, leave, add_doc, delete_doc"),
     state: Optional[Path] = typer.Option(None, help="where the live partitions are kept between updates "
-                                                    "(default: <workload>.honeybee-state beside the workload)"),
+                                                    "(default: <workload>.honeybee-state beside the workload, "
+                                                    "which links to a state kept elsewhere)"),
     budget: float = typer.Option(1.4, help="storage budget for the first plan"),
     recall: float = typer.Option(0.95, help="recall@k target for the first plan"),
     model: Optional[Path] = typer.Option(None, help="cost model JSON for the first plan; default: measure here"),
@@ -152,36 +155,17 @@ def update(
     """Apply changes to HoneyBee's partitions incrementally and compare the work with a full rebuild.
 
     The first update plans and builds the partitions for the workload and keeps them in the
-    state folder; later updates start from that state. The workload folder is never written.
+    state folder; later updates start from that state, and every read of the workload
+    (``query``, the flow, the deployment) answers from it. The workload folder is never written.
     """
     from tasks.honeybee.changes import read_changes
-    from tasks.honeybee.rbac import Rbac
-    from tasks.honeybee.update import LiveDeployment, load_state, save_state
-    from tasks.honeybee.workload import load_workload
+    from tasks.honeybee.update import update_workload
 
-    state = state or workload.with_name(workload.name + ".honeybee-state")
     with user_errors():
         HoneyBeeParams.check_fields({"storage_budget": budget, "recall_target": recall}, "command line")
-        todo = read_changes(changes)
-        first_build = None
-        if state.exists():
-            live = load_state(state)
-        else:
-            loaded = load_workload(workload)
-            cost_model = _load_model(model, loaded, recall)
-            with console.status("planning and building the partitions (first update)…"):
-                live = LiveDeployment(loaded, cost_model, storage_budget=budget, recall_target=recall)
-            first_build = live.build_seconds
-        with console.status(f"applying {len(todo)} changes, then a full rebuild to compare…"):
-            report = live.apply(todo, compare_with_fresh_plan=True)
-        truth = Rbac(len(live.tables.vectors), live.tables.doc_roles, live.tables.user_roles)
-        known = set(truth.users)
-        rows = [q for q, user in enumerate(live.query_users) if user in known]
-        found = live.search(live.server.queries[rows], [live.query_users[q] for q in rows], k=10)
-        leaked = sum(int((~truth.user_mask(live.query_users[q])[ids[ids >= 0]]).sum()) for q, ids in zip(rows, found))
-        save_state(live, state)
-    document = {**report.to_dict(), "state": str(state), "first_build_seconds": first_build,
-                "verified_queries": len(rows), "forbidden_results": leaked}
+        outcome = update_workload(workload, read_changes(changes), lambda loaded: _load_model(model, loaded, recall),
+                                  state=state, storage_budget=budget, recall_target=recall, status=console.status)
+    report, document = outcome.report, outcome.to_dict()
     if as_json:
         sys.stdout.write(json.dumps(document, default=float) + "\n")
         return
@@ -194,6 +178,7 @@ def update(
     Console().print(table)
     Console().print(f"{report.changes} changes; {report.partitions_touched} partitions touched, "
                     f"{report.partitions_created} created, {report.classes_rerouted} user classes re-routed; "
-                    f"{len(rows)} queries re-checked, {leaked} forbidden results; state kept in {state}")
+                    f"{outcome.verified_queries} queries re-checked, {outcome.forbidden_results} forbidden results; "
+                    f"state kept in {outcome.state} (every read of the workload answers from it)")
     for note in report.notes:
         Console().print(f"note: {note}")

@@ -21,7 +21,8 @@ from optimizers.honeybee import PoolSlot
 from tasks.common.run import RunContext
 from tasks.common.tasks import task
 from tasks.honeybee import report
-from tasks.honeybee.evaluate import StrategyResult, calibrate_and_measure, ground_truth, summarize
+from tasks.common.summary import Row
+from tasks.honeybee.evaluate import StrategyResult, evaluate_strategies, ground_truth
 from tasks.honeybee.plans import Deployment, index_bytes_per_vector, index_gib, plan_all
 from tasks.honeybee.rbac import Rbac
 from tasks.honeybee.tasks import build_partitions, drop_partitions, profile_search, search_partitions
@@ -87,11 +88,11 @@ def searcher(workload_dir: str, strategy: str, workers: dict[str, str], k: int):
     searching all pools at once would time contention, not the partitions.
     """
 
-    def search(jobs):
+    def search(jobs, passes):
         answers = {}
         for pool, pool_jobs in jobs.items():
             with on_worker(workers[pool]):
-                result = search_partitions.submit(workload_dir, strategy, pool_jobs, k, pool).result()
+                result = search_partitions.submit(workload_dir, strategy, pool_jobs, k, pool, passes).result()
             answers[pool] = (result["D"], result["I"], result["seconds"])
         return answers
 
@@ -107,31 +108,35 @@ def not_built(deployment: Deployment, reason: str) -> StrategyResult:
 
 def deploy_and_measure(workload, workload_dir: str, infra: InfraSpec, deployments: dict[str, Deployment], k: int,
                        recall_target: float, max_index_gib: float) -> tuple[list[StrategyResult], pd.DataFrame]:
-    """DEPLOY + measure each strategy in turn (its partitions are dropped once measured): the same
-    queries against every strategy at the same recall target."""
+    """DEPLOY every strategy, then measure them all interleaved on the same queries at the same recall
+    target (:func:`tasks.honeybee.evaluate.evaluate_strategies`); partitions are dropped once measured."""
     logger = get_run_logger()
     rbac = Rbac.of(workload)
     query_ids, truth = exact_answers(workload, rbac, k)
-    results, built_all = [], []
+    skipped, to_build, built_all, workers_of = {}, {}, [], {}
     for strategy, deployment in deployments.items():
         gib = index_gib(deployment.plan.storage, len(workload.vectors), workload.vectors.shape[1])
         if gib > max_index_gib:
-            results.append(not_built(deployment, f"not built: its indexes would take ≈{gib:.1f} GiB "
-                                                  f"(> max_index_gib = {max_index_gib}); storage and predicted "
-                                                  "latency are the plan's"))
-            continue
-        built, workers = deploy(workload_dir, infra, deployment)
-        built_all += [{**b, "strategy": strategy} for b in built]
-        search = searcher(workload_dir, strategy, workers, k)
-        run, scale, notes = calibrate_and_measure(deployment, query_ids, workload.query_users, truth, rbac, search, k,
-                                                  recall_target)
-        results.append(summarize(deployment, run, truth, query_ids, workload.query_users, rbac, recall_target, scale,
-                                 built, notes))
-        for pool, worker in workers.items():
+            skipped[strategy] = not_built(deployment, f"not built: its indexes would take ≈{gib:.1f} GiB "
+                                                      f"(> max_index_gib = {max_index_gib}); storage and predicted "
+                                                      "latency are the plan's")
+        else:
+            to_build[strategy] = deployment
+
+    def build(strategy: str, deployment: Deployment):
+        built, workers_of[strategy] = deploy(workload_dir, infra, deployment)
+        built_all.extend({**b, "strategy": strategy} for b in built)
+        return built, searcher(workload_dir, strategy, workers_of[strategy], k)
+
+    def drop(strategy: str):
+        for pool, worker in workers_of[strategy].items():
             with on_worker(worker):
                 drop_partitions.submit(workload_dir, strategy, pool).result()
-        logger.info("%s: %.0f QPS, recall %.3f, storage %.2f×", strategy, results[-1].qps, results[-1].recall,
-                    results[-1].storage)
+
+    measured = evaluate_strategies(to_build, build, drop, query_ids, workload.query_users, truth, rbac, k, recall_target)
+    results = [measured[s][0] if s in measured else skipped[s] for s in deployments]
+    for r in results:
+        logger.info("%s: %.0f QPS, recall %.3f, storage %.2f×", r.strategy, r.qps, r.recall, r.storage)
     return results, pd.DataFrame(built_all)
 
 
@@ -150,13 +155,16 @@ def evaluate(run: RunContext, name: str, stats: dict, results: list[StrategyResu
                                             placement, SIMULATED, plot.name, notes))
 
     by = table.set_index("strategy")
-    mine, baselines = strategies[0], strategies[1:]
-    built_ones = {s: float(by.loc[s, "qps"]) for s in by.index if by.loc[s, "built"]}
+    mine = strategies[0]
     summary = run.summary
     summary.simulated = SIMULATED
-    summary.compare("QPS", "q/s", "higher", built_ones, mine, baselines, digits=1)
+    summary.regime = report.regime(stats)
+    # each row against the baseline it is about (QPS vs rls; latency and storage vs per_role, ...)
+    summary.rows += [Row(**{**r, "simulated": bool(r["simulated"])})
+                     for r in report.summary_rows(table, summary.regime, SIMULATED) if r["ratio"] is not None]
     summary.details = {
         "workload": name,
+        "state": stats.get("state"),  # the update state the permissions were read from, if any
         "storage": {s: round(float(by.loc[s, "storage"]), 3) for s in by.index},
         "recall": {s: round(float(by.loc[s, "recall"]), 4) for s in by.index if by.loc[s, "built"]},
         "recall_target": params.recall_target,

@@ -110,7 +110,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -583,6 +583,70 @@ def recovery_curve(placement: Placement, n_nodes: int) -> dict[int, float]:
     return {k: recovery_probability(placement, n_nodes, k) for k in range(n_nodes + 1)}
 
 
+
+
+# ---- checkpoint interval ---------------------------------------------------------------------
+
+def restore_probability(placement: Placement, n_nodes: int, failed_at_once: Mapping[int, float] | None = None) -> float:
+    """Probability that a failure event needs a checkpoint restore: some expert loses every replica.
+
+    Parameters
+    ----------
+    placement: who holds what (the plan training runs with when the failure comes).
+    n_nodes: N, the nodes training.
+    failed_at_once: share of failure events that take k nodes at once, {k: share} (default: one
+        node at a time). Shares are normalised; k beyond N counts as all N.
+
+    Returns ``Σ_k share_k · (1 − P(survive k failed))`` (:func:`recovery_probability`, exact).
+    """
+    shares = dict(failed_at_once or {1: 1.0})
+    total = sum(shares.values())
+    if not shares or total <= 0 or any(v < 0 or not math.isfinite(v) for v in shares.values()):
+        raise PlacementError(f"failed_at_once must give shares ≥ 0 summing to > 0, got {shares!r}")
+    bad = [k for k in shares if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1]
+    if bad:
+        raise PlacementError(f"failed_at_once counts failed nodes, integers ≥ 1, got {bad[0]!r}")
+    return sum(share / total * (1.0 - recovery_probability(placement, n_nodes, min(int(k), n_nodes)))
+               for k, share in shares.items())
+
+
+def checkpoint_interval(checkpoint_s: float, mtbf_s: float, step_s: float, restore_probability: float = 1.0,
+                        max_steps: int = 10**9) -> int:
+    """Steps between checkpoints that minimise the expected time lost to checkpoints and restores.
+
+    Young's first-order rule (J. W. Young, "A first order approximation to the optimum checkpoint
+    interval", CACM 17(9), 1974) applied to the failures that need a restore. With a checkpoint of
+    cost C every τ seconds of training, failures every M seconds on average and a share q of them
+    needing a restore (no replica of some expert survives: :func:`restore_probability`), the time
+    lost per second of training is, to first order,
+
+        L(τ) = C/τ + (q/M) · (R + τ/2)
+
+    (R the restore itself, τ/2 the work lost since the last checkpoint on average; a failure the
+    survivors recover from costs a reconfiguration whatever τ is, so it does not enter). L is least
+    at τ* = √(2·C·M/q): Young's √(2·C·M) for a job that restores on every failure (q = 1, DeepSpeed's
+    checkpoint-restart), and longer by 1/√q for a placement that usually survives; q = 0 needs no
+    periodic checkpoint at all (``max_steps``). R does not move τ*. Returned as τ*/step_s, ≥ 1.
+
+    Parameters
+    ----------
+    checkpoint_s: C, seconds to write one checkpoint (training stops meanwhile).
+    mtbf_s: M, mean seconds between failure events of the cluster (inf: none expected).
+    step_s: seconds per training step.
+    restore_probability: q in [0, 1].
+    max_steps: the interval for "never" (q = 0 or no failures).
+    """
+    for name, value in (("checkpoint_s", checkpoint_s), ("step_s", step_s)):
+        if not math.isfinite(value) or value < 0:
+            raise PlacementError(f"{name} must be a finite number ≥ 0, got {name} = {value!r}")
+    if not 0 <= restore_probability <= 1:
+        raise PlacementError(f"restore_probability must be in [0, 1], got {restore_probability!r}")
+    if mtbf_s <= 0 or math.isnan(mtbf_s):
+        raise PlacementError(f"mtbf_s must be > 0, got mtbf_s = {mtbf_s!r}")
+    if restore_probability == 0 or math.isinf(mtbf_s):
+        return max_steps
+    tau = math.sqrt(2 * checkpoint_s * mtbf_s / restore_probability)
+    return int(min(max(1, round(tau / max(step_s, 1e-9))), max_steps))
 
 
 # ---- strategies ------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ nodes reach) holds small JSON records under these keys:
                          report and wait for the next
     ready/<g>/<id>       a node is training in epoch g: how long set-up, fetch and restore took
     loss/<step>          the global loss of a committed step (written by rank 0)
+    ckpt/<step>          a checkpoint was written at that step, and how long it took (rank 0)
     kill/<id>            when a node was killed from outside the run (``tierflow lazarus kill``)
     stop                 the coordinator ends the run
 
@@ -56,6 +57,10 @@ class Epoch:
         keeping its state (no survivor holds some expert, or the policy restarts on failure).
     dense_source: rank that sends the dense (data-parallel) weights to members that have none.
     replicas, loads: the replica counts and the router loads the plan was computed from.
+    checkpoint_every: committed steps between checkpoints in this epoch, counted from the last one
+        written (None: the run's fixed ``RunSettings.checkpoint_every``), and
+    restore_probability: the share of failures the plan needs a restore for, it was chosen from
+        (:class:`~tasks.lazarus.coordinator.CheckpointRule`).
     """
 
     number: int
@@ -70,6 +75,8 @@ class Epoch:
     loads: list[float] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     notes: list[str] = field(default_factory=list)
+    checkpoint_every: int | None = None
+    restore_probability: float | None = None
 
     def rank_of(self, node: str) -> int:
         return self.members.index(node)
@@ -200,6 +207,16 @@ class ControlPlane:
 
     def losses(self) -> dict[int, dict]:
         return {int(k.split("/", 1)[1]): self._get(k) for k in self.keys("loss/")}
+
+    def loss(self, step: int) -> dict | None:
+        return self._get(f"loss/{step:07d}")
+
+    def record_checkpoint(self, step: int, seconds: float) -> None:
+        """Rank 0 wrote the checkpoint of ``step`` in ``seconds`` (parts, barrier and manifest)."""
+        self._put(f"ckpt/{step:07d}", {"seconds": seconds, "time": time.time()})
+
+    def checkpoints(self) -> dict[int, dict]:
+        return {int(k.split("/", 1)[1]): self._get(k) for k in self.keys("ckpt/")}
 
     def record_kill(self, node: str) -> None:
         """Note when ``node`` was killed (by ``tierflow lazarus kill``), for the detection time."""

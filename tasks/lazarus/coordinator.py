@@ -13,11 +13,16 @@ It runs beside the flow (a thread) and talks to the nodes only through the contr
   from loads); every failure stops the whole job — every node process is killed and started
   afresh by the launcher (``relaunch``), as a DeepSpeed-MoE job is — and restores the last
   checkpoint.
+
+How often each strategy checkpoints is one rule for all (:class:`CheckpointRule`): every epoch's
+interval is Young's rule on the failures that epoch's plan would need a restore for
+(:func:`optimizers.lazarus.checkpoint_interval`) — every failure for ``checkpoint_restart``, the
+exact share its placement loses an expert for the others — with the step time and the checkpoint
+write measured in the run so far.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 from infra.store import ArtifactStore
-from optimizers.lazarus import PlacementError, plan_strategy
+from optimizers.lazarus import Placement, PlacementError, checkpoint_interval, plan_strategy, restore_probability
 from tasks.lazarus.checkpoint import latest_checkpoint
 from tasks.lazarus.control import ControlPlane, Epoch
 
@@ -46,6 +51,40 @@ POLICIES = {
     "reconfig_uniform": Policy("reconfig_uniform", "reconfig_uniform", "reconfigure", False),
     "checkpoint_restart": Policy("checkpoint_restart", "reconfig_uniform", "restart", False),
 }
+
+
+@dataclass(frozen=True)
+class CheckpointRule:
+    """How often to checkpoint, chosen per epoch from its plan — the same rule for every strategy.
+
+    Parameters
+    ----------
+    checkpoint_s: seconds one checkpoint takes, until the run has measured its own.
+    mtbf_s: mean seconds between failure events (the schedule's; inf: none expected).
+    step_s: seconds per step, until the run has measured its own.
+    failed_at_once: share of failure events taking k nodes at once, {k: share} (default: one).
+    max_steps: the interval meaning "no periodic checkpoint" (the run's length).
+    """
+
+    checkpoint_s: float
+    mtbf_s: float
+    step_s: float
+    failed_at_once: dict[int, float] = field(default_factory=lambda: {1: 1.0})
+    max_steps: int = 10**9
+
+    def choose(self, policy: Policy, placement: list[list[int]], n_expert: int, step_s: float | None = None,
+               checkpoint_s: float | None = None) -> tuple[int, float]:
+        """(steps between checkpoints, restore probability) for an epoch of ``placement``: a policy that
+        restarts on failure restores every time (q = 1); one that reconfigures only when the failed
+        nodes held every replica of some expert (q exact, :func:`optimizers.lazarus.restore_probability`)."""
+        if policy.on_failure == "restart":
+            q = 1.0
+        else:
+            slots = max(1, max(map(len, placement)))
+            q = restore_probability(Placement(placement, slots, n_expert), len(placement), self.failed_at_once)
+        every = checkpoint_interval(self.checkpoint_s if checkpoint_s is None else checkpoint_s, self.mtbf_s,
+                                    self.step_s if step_s is None else step_s, q, self.max_steps)
+        return every, q
 
 
 @dataclass
@@ -100,6 +139,7 @@ class Coordinator:
     rebalance_every: int = 20
     report_timeout_s: float = 20.0
     wait_for_nodes_s: float = 120.0  # a recovery with too few nodes to hold every expert waits this long for more
+    checkpoint_rule: CheckpointRule | None = None  # None: every epoch keeps the run's fixed interval
     epochs: list[Epoch] = field(default_factory=list)
     recoveries: list[Recovery] = field(default_factory=list)
     joins: list[dict] = field(default_factory=list)
@@ -129,8 +169,23 @@ class Coordinator:
         return self.epochs[-1] if self.epochs else None
 
     def _publish(self, epoch: Epoch, *, at_boundary: bool = False) -> None:
+        if self.checkpoint_rule is not None:
+            step_s, checkpoint_s = self._measured_costs()
+            epoch.checkpoint_every, epoch.restore_probability = self.checkpoint_rule.choose(
+                self.policy, epoch.placement, self.n_expert, step_s, checkpoint_s)
         self.epochs.append(epoch)
         self.control.publish(epoch, at_boundary=at_boundary)
+
+    def _measured_costs(self, window: int = 40) -> tuple[float | None, float | None]:
+        """(seconds per step, seconds per checkpoint) as this run has measured them: the median gap
+        between the last ``window`` steps' loss records (a recovery's pause is one gap among many) and
+        the median of the checkpoints written; None where there is nothing to measure yet."""
+        last = max((b["committed"] for b in self.control.heartbeats().values() if b), default=0)
+        times = [r["time"] for r in (self.control.loss(s) for s in range(max(0, last - window), last)) if r]
+        gaps = [b - a for a, b in zip(times, times[1:]) if b > a]
+        step_s = float(np.median(gaps)) if len(gaps) >= 5 else None
+        written = [c["seconds"] for c in self.control.checkpoints().values()]
+        return step_s, (float(np.median(written)) if written else None)
 
     # ---- the run ----------------------------------------------------------------------------
     def start(self, members: list[str]) -> Epoch:
@@ -340,10 +395,3 @@ class Coordinator:
         epoch = self.current
         beats = self.control.heartbeats()
         return bool(epoch) and all(beats.get(n) and beats[n]["committed"] >= steps for n in epoch.members)
-
-
-def checkpoint_interval(checkpoint_s: float, mtbf_s: float, step_s: float) -> int:
-    """Steps between checkpoints by Young's rule, √(2 · checkpoint cost · MTBF), at least 1."""
-    if not math.isfinite(mtbf_s) or mtbf_s <= 0:
-        return 10**9
-    return max(1, round(math.sqrt(2 * checkpoint_s * mtbf_s) / max(step_s, 1e-9)))

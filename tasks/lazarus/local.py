@@ -24,7 +24,7 @@ import numpy as np
 
 from infra.store import open_store
 from tasks.lazarus.control import ControlPlane
-from tasks.lazarus.coordinator import POLICIES, Coordinator
+from tasks.lazarus.coordinator import POLICIES, CheckpointRule, Coordinator
 from tasks.lazarus.node import RunSettings, run_node
 
 
@@ -101,6 +101,8 @@ class ElasticRun:
     slots: expert slots per node (c); f: at least this many replicas of every expert.
     launcher: how node processes start (default: :class:`ProcessLauncher`).
     host: the address nodes reach the control plane at.
+    checkpoint_rule: how often to checkpoint, chosen per epoch from its plan (None: every
+        ``settings.checkpoint_every`` steps).
     """
 
     settings: RunSettings
@@ -110,6 +112,7 @@ class ElasticRun:
     rebalance_every: int = 20
     launcher: Launcher | None = None
     host: str = "127.0.0.1"
+    checkpoint_rule: CheckpointRule | None = None
     kills: dict[str, float] = field(default_factory=dict)
     nodes: list[str] = field(default_factory=list)
 
@@ -123,18 +126,29 @@ class ElasticRun:
             self.control, POLICIES[self.policy], config.n_expert, self.slots, self.f,
             open_store(self.settings.store_url), self.settings.checkpoint_prefix,
             alive=self.alive, killed_at=self.killed_at, relaunch=self.relaunch, rebalance_every=self.rebalance_every,
-            report_timeout_s=2 * self.settings.timeout_s + 30)
+            report_timeout_s=2 * self.settings.timeout_s + 30, checkpoint_rule=self.checkpoint_rule)
         self._thread: threading.Thread | None = None
         self._relaunching = False
+        # node processes start from three threads (the caller, the fault injector's arrivals, the
+        # coordinator's relaunches): none may start once the run closes and reads the launcher's nodes
+        self._starting = threading.Lock()
+        self._closed = False
         self.started_at: float | None = None
 
     # ---- nodes ------------------------------------------------------------------------------
     def spawn(self) -> str:
         """Start one node process (not yet admitted); returns its id."""
-        node = f"node{len(self.nodes)}"
-        self.nodes.append(node)
-        self.launcher.start(node, self.control.port, self.settings)
+        with self._starting:
+            node = f"node{len(self.nodes)}"
+            self._start_process(node)
+            self.nodes.append(node)
         return node
+
+    def _start_process(self, node: str) -> None:
+        """Start ``node``'s process (hold ``_starting``); refused once the run is closing."""
+        if self._closed:
+            raise RuntimeError(f"the run is over: {node} is not started")
+        self.launcher.start(node, self.control.port, self.settings)
 
     def describe(self) -> dict:
         """Where this run's control plane is, for ``tierflow lazarus kill`` and status."""
@@ -170,9 +184,10 @@ class ElasticRun:
         deadline = time.monotonic() + 30
         while any(self.alive(n) for n in nodes) and time.monotonic() < deadline:
             time.sleep(0.02)
-        for node in nodes:
-            self.control.forget(node)
-            self.launcher.start(node, self.control.port, self.settings)
+        with self._starting:
+            for node in nodes:
+                self.control.forget(node)
+                self._start_process(node)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             registered = self.control.registered()
@@ -271,6 +286,8 @@ class ElasticRun:
 
     def close(self) -> None:
         """Stop the coordinator and every node (they exit on the stop record; stragglers are terminated)."""
+        with self._starting:
+            self._closed = True
         self.coordinator.stop()
         if self._thread is not None:
             self._thread.join(timeout=5)

@@ -17,8 +17,11 @@ into an epoch, and then, epoch after epoch:
    so every member switches after the same step), or a collective fails because a peer died
    — then it reports its committed steps and waits for the next epoch.
 
-Checkpoints (every ``checkpoint_every`` committed steps) go to the artifact store: each expert
-written by its lowest-rank holder, the dense part by rank 0, the manifest last.
+Checkpoints go to the artifact store: each expert written by its lowest-rank holder, the dense
+part by rank 0, the manifest last — once ``checkpoint_every`` steps (the epoch's, chosen by the
+coordinator from its plan, else the run's) have been committed since the last one. The members agree
+on when that was as they enter an epoch, so a plan that needs checkpoints more often than the last
+one did (fewer nodes, a restore likelier) writes one at its first step.
 """
 
 from __future__ import annotations
@@ -59,8 +62,13 @@ class RunSettings:
     checkpoint_every: committed steps between checkpoints (0: only the step-0 one).
     store_url, checkpoint_prefix: where checkpoints go (``infra.store.open_store``).
     corpus: text file to train on (default: the shipped corpus).
-    timeout_s: a collective that waits longer than this fails (a dead peer that does not
-        close its sockets is detected this way).
+    timeout_s: a collective that waits longer than this fails. A dead peer's sockets close and
+        most survivors fail at once, but gloo leaves one that is sending to a peer which has
+        itself failed waiting this long (reproduced with bare all_to_all_single on 4 ranks: one
+        survivor waits out the timeout on every kill, 8 of 8, whether the others destroy or abort
+        their groups) — it is the failure-detection time, as NCCL's is on GPUs (§6.3: 10–20 s).
+    gather_timeout_s: how long the members of a new epoch wait for each other to arrive (a member
+        that died first makes the coordinator abort the epoch sooner).
     step_delay_s: extra seconds per step (a slower simulated device); 0 here.
     """
 
@@ -77,6 +85,7 @@ class RunSettings:
     checkpoint_prefix: str = "lazarus/checkpoints"
     corpus: str | None = None
     timeout_s: float = 10.0
+    gather_timeout_s: float = 60.0
     step_delay_s: float = 0.0
     wait_s: float = 600.0
 
@@ -98,6 +107,7 @@ class NodeReport:
     committed: int = 0
     failures_seen: int = 0
     rollbacks: int = 0
+    checkpoints: int = 0  # checkpoints this node took part in writing
     outcome: str = "stopped"
 
 
@@ -131,6 +141,7 @@ class _Node:
         self.model: ExpertParallelMoE | None = None
         self.optimizer = None
         self.committed = 0
+        self.last_checkpoint = -1  # the step of the newest checkpoint this node knows was written (-1: none)
         self.snapshot: tuple[int, dict, dict] | None = None  # (committed before the step, dense, experts)
         self.report = NodeReport(node)
 
@@ -156,10 +167,11 @@ class _Node:
             t = time.perf_counter()
             if epoch.restore_step > 0 or self._checkpoint_exists(0):
                 self._load_checkpoint(model, optimizer, epoch.restore_step)
-            self.committed = epoch.restore_step
+            self.committed = self.last_checkpoint = epoch.restore_step
             timings["restore_s"] = time.perf_counter() - t
         else:
             resume = self._agree_on_resume(old_model is not None)
+            self.last_checkpoint = self._agree_on_last_checkpoint()
             if old_model is not None and self.committed > resume:
                 self._roll_back(old_model, old_optimizer, resume)
             self.committed = resume
@@ -176,12 +188,12 @@ class _Node:
         died first makes the coordinator abort the epoch, and nobody is left waiting in a
         rendezvous until its timeout."""
         self.control.arrive(epoch.number)
-        deadline = time.monotonic() + self.settings.timeout_s
+        deadline = time.monotonic() + self.settings.gather_timeout_s
         while self.control.arrived(epoch.number) < len(epoch.members):
             if self.control.aborted(epoch.number) or self.control.latest_epoch() > epoch.number:
                 raise EpochAborted(f"epoch {epoch.number} aborted: a member died before it formed")
             if time.monotonic() > deadline:
-                raise EpochAborted(f"epoch {epoch.number}: members did not all arrive in {self.settings.timeout_s} s")
+                raise EpochAborted(f"epoch {epoch.number}: members did not all arrive in {self.settings.gather_timeout_s} s")
             time.sleep(0.01)
 
     def _agree_on_resume(self, has_state: bool) -> int:
@@ -190,6 +202,12 @@ class _Node:
         dist.all_reduce(mine, op=dist.ReduceOp.MIN)
         if mine.item() == nothing:  # the plan says to keep state that no member has: never train from scratch
             raise RuntimeError(f"no member of the epoch holds any state to continue from (node {self.node})")
+        return int(mine.item())
+
+    def _agree_on_last_checkpoint(self) -> int:
+        """The newest checkpoint any member knows of (a node that joins knows of none)."""
+        mine = torch.tensor([self.last_checkpoint], dtype=torch.int64)
+        dist.all_reduce(mine, op=dist.ReduceOp.MAX)
         return int(mine.item())
 
     def _roll_back(self, model, optimizer, resume: int) -> None:
@@ -229,6 +247,7 @@ class _Node:
 
     def checkpoint(self) -> None:
         """Write this rank's parts of the checkpoint of the committed step; rank 0 seals it."""
+        start = time.perf_counter()
         model, prefix, step = self.model, self.settings.checkpoint_prefix, self.committed
         if model.rank == 0:
             save_part(self.store, prefix, step, "dense", dense_state(model, self.optimizer))
@@ -237,8 +256,11 @@ class _Node:
             if min(holders[e]) == model.rank:
                 save_part(self.store, prefix, step, expert_part(e), expert_state(model, self.optimizer, e))
         dist.barrier()
+        self.last_checkpoint = step
+        self.report.checkpoints += 1
         if model.rank == 0:
             write_manifest(self.store, prefix, step, self.config)
+            self.control.record_checkpoint(step, time.perf_counter() - start)
 
     # ---- training ---------------------------------------------------------------------------
     def train(self, epoch: Epoch) -> str:
@@ -249,8 +271,9 @@ class _Node:
         rows = rank_rows(s.global_batch, world, rank)
         share = (rows.stop - rows.start) / s.global_batch
         loads = torch.zeros(self.config.n_expert, dtype=torch.float64)
+        every = s.checkpoint_every if epoch.checkpoint_every is None else epoch.checkpoint_every
         try:
-            if self.committed == 0 and s.checkpoint_every >= 0 and not self._checkpoint_exists(0):
+            if self.committed == 0 and not self._checkpoint_exists(0):
                 self.checkpoint()  # the run's starting point: a restart before any checkpoint returns here
             while self.committed < s.steps:
                 switch = torch.tensor([0])
@@ -277,7 +300,7 @@ class _Node:
                     self.control.record_loss(self.committed - 1, {
                         "loss": out["loss"], "epoch": epoch.number, "world": world, "time": time.time(),
                         "step_s": time.perf_counter() - start, "tokens": s.global_batch * self.config.block_size})
-                if s.checkpoint_every and self.committed % s.checkpoint_every == 0:
+                if every and self.committed - self.last_checkpoint >= every:
                     self.checkpoint()
             return "done"
         except RuntimeError as exc:  # a collective failed: a peer died or timed out

@@ -58,8 +58,7 @@ import numpy as np
 
 from infra.catalog import load_catalog
 from infra.traces import SpotTrace, busiest_segment, load_spot_trace
-from optimizers.lazarus import Placement, PlacementError, plan_strategy
-from tasks.lazarus.coordinator import checkpoint_interval
+from optimizers.lazarus import Placement, PlacementError, checkpoint_interval, plan_strategy
 from tasks.moe.model import CONFIGS, ParamCounts, param_counts
 
 # ---- constants, and what each rests on -------------------------------------------------------

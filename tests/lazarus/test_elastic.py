@@ -13,6 +13,7 @@ import pytest
 
 from infra.store import open_store
 from tasks.lazarus.checkpoint import latest_checkpoint
+from tasks.lazarus.coordinator import CheckpointRule
 from tasks.lazarus.local import ElasticRun
 from tasks.lazarus.node import RunSettings, uninterrupted_losses
 from tasks.moe.model import CONFIGS
@@ -125,3 +126,33 @@ def test_too_few_survivors_to_hold_every_expert_wait_for_a_node_then_go_on(tmp_p
     assert recovery.survivors == ["node1", spare] and recovery.waited_s > 0
     assert any(note.startswith("waited") for note in out["epochs"][-1].notes)
     _assert_follows(out["losses"], reference)
+
+
+def test_each_epoch_checkpoints_as_often_as_its_plan_needs_restores(tmp_path, reference):
+    """DeepSpeed's EP pairs on 4 nodes survive any single failure (no periodic checkpoint); on the 3
+    left, one pair and an idle node lose an expert 2 times in 3: a checkpoint at once, then often."""
+    rule = CheckpointRule(checkpoint_s=0.05, mtbf_s=0.01, step_s=0.1, max_steps=STEPS)
+    store = str(tmp_path / "store")
+    run = ElasticRun(_settings(store), policy="reconfig_uniform", slots=6, f=2, checkpoint_rule=rule)
+    run.start(4)
+    run.wait_for_step(4)
+    run.kill("node1")
+    out = run.finish()
+    assert not out["errors"]
+    first, after = out["epochs"][0], out["epochs"][-1]
+    assert first.restore_probability == 0.0 and first.checkpoint_every == STEPS  # only the step-0 checkpoint
+    assert after.restore_probability == pytest.approx(2 / 3) and after.checkpoint_every < STEPS
+    (recovery,) = out["recoveries"]
+    checkpoints = sorted(run.control.checkpoints())
+    assert checkpoints[0] == 0 and checkpoints[1] == recovery.committed + 1, "written at the first step on 3 nodes"
+    assert latest_checkpoint(open_store(store), "lazarus/checkpoints") == STEPS
+    _assert_follows(out["losses"], reference)
+
+
+def test_a_node_cannot_start_once_the_run_has_closed(tmp_path):
+    run = ElasticRun(_settings(str(tmp_path / "store")), policy="lazarus", slots=4, f=2)
+    run.start(4)
+    out = run.finish()
+    assert sorted(out["losses"]) == list(range(STEPS))
+    with pytest.raises(RuntimeError, match="the run is over: node4 is not started"):
+        run.add_node()  # a replacement the fault injector sends as the run ends

@@ -610,9 +610,9 @@ def restore_probability(placement: Placement, n_nodes: int, failed_at_once: Mapp
                for k, share in shares.items())
 
 
-def checkpoint_interval(checkpoint_s: float, mtbf_s: float, step_s: float, restore_probability: float = 1.0,
-                        max_steps: int = 10**9) -> int:
-    """Steps between checkpoints that minimise the expected time lost to checkpoints and restores.
+def checkpoint_interval_s(checkpoint_s: float, mtbf_s: float, restore_probability: float = 1.0) -> float:
+    """Seconds of training between checkpoints that minimise the expected time lost to checkpoints
+    and restores (math.inf: no periodic checkpoint).
 
     Young's first-order rule (J. W. Young, "A first order approximation to the optimum checkpoint
     interval", CACM 17(9), 1974) applied to the failures that need a restore. With a checkpoint of
@@ -626,26 +626,33 @@ def checkpoint_interval(checkpoint_s: float, mtbf_s: float, step_s: float, resto
     survivors recover from costs a reconfiguration whatever τ is, so it does not enter). L is least
     at τ* = √(2·C·M/q): Young's √(2·C·M) for a job that restores on every failure (q = 1, DeepSpeed's
     checkpoint-restart), and longer by 1/√q for a placement that usually survives; q = 0 needs no
-    periodic checkpoint at all (``max_steps``). R does not move τ*. Returned as τ*/step_s, ≥ 1.
+    periodic checkpoint at all. R does not move τ*.
 
     Parameters
     ----------
     checkpoint_s: C, seconds to write one checkpoint (training stops meanwhile).
     mtbf_s: M, mean seconds between failure events of the cluster (inf: none expected).
-    step_s: seconds per training step.
     restore_probability: q in [0, 1].
-    max_steps: the interval for "never" (q = 0 or no failures).
     """
-    for name, value in (("checkpoint_s", checkpoint_s), ("step_s", step_s)):
-        if not math.isfinite(value) or value < 0:
-            raise PlacementError(f"{name} must be a finite number ≥ 0, got {name} = {value!r}")
+    if not math.isfinite(checkpoint_s) or checkpoint_s < 0:
+        raise PlacementError(f"checkpoint_s must be a finite number ≥ 0, got checkpoint_s = {checkpoint_s!r}")
     if not 0 <= restore_probability <= 1:
         raise PlacementError(f"restore_probability must be in [0, 1], got {restore_probability!r}")
     if mtbf_s <= 0 or math.isnan(mtbf_s):
         raise PlacementError(f"mtbf_s must be > 0, got mtbf_s = {mtbf_s!r}")
     if restore_probability == 0 or math.isinf(mtbf_s):
+        return math.inf
+    return math.sqrt(2 * checkpoint_s * mtbf_s / restore_probability)
+
+
+def checkpoint_interval(checkpoint_s: float, mtbf_s: float, step_s: float, restore_probability: float = 1.0,
+                        max_steps: int = 10**9) -> int:
+    """:func:`checkpoint_interval_s` in steps of ``step_s`` seconds (≥ 1; ``max_steps`` for "never")."""
+    if not math.isfinite(step_s) or step_s < 0:
+        raise PlacementError(f"step_s must be a finite number ≥ 0, got step_s = {step_s!r}")
+    tau = checkpoint_interval_s(checkpoint_s, mtbf_s, restore_probability)
+    if math.isinf(tau):
         return max_steps
-    tau = math.sqrt(2 * checkpoint_s * mtbf_s / restore_probability)
     return int(min(max(1, round(tau / max(step_s, 1e-9))), max_steps))
 
 

@@ -57,8 +57,8 @@ class Epoch:
         keeping its state (no survivor holds some expert, or the policy restarts on failure).
     dense_source: rank that sends the dense (data-parallel) weights to members that have none.
     replicas, loads: the replica counts and the router loads the plan was computed from.
-    checkpoint_every: committed steps between checkpoints in this epoch, counted from the last one
-        written (None: the run's fixed ``RunSettings.checkpoint_every``), and
+    checkpoint_every_s: seconds between checkpoints in this epoch, counted from the last one
+        written (inf: none; None: every ``RunSettings.checkpoint_every`` steps instead), and
     restore_probability: the share of failures the plan needs a restore for, it was chosen from
         (:class:`~tasks.lazarus.coordinator.CheckpointRule`).
     """
@@ -75,7 +75,7 @@ class Epoch:
     loads: list[float] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     notes: list[str] = field(default_factory=list)
-    checkpoint_every: int | None = None
+    checkpoint_every_s: float | None = None
     restore_probability: float | None = None
 
     def rank_of(self, node: str) -> int:

@@ -17,8 +17,8 @@ It runs beside the flow (a thread) and talks to the nodes only through the contr
 How often each strategy checkpoints is one rule for all (:class:`CheckpointRule`): every epoch's
 interval is Young's rule on the failures that epoch's plan would need a restore for
 (:func:`optimizers.lazarus.checkpoint_interval`) — every failure for ``checkpoint_restart``, the
-exact share its placement loses an expert for the others — with the step time and the checkpoint
-write measured in the run so far.
+exact share its placement loses an expert for the others — with the checkpoint write measured in
+the run so far. The interval is in seconds of the run, so no step-time estimate enters it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 from infra.store import ArtifactStore
-from optimizers.lazarus import Placement, PlacementError, checkpoint_interval, plan_strategy, restore_probability
+from optimizers.lazarus import Placement, PlacementError, checkpoint_interval_s, plan_strategy, restore_probability
 from tasks.lazarus.checkpoint import latest_checkpoint
 from tasks.lazarus.control import ControlPlane, Epoch
 
@@ -61,30 +61,25 @@ class CheckpointRule:
     ----------
     checkpoint_s: seconds one checkpoint takes, until the run has measured its own.
     mtbf_s: mean seconds between failure events (the schedule's; inf: none expected).
-    step_s: seconds per step, until the run has measured its own.
     failed_at_once: share of failure events taking k nodes at once, {k: share} (default: one).
-    max_steps: the interval meaning "no periodic checkpoint" (the run's length).
     """
 
     checkpoint_s: float
     mtbf_s: float
-    step_s: float
     failed_at_once: dict[int, float] = field(default_factory=lambda: {1: 1.0})
-    max_steps: int = 10**9
 
-    def choose(self, policy: Policy, placement: list[list[int]], n_expert: int, step_s: float | None = None,
-               checkpoint_s: float | None = None) -> tuple[int, float]:
-        """(steps between checkpoints, restore probability) for an epoch of ``placement``: a policy that
-        restarts on failure restores every time (q = 1); one that reconfigures only when the failed
-        nodes held every replica of some expert (q exact, :func:`optimizers.lazarus.restore_probability`)."""
+    def choose(self, policy: Policy, placement: list[list[int]], n_expert: int,
+               checkpoint_s: float | None = None) -> tuple[float, float]:
+        """(seconds between checkpoints, restore probability) for an epoch of ``placement``: a policy
+        that restarts on failure restores every time (q = 1); one that reconfigures only when the
+        failed nodes held every replica of some expert (q exact, :func:`optimizers.lazarus.restore_probability`)."""
         if policy.on_failure == "restart":
             q = 1.0
         else:
             slots = max(1, max(map(len, placement)))
             q = restore_probability(Placement(placement, slots, n_expert), len(placement), self.failed_at_once)
-        every = checkpoint_interval(self.checkpoint_s if checkpoint_s is None else checkpoint_s, self.mtbf_s,
-                                    self.step_s if step_s is None else step_s, q, self.max_steps)
-        return every, q
+        every_s = checkpoint_interval_s(self.checkpoint_s if checkpoint_s is None else checkpoint_s, self.mtbf_s, q)
+        return every_s, q
 
 
 @dataclass
@@ -170,24 +165,16 @@ class Coordinator:
 
     def _publish(self, epoch: Epoch, *, at_boundary: bool = False) -> None:
         if self.checkpoint_rule is not None:
-            step_s, checkpoint_s = self._measured_costs()
-            epoch.checkpoint_every, epoch.restore_probability = self.checkpoint_rule.choose(
-                self.policy, epoch.placement, self.n_expert, step_s, checkpoint_s)
+            epoch.checkpoint_every_s, epoch.restore_probability = self.checkpoint_rule.choose(
+                self.policy, epoch.placement, self.n_expert, self._measured_checkpoint_s())
         self.epochs.append(epoch)
         self.control.publish(epoch, at_boundary=at_boundary)
 
-    def _measured_costs(self, window: int = 40) -> tuple[float | None, float | None]:
-        """(seconds per step, seconds per checkpoint) as this run has measured them: the median gap
-        between the last ``window`` steps' loss records (a recovery's pause is one gap among many) and
-        the median of the checkpoints written; None where there is nothing to measure yet."""
-        last = max((b["committed"] for b in self.control.heartbeats().values() if b), default=0)
-        times = [r["time"] for r in (self.control.loss(s) for s in range(max(0, last - window), last)) if r]
-        gaps = [b - a for a, b in zip(times, times[1:]) if b > a]
-        step_s = float(np.median(gaps)) if len(gaps) >= 5 else None
+    def _measured_checkpoint_s(self) -> float | None:
+        """The median time this run's checkpoints took to write (None before the first)."""
         written = [c["seconds"] for c in self.control.checkpoints().values()]
-        return step_s, (float(np.median(written)) if written else None)
+        return float(np.median(written)) if written else None
 
-    # ---- the run ----------------------------------------------------------------------------
     def start(self, members: list[str]) -> Epoch:
         """Epoch 0 over ``members`` (registered nodes), planned from uniform loads."""
         loads = [1.0] * self.n_expert

@@ -18,14 +18,16 @@ into an epoch, and then, epoch after epoch:
    — then it reports its committed steps and waits for the next epoch.
 
 Checkpoints go to the artifact store: each expert written by its lowest-rank holder, the dense
-part by rank 0, the manifest last — once ``checkpoint_every`` steps (the epoch's, chosen by the
-coordinator from its plan, else the run's) have been committed since the last one. The members agree
-on when that was as they enter an epoch, so a plan that needs checkpoints more often than the last
-one did (fewer nodes, a restore likelier) writes one at its first step.
+part by rank 0, the manifest last — once the epoch's ``checkpoint_every_s`` seconds (chosen by the
+coordinator from its plan) have passed since the last one, as rank 0 decides and broadcasts with the
+step's switch flag, or else every ``checkpoint_every`` committed steps. The members agree on when the
+last one was as they enter an epoch, so a plan that needs checkpoints more often than the last one
+did (fewer nodes, a restore likelier) writes one at its first step.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -70,6 +72,8 @@ class RunSettings:
     gather_timeout_s: how long the members of a new epoch wait for each other to arrive (a member
         that died first makes the coordinator abort the epoch sooner).
     step_delay_s: extra seconds per step (a slower simulated device); 0 here.
+    checkpoint_io_s: extra seconds every checkpoint write and every restore takes (simulated: a
+        larger model's state over a shared file system, :mod:`tasks.lazarus.scales`); 0: only the real I/O.
     """
 
     config: dict
@@ -87,6 +91,7 @@ class RunSettings:
     timeout_s: float = 10.0
     gather_timeout_s: float = 60.0
     step_delay_s: float = 0.0
+    checkpoint_io_s: float = 0.0
     wait_s: float = 600.0
 
     def model_config(self) -> MoEConfig:
@@ -142,6 +147,7 @@ class _Node:
         self.optimizer = None
         self.committed = 0
         self.last_checkpoint = -1  # the step of the newest checkpoint this node knows was written (-1: none)
+        self.last_checkpoint_time = -math.inf  # and when (wall clock: the members compare it)
         self.snapshot: tuple[int, dict, dict] | None = None  # (committed before the step, dense, experts)
         self.report = NodeReport(node)
 
@@ -168,10 +174,11 @@ class _Node:
             if epoch.restore_step > 0 or self._checkpoint_exists(0):
                 self._load_checkpoint(model, optimizer, epoch.restore_step)
             self.committed = self.last_checkpoint = epoch.restore_step
+            self.last_checkpoint_time = time.time()  # a failure now would lose nothing more than it
             timings["restore_s"] = time.perf_counter() - t
         else:
             resume = self._agree_on_resume(old_model is not None)
-            self.last_checkpoint = self._agree_on_last_checkpoint()
+            self._agree_on_last_checkpoint()
             if old_model is not None and self.committed > resume:
                 self._roll_back(old_model, old_optimizer, resume)
             self.committed = resume
@@ -204,11 +211,12 @@ class _Node:
             raise RuntimeError(f"no member of the epoch holds any state to continue from (node {self.node})")
         return int(mine.item())
 
-    def _agree_on_last_checkpoint(self) -> int:
-        """The newest checkpoint any member knows of (a node that joins knows of none)."""
-        mine = torch.tensor([self.last_checkpoint], dtype=torch.int64)
+    def _agree_on_last_checkpoint(self) -> None:
+        """Take the newest checkpoint any member knows of, and when it was written (a node that joins
+        knows of none; step and time grow together, so the maxima belong to the same one)."""
+        mine = torch.tensor([self.last_checkpoint, self.last_checkpoint_time], dtype=torch.float64)
         dist.all_reduce(mine, op=dist.ReduceOp.MAX)
-        return int(mine.item())
+        self.last_checkpoint, self.last_checkpoint_time = int(mine[0].item()), float(mine[1].item())
 
     def _roll_back(self, model, optimizer, resume: int) -> None:
         if self.snapshot is None or self.snapshot[0] != resume:
@@ -244,6 +252,8 @@ class _Node:
         load_dense_state(model, optimizer, load_part(self.store, prefix, step, "dense", self.config))
         for e in model.local_experts:
             load_expert_state(model, optimizer, e, load_part(self.store, prefix, step, expert_part(e), self.config))
+        if self.settings.checkpoint_io_s:
+            time.sleep(self.settings.checkpoint_io_s)  # simulated: reading a larger model's state back
 
     def checkpoint(self) -> None:
         """Write this rank's parts of the checkpoint of the committed step; rank 0 seals it."""
@@ -255,8 +265,10 @@ class _Node:
         for e in model.local_experts:
             if min(holders[e]) == model.rank:
                 save_part(self.store, prefix, step, expert_part(e), expert_state(model, self.optimizer, e))
+        if self.settings.checkpoint_io_s:
+            time.sleep(self.settings.checkpoint_io_s)  # simulated: writing a larger model's state
         dist.barrier()
-        self.last_checkpoint = step
+        self.last_checkpoint, self.last_checkpoint_time = step, time.time()
         self.report.checkpoints += 1
         if model.rank == 0:
             write_manifest(self.store, prefix, step, self.config)
@@ -271,17 +283,18 @@ class _Node:
         rows = rank_rows(s.global_batch, world, rank)
         share = (rows.stop - rows.start) / s.global_batch
         loads = torch.zeros(self.config.n_expert, dtype=torch.float64)
-        every = s.checkpoint_every if epoch.checkpoint_every is None else epoch.checkpoint_every
+        every_s = epoch.checkpoint_every_s
         try:
             if self.committed == 0 and not self._checkpoint_exists(0):
                 self.checkpoint()  # the run's starting point: a restart before any checkpoint returns here
             while self.committed < s.steps:
-                switch = torch.tensor([0])
+                flags = torch.tensor([0, 0])  # switch epochs now; checkpoint after this step
                 if rank == 0:
                     pending = self.control.pending()
-                    switch[0] = int(pending is not None and pending > epoch.number) or int(self.control.stopped())
-                dist.broadcast(switch, src=0)
-                if switch.item():
+                    flags[0] = int(pending is not None and pending > epoch.number) or int(self.control.stopped())
+                    flags[1] = int(every_s is not None and time.time() - self.last_checkpoint_time >= every_s)
+                dist.broadcast(flags, src=0)
+                if flags[0].item():
                     return "switch"
                 x, y = global_batch(self.tokens, self.committed, s.global_batch, self.config.block_size, s.seed)
                 self.snapshot = (self.committed, dense_state(model, optimizer),
@@ -300,7 +313,11 @@ class _Node:
                     self.control.record_loss(self.committed - 1, {
                         "loss": out["loss"], "epoch": epoch.number, "world": world, "time": time.time(),
                         "step_s": time.perf_counter() - start, "tokens": s.global_batch * self.config.block_size})
-                if every and self.committed - self.last_checkpoint >= every:
+                if every_s is None:
+                    due = s.checkpoint_every and self.committed - self.last_checkpoint >= s.checkpoint_every
+                else:
+                    due = bool(flags[1].item())
+                if due:
                     self.checkpoint()
             return "done"
         except RuntimeError as exc:  # a collective failed: a peer died or timed out

@@ -5,7 +5,9 @@ import math
 
 import pytest
 
-from optimizers.lazarus import PlacementError, checkpoint_interval, plan_strategy, restore_probability
+from optimizers.lazarus import (
+    PlacementError, checkpoint_interval, checkpoint_interval_s, plan_strategy, restore_probability,
+)
 
 
 def expected_seconds(work_steps: int, every: int, step_s: float, checkpoint_s: float, restore_s: float,
@@ -57,8 +59,10 @@ def test_with_restores_impossible_or_no_failures_expected_there_is_no_periodic_c
 
 
 def test_checkpoint_restart_gets_youngs_rule():
-    # q = 1: √(2 · C · M) / step = √(2 · 2 · 300) / 0.5 ≈ 69.3 steps
+    # q = 1: √(2 · C · M) = √(2 · 2 · 300) ≈ 34.6 s, in steps of 0.5 s ≈ 69.3
+    assert checkpoint_interval_s(2.0, 300.0) == pytest.approx(math.sqrt(1200))
     assert checkpoint_interval(2.0, 300.0, 0.5) == 69
+    assert checkpoint_interval_s(2.0, 300.0, 0.0) == checkpoint_interval_s(2.0, math.inf) == math.inf
 
 
 def test_restore_probability_of_the_demos_clusters():
@@ -77,6 +81,7 @@ def test_restore_probability_of_the_demos_clusters():
     (lambda: checkpoint_interval(-1.0, 15.0, 0.1), "checkpoint_s = -1.0"),
     (lambda: checkpoint_interval(0.1, 0.0, 0.1), "mtbf_s = 0.0"),
     (lambda: checkpoint_interval(0.1, 15.0, 0.1, 1.5), "restore_probability must be in [0, 1], got 1.5"),
+    (lambda: checkpoint_interval(0.1, 15.0, float("nan")), "step_s = nan"),
     (lambda: restore_probability(plan_strategy("lazarus", [1.0] * 8, 4, 6, 2).placement, 4, {0: 1.0}),
      "integers ≥ 1, got 0"),
     (lambda: restore_probability(plan_strategy("lazarus", [1.0] * 8, 4, 6, 2).placement, 4, {1: -1.0}), "-1.0"),

@@ -5,6 +5,7 @@ Every run's loss curve is compared with the same training in one process without
 optimizer state, so the curves agree step for step (float32 reassociation aside).
 """
 
+import math
 import time
 import uuid
 from dataclasses import asdict
@@ -53,7 +54,8 @@ def test_killed_node_survivors_continue_without_a_checkpoint(tmp_path, reference
 
 
 def test_losing_every_replica_of_an_expert_restores_the_last_checkpoint(tmp_path, reference):
-    run = ElasticRun(_settings(str(tmp_path / "store"), checkpoint_every=3), policy="lazarus", slots=3, f=1)
+    run = ElasticRun(_settings(str(tmp_path / "store"), checkpoint_every=3, checkpoint_io_s=0.3), policy="lazarus",
+                     slots=3, f=1)  # each write and restore takes 0.3 s longer, as a larger model's would
     run.start(4)  # 8 experts in 12 slots, f = 1: some expert has a single replica
     epoch = run.coordinator.current
     holders = {e: [n for n, held in zip(epoch.members, epoch.placement) if e in held] for e in range(8)}
@@ -65,6 +67,7 @@ def test_losing_every_replica_of_an_expert_restores_the_last_checkpoint(tmp_path
     assert recovery.restored_step is not None and recovery.restored_step % 3 == 0
     assert recovery.lost_steps == recovery.committed - recovery.restored_step
     assert any("no surviving replica" in note for note in out["epochs"][-1].notes)
+    assert recovery.restore_s >= 0.3 and min(c["seconds"] for c in run.control.checkpoints().values()) >= 0.3
     _assert_follows(out["losses"], reference)
 
 
@@ -131,7 +134,7 @@ def test_too_few_survivors_to_hold_every_expert_wait_for_a_node_then_go_on(tmp_p
 def test_each_epoch_checkpoints_as_often_as_its_plan_needs_restores(tmp_path, reference):
     """DeepSpeed's EP pairs on 4 nodes survive any single failure (no periodic checkpoint); on the 3
     left, one pair and an idle node lose an expert 2 times in 3: a checkpoint at once, then often."""
-    rule = CheckpointRule(checkpoint_s=0.05, mtbf_s=0.01, step_s=0.1, max_steps=STEPS)
+    rule = CheckpointRule(checkpoint_s=0.05, mtbf_s=0.01)  # failures so frequent that a fragile plan checkpoints every step
     store = str(tmp_path / "store")
     run = ElasticRun(_settings(store), policy="reconfig_uniform", slots=6, f=2, checkpoint_rule=rule)
     run.start(4)
@@ -140,12 +143,12 @@ def test_each_epoch_checkpoints_as_often_as_its_plan_needs_restores(tmp_path, re
     out = run.finish()
     assert not out["errors"]
     first, after = out["epochs"][0], out["epochs"][-1]
-    assert first.restore_probability == 0.0 and first.checkpoint_every == STEPS  # only the step-0 checkpoint
-    assert after.restore_probability == pytest.approx(2 / 3) and after.checkpoint_every < STEPS
+    assert first.restore_probability == 0.0 and first.checkpoint_every_s == math.inf  # only the step-0 checkpoint
+    assert after.restore_probability == pytest.approx(2 / 3) and after.checkpoint_every_s < 1
     (recovery,) = out["recoveries"]
     checkpoints = sorted(run.control.checkpoints())
     assert checkpoints[0] == 0 and checkpoints[1] == recovery.committed + 1, "written at the first step on 3 nodes"
-    assert latest_checkpoint(open_store(store), "lazarus/checkpoints") == STEPS
+    assert len(checkpoints) >= 4 and latest_checkpoint(open_store(store), "lazarus/checkpoints") == checkpoints[-1]
     _assert_follows(out["losses"], reference)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +39,14 @@ def periodic_faults(every_s: float, horizon_s: float, rejoin_after_s: float | No
         if rejoin_after_s is not None:
             faults.append(Fault(float(t + rejoin_after_s), "add"))
     return sorted(faults, key=lambda f: f.time_s)
+
+
+def failed_at_once(faults: list[Fault]) -> dict[int, float]:
+    """Share of failure events that take k nodes at once, {k: share}, from a schedule: removals at the
+    same moment are one event (a periodic schedule: {1: 1.0}; a trace may drop several together)."""
+    sizes = Counter(Counter(f.time_s for f in faults if f.kind == "remove").values())
+    total = sum(sizes.values())
+    return {k: n / total for k, n in sorted(sizes.items())} if total else {1: 1.0}
 
 
 def trace_faults(trace: SpotTrace) -> tuple[int, list[Fault]]:

@@ -326,3 +326,13 @@ def summarize_run(record: dict, reference: list[float], tokens_per_step: int) ->
         "final_loss": losses[max(losses)] if losses else float("nan"), "max_loss_deviation": deviation,
         "completed": not record["timed_out"] and steps == len(reference) and not record["errors"],
     }
+
+
+def checkpoint_intervals(record: dict) -> dict[int, float | None]:
+    """The checkpoint interval a run chose, in seconds, per number of nodes it trained on (None: no
+    periodic checkpoint; the median where epochs of one size chose differently)."""
+    by_nodes: dict[int, list[float]] = {}
+    for epoch in record["epochs"]:
+        if epoch.checkpoint_every_s is not None:
+            by_nodes.setdefault(len(epoch.members), []).append(epoch.checkpoint_every_s)
+    return {n: (None if np.isinf(m := float(np.median(v))) else round(m, 2)) for n, v in sorted(by_nodes.items(), reverse=True)}

@@ -8,6 +8,7 @@ import pytest
 from optimizers.lazarus import (
     PlacementError, checkpoint_interval, checkpoint_interval_s, plan_strategy, restore_probability,
 )
+from tasks.lazarus.faults import Fault, failed_at_once, periodic_faults
 
 
 def expected_seconds(work_steps: int, every: int, step_s: float, checkpoint_s: float, restore_s: float,
@@ -90,3 +91,10 @@ def test_bad_input_raises_naming_the_value(call, says):
     with pytest.raises(PlacementError, match=None) as info:
         call()
     assert says in str(info.value)
+
+
+def test_a_schedules_failures_at_once_are_counted_per_event():
+    assert failed_at_once(periodic_faults(8.0, 40.0, 3.0)) == {1: 1.0}
+    trace = [Fault(5.0, "remove", "a"), Fault(5.0, "remove", "b"), Fault(9.0, "add", "c"), Fault(12.0, "remove", "c")]
+    assert failed_at_once(trace) == {1: 0.5, 2: 0.5}  # two nodes at 5 s are one event
+    assert failed_at_once([]) == {1: 1.0}

@@ -15,7 +15,7 @@ import pytest
 from infra.store import open_store
 from tasks.lazarus.checkpoint import latest_checkpoint
 from tasks.lazarus.coordinator import CheckpointRule
-from tasks.lazarus.local import ElasticRun
+from tasks.lazarus.local import ElasticRun, checkpoint_intervals
 from tasks.lazarus.node import RunSettings, uninterrupted_losses
 from tasks.moe.model import CONFIGS
 
@@ -149,6 +149,8 @@ def test_each_epoch_checkpoints_as_often_as_its_plan_needs_restores(tmp_path, re
     checkpoints = sorted(run.control.checkpoints())
     assert checkpoints[0] == 0 and checkpoints[1] == recovery.committed + 1, "written at the first step on 3 nodes"
     assert len(checkpoints) >= 4 and latest_checkpoint(open_store(store), "lazarus/checkpoints") == checkpoints[-1]
+    chosen = checkpoint_intervals(out)
+    assert list(chosen) == [4, 3] and chosen[4] is None and chosen[3] < 1
     _assert_follows(out["losses"], reference)
 
 

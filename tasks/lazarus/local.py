@@ -242,7 +242,9 @@ class ElasticRun:
 
     def progress(self) -> int:
         """Useful steps so far: what the current members have committed in the current epoch (a step
-        some member later rolls back, or that a restore throws away, does not count)."""
+        some member later rolls back, or that a restore throws away, does not count). While a recovery
+        is being set up, the step it resumes from; while the members switch to a join or a rebalance
+        (at a step boundary, nothing rolled back), what they hold."""
         epoch = self.coordinator.current
         if epoch is None:
             return 0
@@ -250,7 +252,12 @@ class ElasticRun:
             return self.settings.steps
         beats = self.control.heartbeats()
         counts = [beats[n]["committed"] for n in epoch.members if beats.get(n) and beats[n]["epoch"] == epoch.number]
-        return min(counts) if len(counts) == len(epoch.members) else max(epoch.resume_step, 0)
+        if len(counts) == len(epoch.members):
+            return min(counts)
+        if epoch.resume_step >= 0:
+            return epoch.resume_step
+        held = [beats[n]["committed"] for n in epoch.members if beats.get(n)]  # a joiner has no heartbeat yet
+        return min(held, default=0)
 
     def wait_for_step(self, step: int, timeout_s: float = 300) -> None:
         deadline = time.monotonic() + timeout_s

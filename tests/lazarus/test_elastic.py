@@ -161,3 +161,23 @@ def test_a_node_cannot_start_once_the_run_has_closed(tmp_path):
     assert sorted(out["losses"]) == list(range(STEPS))
     with pytest.raises(RuntimeError, match="the run is over: node4 is not started"):
         run.add_node()  # a replacement the fault injector sends as the run ends
+
+
+def test_steps_held_while_members_switch_to_a_join_still_count(tmp_path):
+    """A run that ends while a join (or rebalance) is being formed keeps every step its members
+    committed: the switch happens at a step boundary and rolls nothing back."""
+    from tasks.lazarus.control import Epoch
+
+    run = ElasticRun(_settings(str(tmp_path / "store")), policy="lazarus", slots=4, f=2)  # no node started
+    members = ["node0", "node1", "node2"]
+    placement = run.coordinator._plan(members, [1.0] * 8)[0]
+    run.coordinator._publish(Epoch(0, members, placement, 0, "start"))
+    for node in members:
+        run.control.heartbeat(node, 0, 9, [0.0] * 8)
+    assert run.progress() == 9
+    joined = members + ["node3"]
+    run.coordinator._publish(Epoch(1, joined, run.coordinator._plan(joined, [1.0] * 8)[0], -1, "join"), at_boundary=True)
+    assert run.progress() == 9, "the joiner has no state yet; the members' 9 steps are kept"
+    run.coordinator._publish(Epoch(2, members, placement, 7, "failure"))
+    assert run.progress() == 7, "a recovery being set up resumes from its agreed step"
+    run.close()

@@ -329,6 +329,12 @@ class Coordinator:
                     survivors, failed = up, failed + [n for n in survivors if n not in up]
                     placement, replicas = self._plan(survivors, loads)
                     held = [[] for _ in survivors]
+            except PlacementError as exc:  # too few came back to hold every expert: wait for nodes, then restart
+                p.survivors, p.failed = survivors, failed
+                p.parked_since = p.parked_since or time.monotonic()
+                p.why_parked = str(exc)
+                self._parked = p
+                return
             except Exception as exc:  # noqa: BLE001 - a job that cannot restart ends the run, saying why
                 self.errors.append(f"relaunching {', '.join(survivors)} failed: {type(exc).__name__}: {exc}")
                 self.stop()

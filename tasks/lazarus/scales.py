@@ -14,8 +14,9 @@ every 5 minutes. ``small`` (the demo) keeps those ratios at a size this host tra
 - every checkpoint write and restore takes the paper's checkpoint time per failure interval
   (:func:`paper_checkpoint_io_s`, *simulated*: this host writes the tiny model's 7 MB in ~30 ms,
   which makes a restore almost free and hides what Lazarus avoids);
-- the collective timeout (failure detection of a survivor gloo leaves waiting) is a few of this
-  host's steps, and each strategy trains for the same ``horizon_s`` under the same schedule.
+- the collective timeout — how long a survivor gloo leaves waiting takes to notice — is 8 s: under
+  a shared host's load (10+ on 2 cores) a 3 s timeout fired on healthy collectives; each strategy
+  trains for the same ``horizon_s`` under the same schedule.
 
 Keys per scale: model (``tasks.moe.model.CONFIGS``), steps (the run's length; the learning-rate
 schedule and the reference curve), nodes, slots, f, global_batch, fail_every_s, rejoin_after_s (None:
@@ -39,9 +40,8 @@ def paper_checkpoint_io_s(mtbf_s: float) -> float:
     return PAPER_CHECKPOINT_S / PAPER_MTBF_S * mtbf_s
 
 
-def _regime(nodes: int, slots: int, fail_every_s: float, rejoin_after_s: float | None) -> str:
-    back = f", back {rejoin_after_s:g} s later" if rejoin_after_s is not None else ""
-    return f"1 of {nodes} nodes lost/{fail_every_s:g} s{back}; 8 experts/{slots} slots; GPT-L ckpt cost"
+def _regime(nodes: int, fail_every_s: float) -> str:
+    return f"frequent failures, GPT-L ratios: 1 of {nodes} nodes lost/{fail_every_s:g} s"
 
 
 SCALES = {
@@ -50,11 +50,11 @@ SCALES = {
              "timeout_s": 15.0, "checkpoint_io_s": 0.0, "regime": "test size: a failure every 4 s, no replacement"},
     "small": {"model": "tiny", "steps": 300, "nodes": 6, "slots": 3, "f": 2, "global_batch": 24,
               "fail_every_s": 12.0, "rejoin_after_s": 4.0, "rebalance_every": 60, "horizon_s": 45.0,
-              "timeout_s": 3.0, "checkpoint_io_s": paper_checkpoint_io_s(12.0), "regime": _regime(6, 3, 12.0, 4.0)},
+              "timeout_s": 8.0, "checkpoint_io_s": paper_checkpoint_io_s(12.0), "regime": _regime(6, 12.0)},
     "medium": {"model": "small", "steps": 600, "nodes": 6, "slots": 3, "f": 2, "global_batch": 24,
                "fail_every_s": 20.0, "rejoin_after_s": 6.0, "rebalance_every": 100, "horizon_s": 120.0,
-               "timeout_s": 5.0, "checkpoint_io_s": paper_checkpoint_io_s(20.0), "regime": _regime(6, 3, 20.0, 6.0)},
+               "timeout_s": 10.0, "checkpoint_io_s": paper_checkpoint_io_s(20.0), "regime": _regime(6, 20.0)},
     "large": {"model": "small", "steps": 1200, "nodes": 6, "slots": 3, "f": 2, "global_batch": 24,
               "fail_every_s": 30.0, "rejoin_after_s": 10.0, "rebalance_every": 200, "horizon_s": 300.0,
-              "timeout_s": 5.0, "checkpoint_io_s": paper_checkpoint_io_s(30.0), "regime": _regime(6, 3, 30.0, 10.0)},
+              "timeout_s": 10.0, "checkpoint_io_s": paper_checkpoint_io_s(30.0), "regime": _regime(6, 30.0)},
 }

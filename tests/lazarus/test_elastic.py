@@ -181,3 +181,31 @@ def test_steps_held_while_members_switch_to_a_join_still_count(tmp_path):
     run.coordinator._publish(Epoch(2, members, placement, 7, "failure"))
     assert run.progress() == 7, "a recovery being set up resumes from its agreed step"
     run.close()
+
+
+def test_a_restart_that_brings_too_few_nodes_back_waits_for_nodes(tmp_path, reference):
+    """checkpoint_restart relaunches the survivors; when fewer come back than the model needs (a
+    worker still restarting), the job waits for a node instead of ending the run."""
+    run = ElasticRun(_settings(str(tmp_path / "store"), checkpoint_every=4), policy="checkpoint_restart", slots=4, f=2)
+    spare = run.spawn()
+    run.wait_registered([spare])
+    run.start(3)
+    relaunch, calls = run.coordinator.relaunch, []
+
+    def one_comes_back_first(nodes):
+        calls.append(list(nodes))
+        up = relaunch(nodes)
+        return up[:1] if len(calls) == 1 else up
+
+    run.coordinator.relaunch = one_comes_back_first
+    run.wait_for_step(5)
+    run.kill("node2")
+    deadline = time.monotonic() + 120
+    while run.coordinator._parked is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert run.coordinator._parked is not None and not run.coordinator.errors, run.coordinator.errors
+    run.admit(spare)
+    out = run.finish()
+    assert not out["errors"] and len(calls) == 2 and spare in calls[1]
+    assert out["recoveries"][-1].restored_step == 4 and out["recoveries"][-1].waited_s > 0
+    _assert_follows(out["losses"], reference)

@@ -8,7 +8,9 @@
   non-blank line: printable ASCII only (the character-level tokenizer's vocabulary stays
   small and every run builds the same one), and enough of it (≥ 1,000 lines) that a model
   cannot memorize it in the steps a run trains.
-- ``lazarus.evaluation``: one row per strategy of a run (``flows.lazarus``): goodput > 0,
+- ``lazarus.evaluation``: one row per strategy of a run (``flows.lazarus``): goodput ≥ 0 (a
+  checkpoint-restart job whose relaunch takes longer than the time between failures makes no useful
+  progress in a horizon — the paper says as much of DS at 5-minute failures, §6.2),
   steps ≥ 0, failures/restores/lost steps ≥ 0, and the loss curve's largest deviation from
   the uninterrupted run below 0.1. Float32 reductions in another order alone move a
   200-step curve by up to ~0.04 (measured with no failure at all); a run that lost or
@@ -59,7 +61,7 @@ def evaluation_suite() -> list:
         E.ExpectTableColumnsToMatchSet(column_set=EVALUATION_COLUMNS, exact_match=True),
         E.ExpectColumnValuesToBeInSet(column="strategy", value_set=["lazarus", "reconfig_uniform", "checkpoint_restart"]),
         E.ExpectColumnValuesToBeUnique(column="strategy"),
-        E.ExpectColumnValuesToBeBetween(column="goodput_tokens_s", min_value=0, strict_min=True),
+        E.ExpectColumnValuesToBeBetween(column="goodput_tokens_s", min_value=0),
         *[E.ExpectColumnValuesToBeBetween(column=c, min_value=0) for c in ("steps", "failures", "restores", "lost_steps")],
         E.ExpectColumnValuesToBeBetween(column="max_loss_deviation", min_value=0, max_value=0.1),
     ]

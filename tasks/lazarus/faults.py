@@ -71,6 +71,7 @@ class FaultInjector:
         self._rng = np.random.default_rng(self.seed)
         self._names: dict[str, str] = {}
         self._stop = threading.Event()
+        self._arrivals: list[threading.Thread] = []
 
     def start(self) -> None:
         """Start replaying, in a thread that inherits this one's context (a flow run's, so the
@@ -86,6 +87,8 @@ class FaultInjector:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        for arrival in self._arrivals:
+            arrival.join(timeout=5)
 
     def _loop(self) -> None:
         for fault in (f for f in self.faults if f.kind != "name"):
@@ -93,10 +96,20 @@ class FaultInjector:
                 time.sleep(0.02)
             if self._stop.is_set() or self.run.done():
                 return
-            try:
-                self._apply(fault)
-            except Exception as exc:  # noqa: BLE001 - a fault that cannot apply is recorded, the run goes on
-                self.events.append({"time_s": fault.time_s, "kind": fault.kind, "error": str(exc)})
+            if fault.kind == "add":  # a node can take seconds to start (a worker restarting): the failures after it keep their times
+                context = contextvars.copy_context()
+                arrival = threading.Thread(target=context.run, args=(self._apply_or_record, fault), daemon=True,
+                                           name="lazarus-arrival")
+                arrival.start()
+                self._arrivals.append(arrival)
+            else:
+                self._apply_or_record(fault)
+
+    def _apply_or_record(self, fault: Fault) -> None:
+        try:
+            self._apply(fault)
+        except Exception as exc:  # noqa: BLE001 - a fault that cannot apply is recorded, the run goes on
+            self.events.append({"time_s": fault.time_s, "kind": fault.kind, "error": str(exc)})
 
     def _apply(self, fault: Fault) -> None:
         at = time.time() - self.run.started_at

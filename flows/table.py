@@ -47,13 +47,17 @@ def summary_lines(summaries: list[dict]) -> list[str]:
         if not rows:
             lines.append(_line([summary["system"], "no baseline ran"], ["bold", ""]))
         for i, row in enumerate(rows):
-            wins = row["ratio"] > 1 if row["better"] == "higher" else row["ratio"] < 1
+            if row["ratio"] is None:  # the baseline's value is 0
+                wins = row["better"] == "higher" and row["value"] > 0
+            else:
+                wins = row["ratio"] > 1 if row["better"] == "higher" else row["ratio"] < 1
             star = "*" if row["simulated"] else ""
             first = i == 0 or rows[i - 1]["metric"] != row["metric"]
             lines.append(_line([summary["system"] if i == 0 else "",
                                 f"{row['metric']} {row['unit']} {ARROW[row['better']]}" if first else "",
                                 number(row["value"]) + star if first else "", system.short_name(row["baseline"]),
-                                number(row["baseline_value"]), f"{row['ratio']:.2f}×"],
+                                number(row["baseline_value"]),
+                                "—" if row["ratio"] is None else f"{row['ratio']:.2f}×"],
                                ["bold", "", "", "", "", "green" if wins else "red"]))
         regime = summary.get("regime") or (rows[0]["regime"] if rows else "")
         for part in textwrap.wrap(f"regime: {regime}", WIDTH - INDENT):

@@ -35,6 +35,13 @@ def test_rows_have_the_same_keys_for_every_system_and_the_ratio_against_each_bas
         summary.compare("x", "s", "faster", {"a": 1.0}, "a", [])
 
 
+def test_a_baseline_that_made_no_progress_has_no_ratio_and_is_beaten():
+    summary = Summary("lazarus", "run-1", "out", "a node lost every 12 s")
+    row, = summary.compare("goodput", "tok/s", "higher", {"lazarus": 800.0, "ckpt": 0.0}, "lazarus", ["ckpt"])
+    assert row.ratio is None and row.wins
+    assert summary.to_dict()["rows"][0]["ratio"] is None  # JSON null, not Infinity
+
+
 def test_overhead_is_the_share_of_wall_time_no_task_did_its_own_work():
     assert busy_seconds([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0)]) == 4.0  # overlaps count once
     summary = Summary("jellybean", "r", "out", "")

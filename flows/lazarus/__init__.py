@@ -17,17 +17,8 @@ from tasks.common.params import RunParams
 
 DEFAULT_INFRA = Path(__file__).resolve().parents[2] / "data" / "lazarus.infra.yaml"
 STRATEGIES = ("lazarus", "reconfig_uniform", "checkpoint_restart")
-SCALES = {  # model, steps, nodes, slots per node, f, sequences per step, seconds between failures, rejoin delay,
-    # steps between load-driven re-plans (the paper: 200)
-    "tiny": {"model": "tiny", "steps": 40, "nodes": 4, "slots": 4, "f": 2, "global_batch": 24,  # the tests'
-             "fail_every_s": 4.0, "rejoin_after_s": None, "rebalance_every": 0},
-    "small": {"model": "tiny", "steps": 200, "nodes": 4, "slots": 6, "f": 2, "global_batch": 24,
-              "fail_every_s": 15.0, "rejoin_after_s": 6.0, "rebalance_every": 60},
-    "medium": {"model": "small", "steps": 300, "nodes": 4, "slots": 4, "f": 2, "global_batch": 24,
-               "fail_every_s": 20.0, "rejoin_after_s": 8.0, "rebalance_every": 100},
-    "large": {"model": "small", "steps": 600, "nodes": 6, "slots": 4, "f": 2, "global_batch": 24,
-              "fail_every_s": 30.0, "rejoin_after_s": 10.0, "rebalance_every": 200},
-}
+# each scale's model, cluster, failures and regime: tasks/lazarus/scales.py (it imports torch: read when a run starts)
+SCALES = ("tiny", "small", "medium", "large")
 
 
 class LazarusParams(RunParams):
@@ -65,10 +56,11 @@ class LazarusParams(RunParams):
     def load_inputs(self, source: object, scale: str | None = None) -> None:
         from infra.spec import load_infra_spec
         from infra.traces import load_spot_trace
+        from tasks.lazarus.scales import SCALES as SHAPES
 
         self._infra = load_infra_spec(self.infra)
         machines = sum(p.count for p in self._infra.pools if p.worker_per_machine)
-        nodes = SCALES[scale or "small"]["nodes"]
+        nodes = SHAPES[scale or "small"]["nodes"]
         if machines < nodes:
             raise InputError(self.infra, "pools", machines, f"a {scale or 'small'} Lazarus run needs ≥ {nodes} machines "
                              "with worker_per_machine: true (one worker process per training node)")
@@ -92,7 +84,7 @@ SYSTEM = System(
         Strategy("checkpoint_restart", "baseline", "ckpt", "DeepSpeed: restart from the last checkpoint on failure"),
     ),
     stages=("profile", "optimize", "deploy", "evaluate"),
-    scales=tuple(SCALES),
+    scales=SCALES,
     contracts=("lazarus.evaluation", "lazarus.spot_trace", "moe.corpus"),
     regime="MoE training under node failures",
     demo_budget_s=180,

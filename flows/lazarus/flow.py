@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.lazarus import DEFAULT_INFRA, SCALES, SYSTEM, LazarusParams
+from flows.lazarus import DEFAULT_INFRA, SYSTEM, LazarusParams
 from tasks.common.run import RunContext, run_flow, stages_flow
 from tasks.common.summary import Summary
-from tasks.lazarus.stages import (checkpoint_intervals, evaluate, failure_schedule, for_strategy, plan_placements,
-                                  profile, run_settings, train_under_failures)
+from tasks.lazarus.scales import SCALES
+from tasks.lazarus.stages import (checkpoint_rule, evaluate, failure_schedule, for_strategy, plan_placements, profile,
+                                  run_settings, train_under_failures)
 
 
 @stages_flow("lazarus-stages")
@@ -28,11 +29,11 @@ def lazarus_stages(run: RunContext) -> Summary:
     run.write_plan(plans)
     machines = sum(p.count for p in params.infra_spec.pools if p.worker_per_machine)
     schedule = failure_schedule(shape, params.spot_trace, params.time_scale, machines, profiled["step_s"])
-    intervals = checkpoint_intervals(profiled, schedule)
-    records = {policy: train_under_failures(run, policy, for_strategy(settings, policy, intervals[policy]), run.cluster,
-                                            shape, schedule)
+    rule = checkpoint_rule(profiled, schedule, shape)  # the same for every strategy
+    records = {policy: train_under_failures(run, policy, for_strategy(settings, policy), run.cluster, shape, schedule,
+                                            rule)
                for policy in strategies}
-    evaluate(run, records, profiled, plans, schedule, intervals, shape, strategies)
+    evaluate(run, records, profiled, plans, schedule, shape, strategies)
     return run.summary
 
 
@@ -55,7 +56,7 @@ def lazarus(
     Parameters
     ----------
     infra, strategies, trace, time_scale, seed, checkpoint_store: see :class:`flows.lazarus.LazarusParams`.
-    scale: tiny | small | medium | large — model, steps, nodes and failure rate (:data:`flows.lazarus.SCALES`).
+    scale: tiny | small | medium | large — model, steps, nodes and failure rate (:data:`tasks.lazarus.scales.SCALES`).
     scheduler: address of an existing Dask scheduler whose workers are on this host.
     results_dir: where results/lazarus/<run-id>/ is written.
     run_id: name of the run folder (default: a timestamp and a short id).

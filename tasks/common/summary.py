@@ -13,7 +13,6 @@ the figure rests on something this host only simulates (the summary's ``simulate
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -30,13 +29,15 @@ class Row:
     value: float
     baseline: str
     baseline_value: float
-    ratio: float
+    ratio: float | None  # None: the baseline's value is 0
     regime: str
     simulated: bool
 
     @property
     def wins(self) -> bool:
-        """Whether the system beats the baseline on this metric."""
+        """Whether the system beats the baseline on this metric (a baseline at 0 is beaten where higher is better)."""
+        if self.ratio is None:
+            return self.better == "higher" and self.value > 0
         return self.ratio > 1 if self.better == "higher" else self.ratio < 1
 
 
@@ -71,9 +72,10 @@ class Summary:
             if name not in values:
                 continue
             theirs = float(values[name])
-            ratio = mine / theirs if theirs else math.inf
+            # a baseline that made no progress (0) has no ratio: the table shows a dash, JSON a null
+            ratio = round(mine / theirs, 3) if theirs else None
             added.append(Row(self.system, metric, unit, better, round(mine, digits), name, round(theirs, digits),
-                             round(ratio, 3), self.regime, simulated))
+                             ratio, self.regime, simulated))
         self.rows += added
         return added
 

@@ -47,7 +47,7 @@ def _regime(nodes: int, fail_every_s: float) -> str:
 SCALES = {
     "tiny": {"model": "tiny", "steps": 40, "nodes": 4, "slots": 4, "f": 2, "global_batch": 24,  # the tests'
              "fail_every_s": 4.0, "rejoin_after_s": None, "rebalance_every": 0, "horizon_s": None,
-             "timeout_s": 15.0, "checkpoint_io_s": 0.0, "regime": "test size: a failure every 4 s, no replacement"},
+             "timeout_s": 15.0, "checkpoint_io_s": 0.0, "regime": "test size: 4 nodes, a failure every 4 s, no replacement"},
     "small": {"model": "tiny", "steps": 240, "nodes": 6, "slots": 3, "f": 2, "global_batch": 24,
               "fail_every_s": 12.0, "rejoin_after_s": 4.0, "rebalance_every": 60, "horizon_s": 40.0,
               "timeout_s": 8.0, "checkpoint_io_s": paper_checkpoint_io_s(12.0), "regime": _regime(6, 12.0)},

@@ -4,7 +4,8 @@
   must follow), its step time, the router's expert loads and what a checkpoint costs to write;
 - OPTIMIZE: each strategy's replicas and placement for the run's nodes from those loads, with the
   exact probability that the survivors still hold every expert for each number of failed nodes (MRO
-  against spread and compact too); checkpoint intervals by Young's rule;
+  against spread and compact too); one checkpoint rule for every strategy (Young's on the share of
+  failures its plan must restore for, ``tasks.lazarus.coordinator.CheckpointRule``);
 - DEPLOY: for each strategy, training nodes run on the Dask workers (one per worker) and the same
   failure schedule — a node killed every ``fail_every_s`` seconds and a replacement arriving
   ``rejoin_after_s`` later, or a spot trace replayed in scaled time — is injected by SIGKILL;
@@ -36,9 +37,9 @@ from optimizers.lazarus import plan_strategy, recovery_probability  # noqa: E402
 from tasks.common.run import RunContext  # noqa: E402
 from tasks.common.tasks import task  # noqa: E402
 from tasks.lazarus.checkpoint import checkpoint_cost  # noqa: E402
-from tasks.lazarus.coordinator import checkpoint_interval  # noqa: E402
-from tasks.lazarus.faults import FaultInjector, periodic_faults, trace_faults  # noqa: E402
-from tasks.lazarus.local import ElasticRun, summarize_run  # noqa: E402
+from tasks.lazarus.coordinator import CheckpointRule  # noqa: E402
+from tasks.lazarus.faults import FaultInjector, failed_at_once, periodic_faults, trace_faults  # noqa: E402
+from tasks.lazarus.local import ElasticRun, checkpoint_intervals, summarize_run  # noqa: E402
 from tasks.lazarus.node import RunSettings, uninterrupted_run  # noqa: E402
 from tasks.lazarus.tasks import DaskLauncher  # noqa: E402
 from tasks.moe.model import CONFIGS  # noqa: E402
@@ -46,6 +47,8 @@ from tasks.moe.model import CONFIGS  # noqa: E402
 SIMULATED = [
     "every node is a Dask worker process on this host's CPU: step times, all-to-all and checkpoint costs are this "
     "host's (2 cores shared by all nodes), not a GPU cluster's; GPU-scale figures are in benchmarks/lazarus.py",
+    "checkpoint write and restore: this host's real I/O plus checkpoint_io_s, GPT-L's 19.2 s per 5-minute failure "
+    "interval scaled to the run's (tasks/lazarus/scales.py)",
     "preemptions are SIGKILLs of worker processes at scheduled times (a trace replay squeezes its minutes into seconds)",
 ]
 PLACEMENTS = ("lazarus", "reconfig_uniform", "spread", "compact")  # compared on the same replicas
@@ -70,12 +73,13 @@ def run_settings(run: RunContext, shape: dict) -> RunSettings:
     store_url = run.params.checkpoint_store or str(run.path("store").resolve())
     return RunSettings(config=asdict(replace(CONFIGS[shape["model"]])), steps=shape["steps"],
                        global_batch=shape["global_batch"], seed=run.params.seed, store_url=store_url,
-                       checkpoint_prefix=f"lazarus/{run.run_id}", timeout_s=15.0)
+                       checkpoint_prefix=f"lazarus/{run.run_id}", timeout_s=shape["timeout_s"],
+                       checkpoint_io_s=shape["checkpoint_io_s"])
 
 
-def for_strategy(settings: RunSettings, policy: str, checkpoint_every: int) -> RunSettings:
-    """The run's training for one strategy: its checkpoint interval, its own checkpoints."""
-    return replace(settings, checkpoint_every=checkpoint_every, checkpoint_prefix=f"{settings.checkpoint_prefix}/{policy}")
+def for_strategy(settings: RunSettings, policy: str) -> RunSettings:
+    """The run's training for one strategy, with checkpoints of its own."""
+    return replace(settings, checkpoint_prefix=f"{settings.checkpoint_prefix}/{policy}")
 
 
 def profile(pool: Pool, settings: RunSettings) -> dict:
@@ -117,20 +121,20 @@ def failure_schedule(shape: dict, trace: SpotTrace | None, time_scale: float, ma
                            + (f", a replacement {rejoin:.0f} s later" if rejoin is not None else ""))
 
 
-def checkpoint_intervals(profiled: dict, schedule: FailureSchedule) -> dict[str, int]:
-    """Steps between checkpoints per strategy: Young's rule on the measured write for
-    checkpoint_restart (a distributed step on the shared workers takes about 3× the single-process
-    one, and a checkpoint adds a barrier and the manifest, about 0.5 s here); the reconfiguring
-    strategies checkpoint 5× less often, as they rarely restore."""
-    restart_every = checkpoint_interval(profiled["checkpoint_s"] + 0.5, schedule.mtbf_s, max(profiled["step_s"], 1e-3) * 3)
-    return {"checkpoint_restart": restart_every, "lazarus": restart_every * 5, "reconfig_uniform": restart_every * 5}
+def checkpoint_rule(profiled: dict, schedule: FailureSchedule, shape: dict) -> CheckpointRule:
+    """The one checkpoint rule every strategy follows: a checkpoint costs the measured write plus the
+    scale's simulated I/O, failures come at the schedule's rate and in its sizes; each epoch's interval
+    follows from its own plan's restore probability (:class:`CheckpointRule`)."""
+    return CheckpointRule(profiled["checkpoint_s"] + shape["checkpoint_io_s"], schedule.mtbf_s,
+                          failed_at_once(schedule.faults))
 
 
 def train_under_failures(run: RunContext, policy: str, settings: RunSettings, cluster: TieredCluster, shape: dict,
-                         schedule: FailureSchedule) -> dict:
-    """DEPLOY one strategy on the workers with the schedule of failures; returns its record."""
+                         schedule: FailureSchedule, rule: CheckpointRule) -> dict:
+    """DEPLOY one strategy on the workers with the schedule of failures, for the scale's horizon;
+    returns its record."""
     elastic = ElasticRun(settings, policy, shape["slots"], shape["f"], rebalance_every=shape["rebalance_every"],
-                         launcher=DaskLauncher(cluster, HOST), host=HOST)
+                         launcher=DaskLauncher(cluster, HOST), host=HOST, checkpoint_rule=rule)
     elastic.start(schedule.nodes)
     current = tierflow_home() / "lazarus" / "current.json"  # where `tierflow lazarus kill NODE` finds the run
     current.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +143,7 @@ def train_under_failures(run: RunContext, policy: str, settings: RunSettings, cl
     injector = FaultInjector(elastic, schedule.faults, seed=run.params.seed,
                              min_members=math.ceil(settings.model_config().n_expert / shape["slots"]))
     injector.start()
-    record = elastic.finish(timeout_s=max(600.0, settings.steps * 20))
+    record = elastic.finish(timeout_s=shape["horizon_s"] or max(600.0, settings.steps * 20))
     injector.stop()
     record["injected"] = injector.events
     get_run_logger().info("%s: %d steps in %.1f s, %d recoveries", policy, len(record["losses"]), record["wall_s"],
@@ -166,11 +170,14 @@ def plot(records: dict, reference: list[float], table: pd.DataFrame, plans: dict
     return fig
 
 
-def markdown_report(workload: str, schedule: FailureSchedule, table: pd.DataFrame, plans: dict, profiled: dict,
-                    plots: list[str]) -> str:
+def markdown_report(workload: str, regime: str, schedule: FailureSchedule, table: pd.DataFrame, plans: dict,
+                    profiled: dict, intervals: dict, plots: list[str]) -> str:
     nodes = max(plans["lazarus"]["recovery"])  # the nodes the placements were planned for
-    lines = [f"# Lazarus — {workload}", "", f"Failures: {schedule.description}.", "",
+    lines = [f"# Lazarus — {workload}", "", f"Regime: {regime}.", "", f"Failures: {schedule.description}.", "",
              table.round(3).to_markdown(index=False), "",
+             "Checkpoint interval each strategy chose, seconds per number of nodes (Young's rule on its plan's "
+             "restore probability; None: no periodic checkpoint): "
+             + "; ".join(f"{p} {iv}" for p, iv in intervals.items()), "",
              "Recovery probability for each number of failed nodes (exact), same loads:", "",
              "| failed | " + " | ".join(("lazarus (MRO)", *PLACEMENTS[1:])) + " |", "|---" * 5 + "|"]
     for k in range(nodes + 1):
@@ -182,8 +189,8 @@ def markdown_report(workload: str, schedule: FailureSchedule, table: pd.DataFram
     return "\n".join(lines) + "\n"
 
 
-def evaluate(run: RunContext, records: dict, profiled: dict, plans: dict, schedule: FailureSchedule,
-             intervals: dict[str, int], shape: dict, strategies: list[str]) -> None:
+def evaluate(run: RunContext, records: dict, profiled: dict, plans: dict, schedule: FailureSchedule, shape: dict,
+             strategies: list[str]) -> None:
     """EVALUATE: goodput, recoveries and loss deviation side by side; the run's rows, files and artifacts."""
     ran = [s for s in strategies if s in records]
     tokens_per_step = shape["global_batch"] * CONFIGS[shape["model"]].block_size
@@ -196,11 +203,14 @@ def evaluate(run: RunContext, records: dict, profiled: dict, plans: dict, schedu
     validate(table, "lazarus.evaluation", "evaluate stage")
     run.save_plot(plot(records, profiled["reference"], table, plans), "lazarus")
     workload = f"{shape['model']} × {shape['steps']} steps on {schedule.nodes} nodes"
-    run.write_report(markdown_report(workload, schedule, table, plans, profiled, ["lazarus.png"]))
+    intervals = {p: checkpoint_intervals(records[p]) for p in ran}
+    regime = shape["regime"] if schedule.description.startswith("a node killed") else \
+        f"{schedule.nodes} nodes, f={shape['f']}, {schedule.description}"
+    run.write_report(markdown_report(workload, regime, schedule, table, plans, profiled, intervals, ["lazarus.png"]))
 
     by = table.set_index("strategy")
     summary = run.summary
-    summary.regime = f"{schedule.nodes} nodes, f={shape['f']}, {schedule.description}"
+    summary.regime = regime
     summary.simulated = SIMULATED
     summary.compare("goodput", "tok/s", "higher", by.goodput_tokens_s.to_dict(), strategies[0], strategies[1:], digits=1)
     summary.details = {
@@ -210,7 +220,9 @@ def evaluate(run: RunContext, records: dict, profiled: dict, plans: dict, schedu
         "max_loss_deviation": {s: round(float(by.loc[s, "max_loss_deviation"]), 5) for s in ran},
         "recovery_probability_at_half": {n: round(plans[n]["recovery"][schedule.nodes // 2], 4)
                                          for n in ("lazarus", "spread", "compact")},
-        "checkpoint_every": intervals,
+        "checkpoint_every_s": intervals,
+        "restore_probability": {s: [round(e.restore_probability, 3) for e in records[s]["epochs"]
+                                    if e.restore_probability is not None] for s in ran},
         "failure_schedule": schedule.description,
     }
     run.write_evaluation({"strategies": table.to_dict("records"), "profile": profiled,

@@ -42,8 +42,13 @@ def test_every_strategy_meets_the_recall_target_and_nothing_forbidden_is_returne
     assert details["not_built"] == []
     for strategy, recall in details["recall"].items():
         assert recall >= details["recall_target"], strategy
-    assert {row["baseline"] for row in summary["rows"]} == {"rls", "rls_prefilter", "per_role", "per_user"}
-    assert all(row["metric"] == "QPS" and row["better"] == "higher" for row in summary["rows"])
+    # each row against the baseline the claim is about, in the run's regime
+    rows = {(row["metric"], row["baseline"]): row for row in summary["rows"]}
+    assert set(rows) == {("QPS", "rls"), ("QPS", "rls_prefilter"), ("latency", "per_role"), ("storage", "per_role"),
+                         ("storage", "per_user"), ("latency", "per_user")}
+    assert rows["QPS", "rls"]["better"] == "higher" and rows["storage", "per_user"]["better"] == "lower"
+    assert rows["storage", "per_role"]["value"] == summary["details"]["storage"]["honeybee"]
+    assert {row["regime"] for row in summary["rows"]} == {summary["regime"]} and "roles" in summary["regime"]
 
 
 def test_honeybee_stays_within_its_storage_budget_and_baselines_store_what_they_are(tiny_run):

@@ -3,7 +3,11 @@
 - ``paged_attention.cpp``: decode attention read in place from the paged KV cache;
 - ``q4_linear.cpp``: a linear layer on Q4_1 codes with AVX-512 BF16 dot products, for CPUs that
   have them (elsewhere it is absent and torch's int4 kernel runs);
-- ``lora_bgmv.cpp``: many LoRA adapters over a batch's rows, each row with its own, in one call.
+- ``lora_bgmv.cpp``: many LoRA adapters over a batch's rows, each row with its own, in one call;
+- ``decode_step.cpp``: a decode step through every layer in one call, and an output head on int8
+  codes (AVX-512 BF16 CPUs only, like the Q4_1 layer; see :mod:`tasks.lm.fast_decode`).
+
+``q4_tiles.h`` and ``paged_attention.h`` hold the loops the layer and the whole step share.
 
 torch.utils.cpp_extension compiles them with this machine's compiler for this machine's CPU
 (``-march=native``; about 15 s, once: the build is kept under ``TIERFLOW_KERNEL_CACHE``, default
@@ -26,7 +30,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "q4_linear.cpp", "lora_bgmv.cpp")]
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("paged_attention.cpp", "q4_linear.cpp", "lora_bgmv.cpp", "decode_step.cpp")]
+HEADERS = [Path(__file__).with_name(name) for name in ("paged_attention.h", "q4_tiles.h")]
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # fast-math: vectorized exp and sums
 _status = {"kernel": "not loaded"}
 
@@ -51,7 +57,7 @@ def _build():
     if os.environ.get("TIERFLOW_LM_KERNEL", "1") == "0":
         _status["kernel"] = "off (TIERFLOW_LM_KERNEL=0)"
         return None
-    key = "\n".join([*(source.read_text() for source in SOURCES), " ".join(FLAGS), torch.__version__, _cpu_model()])
+    key = "\n".join([*(source.read_text() for source in SOURCES + HEADERS), " ".join(FLAGS), torch.__version__, _cpu_model()])
     name = f"tierflow_kernels_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     build_dir = _cache_dir() / name
     try:
@@ -94,6 +100,20 @@ def lora_bgmv():
     """``torch.ops.tierflow.lora_bgmv``, or None where the kernels cannot be built here."""
     ops = _build()
     return None if ops is None else ops.lora_bgmv
+
+
+def decode_layers():
+    """``torch.ops.tierflow.decode_layers`` (every layer of a decode step in one call), or None where it
+    cannot be built or the CPU lacks AVX-512 BF16."""
+    ops = _build()
+    return ops.decode_layers if ops is not None and hasattr(ops, "decode_layers") else None
+
+
+def q8_linear():
+    """``torch.ops.tierflow.q8_linear`` (a linear layer on int8 codes with a scale per 32 inputs), or None
+    where it cannot be built or the CPU lacks AVX-512 BF16."""
+    ops = _build()
+    return ops.q8_linear if ops is not None and hasattr(ops, "q8_linear") else None
 
 
 def kernel_status() -> str:

@@ -22,6 +22,9 @@ Weights come in three formats (``weight_format``):
 Decode attention runs in the compiled paged-attention kernel (paged_attention.cpp) where it
 builds, reading keys and values where they lie in the cache; prefill chunks, and decoding where the
 kernel is absent, gather their blocks and attend with bmm.
+
+A step whose rows all decode without an adapter skips the per-op path below: with the int4 format
+on the compiled kernels, :mod:`tasks.lm.fast_decode` runs the same layers in one compiled call.
 """
 
 from __future__ import annotations
@@ -258,6 +261,7 @@ class Llama(nn.Module):
         self.lm_head_weight = None  # set by load_weights: the output (or tied embedding) in compute dtype
         self.lm_head_exact = None  # the same in float32, to recompute the likeliest tokens' logits
         self.weight_format = None  # set by load_weights
+        self.fast_decode = None  # decode-only steps in two compiled calls (tasks.lm.fast_decode), where it runs
 
     @classmethod
     def from_weights(cls, config: LlamaConfig, weights: dict[str, torch.Tensor], weight_format: str = "float32",
@@ -272,6 +276,10 @@ class Llama(nn.Module):
         kernel = paged_decode_attention() if compiled_kernels else None
         for layer in model.layers:
             layer.attn.kernel = kernel
+        if compiled_kernels:
+            from tasks.lm.fast_decode import fast_decode_for  # it reads this module's weight types
+
+            model.fast_decode = fast_decode_for(model)
         return model.eval()
 
     @property
@@ -329,18 +337,25 @@ class Llama(nn.Module):
     @torch.no_grad()
     def forward(self, batch: FlatBatch, cache: PagedKVCache) -> torch.Tensor:
         """Next-token logits (float32) at ``batch.logit_rows``; writes every token's K/V to the cache."""
+        if self.fast_decode is not None and self.fast_decode.handles(batch, cache):
+            return self.fast_decode(batch, cache)
         x = self.tok_embeddings(batch.tokens)
         rope = (self.rope_cos[batch.positions].unsqueeze(1), self.rope_sin[batch.positions].unsqueeze(1))
         for i, layer in enumerate(self.layers):
             x = layer(x, batch, rope, cache.k[i], cache.v[i])
-        x = self.norm(x[batch.logit_rows])
+        return self.head(self.norm(x[batch.logit_rows]))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (float32) of normed hidden states ``x``."""
         logits = linear(x, self.lm_head_weight)
-        if self.lm_head_weight.dtype != torch.float32:
-            # bf16 logits are rounded to 1/8 near 25, which ties this model's top answers: the
-            # likeliest tokens get exact float32 logits, so greedy and top-p see true values
-            top = logits.topk(EXACT_TOP_LOGITS, dim=-1).indices
-            logits.scatter_(1, top, torch.bmm(self.lm_head_exact[top], x.unsqueeze(-1)).squeeze(-1))
-        return logits
+        return logits if self.lm_head_weight.dtype == torch.float32 else self.rescore_top(logits, x)
+
+    def rescore_top(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``logits`` from a rounded head with the likeliest tokens' logits recomputed in float32: bf16
+        logits are rounded to 1/8 near 25, which ties this model's top answers, so greedy and top-p
+        see true values."""
+        top = logits.topk(EXACT_TOP_LOGITS, dim=-1).indices
+        return logits.scatter_(1, top, torch.bmm(self.lm_head_exact[top], x.unsqueeze(-1)).squeeze(-1))
 
 
 def build_flat_batch(cache: PagedKVCache, work: list[tuple], n_query_groups: int,

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import torch
 
+from tasks.lm.batch import FlatBatch
+from tasks.lm.int4 import INT4_GROUP, Int4Weight
 from tasks.lm.kernels import decode_layers, q8_linear
-from tasks.lm.model import INT4_GROUP, FlatBatch, Int4Weight
 from tasks.lm.kvcache import PagedKVCache
 
 Q8_HEAD_MAX_ROWS = 4  # beyond this, the int8 head's per-row fp32 arithmetic costs more than the bf16 GEMM

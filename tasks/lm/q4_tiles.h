@@ -10,7 +10,7 @@
 // the dot runs on bf16 x (as torch's kernel rounds them) in fp32 accumulation, and scale, offset and
 // the row sums of x are fp32.
 //
-// Packing (q4_pack in tasks/lm/model.py): 16 outputs make a tile; per tile and group, 8 runs of 32
+// Packing (q4_pack in tasks/lm/int4.py): 16 outputs make a tile; per tile and group, 8 runs of 32
 // bytes; byte e of run j holds, for output e / 2 and input pair position h = e % 2, the code of input
 // 4j + h (low nibble) and 4j + 2 + h (high nibble). Zero-extending a run to 16 bits then gives two
 // vectors whose 32-bit lane i is output i's (input 2p, input 2p + 1) pair, ready for vdpbf16ps

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from tasks.lm.fast_decode import Q8_HEAD_MAX_ROWS, quantize_q8
+from tasks.lm.int4 import INT4_GROUP
 from tasks.lm.kernels import kernel_status, q8_linear
 from tasks.lm.kvcache import PagedKVCache
-from tasks.lm.model import INT4_GROUP, Llama
+from tasks.lm.model import Llama
 from tasks.lm.sampling import SamplingParams
 from tasks.lm.weights import LlamaConfig, random_checkpoint
 

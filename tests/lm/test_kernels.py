@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from tasks.lm.kernels import kernel_status, paged_decode_attention, q4_linear
-from tasks.lm.model import INT4_GROUP, int4_weight, linear, quantize_int4
+from tasks.lm.int4 import INT4_GROUP, int4_weight, quantize_int4
+from tasks.lm.model import linear
 from tasks.lm.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(os.environ.get("TIERFLOW_LM_KERNEL") == "0", reason="kernel turned off by the user")
@@ -145,7 +146,7 @@ def test_the_lora_kernel_adds_each_rows_own_adapter_as_the_per_segment_matmuls_d
     """Rows of three adapters interleaved with base rows and a long run of one adapter (which keeps
     its two matmuls): the compiled path equals the plain-torch one."""
     from tasks.lm.lora import LoraPool, random_adapter, segments_of
-    from tasks.lm.model import FlatBatch
+    from tasks.lm.batch import FlatBatch
     from tasks.lm.weights import LlamaConfig
 
     config = LlamaConfig(n_layers=1, dim=64, ffn_dim=96, n_heads=4, n_kv_heads=2, vocab_size=32, context_length=64,

@@ -18,6 +18,8 @@ torch and :func:`kernel_status` says why; ``TIERFLOW_LM_KERNEL=0`` asks for plai
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -51,15 +53,41 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("TIERFLOW_KERNEL_CACHE", Path.home() / ".cache" / "tierflow" / "kernels"))
 
 
+def build_folder() -> Path:
+    """Where this machine's build of these sources, flags and torch is kept (its name is their hash)."""
+    key = "\n".join([*(source.read_text() for source in SOURCES + HEADERS), " ".join(FLAGS), torch.__version__, _cpu_model()])
+    return _cache_dir() / f"tierflow_kernels_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """Hold the build folder's lock while torch builds or loads the kernels there.
+
+    torch marks a build in progress with a ``lock`` file it removes when done; a build killed midway
+    (Ctrl-C, a test's timeout, an out-of-memory kill) leaves it, and every later process then waits
+    for it forever. Every build here first takes an ``flock`` on ``build.flock`` — which the kernel
+    releases when its holder dies — so a ``lock`` file found while holding it was left by a dead build
+    and is removed."""
+    with open(build_dir / "build.flock", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                log.warning("removing %s, left by a kernel build that did not finish", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
+
+
 @functools.cache
 def _build():
     """The ``torch.ops.tierflow`` namespace once the kernels are loaded, or None where they cannot be built."""
     if os.environ.get("TIERFLOW_LM_KERNEL", "1") == "0":
         _status["kernel"] = "off (TIERFLOW_LM_KERNEL=0)"
         return None
-    key = "\n".join([*(source.read_text() for source in SOURCES + HEADERS), " ".join(FLAGS), torch.__version__, _cpu_model()])
-    name = f"tierflow_kernels_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    build_dir = _cache_dir() / name
+    build_dir = build_folder()
+    name = build_dir.name
     try:
         from torch.utils.cpp_extension import load
 
@@ -68,8 +96,9 @@ def _build():
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         build_dir.mkdir(parents=True, exist_ok=True)
-        load(name=name, sources=[str(source) for source in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-             build_directory=str(build_dir), is_python_module=False, verbose=False)
+        with _build_lock(build_dir):
+            load(name=name, sources=[str(source) for source in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                 build_directory=str(build_dir), is_python_module=False, verbose=False)
     except Exception as error:  # no compiler, no ninja, a read-only home: plain torch still works
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         telling = [line for line in lines if ("error" in line.lower() or "not found" in line)

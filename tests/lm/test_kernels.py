@@ -170,3 +170,17 @@ def test_the_lora_kernel_adds_each_rows_own_adapter_as_the_per_segment_matmuls_d
     assert torch.allclose(compiled, plain, atol=1e-5)
     assert torch.equal(compiled[[1, 6]], base[[1, 6]])  # rows without an adapter are untouched
     assert not torch.allclose(compiled[0], base[0])
+
+
+def test_a_build_killed_midway_does_not_leave_later_processes_waiting(kernel):
+    """torch leaves its ``lock`` file behind when a build is killed; the next process must not wait on it forever."""
+    import subprocess
+    import sys
+
+    from tasks.lm.kernels import build_folder
+
+    (build_folder() / "lock").write_text("")  # what a killed build leaves
+    probe = "from tasks.lm import kernels; kernels.paged_decode_attention(); print(kernels.kernel_status())"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "compiled" in done.stdout and not (build_folder() / "lock").exists()

@@ -8,8 +8,14 @@ All on this host's CPU, same process, same weights (SmolLM2-135M-Instruct from t
 * **decode**: aggregate tokens/s generating ``--new-tokens`` greedy tokens for batches of
   1/4/16/64 prompts of mixed lengths (16–160 tokens, slices of data/moe-corpus.txt), for the
   runtime in its fast ``int4`` format and its exact ``float32`` format, against transformers'
-  ``generate`` (float32, left-padded batch, its KV cache) on the same weights: end to end (prefill
-  included) and decode only (after every sequence's first token).
+  ``generate`` (float32, left-padded batch, its KV cache) on the same weights and, when the
+  ``llama_cpp`` package is importable, llama.cpp on the same GGUF file (its own Q4_1/Q8_0 kernels,
+  the same threads, each sequence its own sequence id in one batch, greedy by argmax of its
+  logits): end to end (prefill included) and decode only (after every sequence's first token).
+  llama-cpp-python is not a dependency: without it the column is skipped and the run says so
+  (it builds from source with ``pip install llama-cpp-python --no-binary llama-cpp-python``; on
+  CPUs whose AMX faults, with ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON ... -DGGML_AMX_TILE=OFF
+  -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"``).
 * **prefix**: time to first token of N requests that share a long document prefix and differ in
   the question, submitted together, with and without the prefix cache.
 * **rollback**: rolling a sequence back k tokens and taking the next token, against computing the
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
 import statistics
@@ -44,12 +51,12 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from tasks.lm.engine import LMEngine  # noqa: E402
+from tasks.lm.kernels import kernel_status  # noqa: E402
 from tasks.lm.sampling import SamplingParams  # noqa: E402
 from tasks.lm.weights import default_model_path  # noqa: E402
 from tasks.moe.corpus import load_corpus  # noqa: E402
 
 DEFAULT_OUT = "results/benchmarks/lm"
-LLAMA_CPP_REFERENCE = {"1": 64, "16": 164, "source": "../shared/facts/smollm2-on-this-cpu.md (another host of this kind)"}
 console = Console(stderr=True)
 
 
@@ -79,7 +86,7 @@ def time_ours(engine: LMEngine, prompts: list[list[int]], new_tokens: int) -> di
     total = sum(r.completion_tokens for r in requests)
     return {"tokens_per_s": total / (ended - started),
             "decode_tokens_per_s": (total - decoded_before) / max(ended - first_tokens_done, 1e-9),
-            "wall_s": ended - started, "tokens": total}
+            "wall_s": ended - started, "tokens": total, "generated": [r.generated for r in requests]}
 
 
 def time_transformers(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> dict:
@@ -102,6 +109,88 @@ def time_transformers(model, prompts: list[list[int]], new_tokens: int, pad_id: 
             "wall_s": wall, "tokens": total}
 
 
+class LlamaCpp:
+    """llama.cpp (through llama-cpp-python's C API) on the shipped GGUF: batched greedy decoding, each
+    prompt its own sequence id, the argmax of each row's logits taken in numpy as the runtime's
+    sampler takes it."""
+
+    def __init__(self, threads: int, max_sequences: int, context: int):
+        import ctypes
+
+        import llama_cpp
+        import numpy as np
+
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # its loader prints every tensor
+        self.lib, self.np, self.ctypes = llama_cpp, np, ctypes
+        llama_cpp.llama_backend_init()
+        self.model = llama_cpp.llama_model_load_from_file(str(default_model_path()).encode(),
+                                                          llama_cpp.llama_model_default_params())
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = context, 512, 512
+        params.n_seq_max, params.kv_unified = max_sequences, True
+        params.n_threads = params.n_threads_batch = threads
+        self.context = llama_cpp.llama_init_from_model(self.model, params)
+        self.vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.batch = llama_cpp.llama_batch_init(512, 0, 1)
+        self.system = llama_cpp.llama_print_system_info().decode().strip()
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> list[int]:
+        """One llama_decode of ``(token, position, sequence, want_logits)`` entries: the argmax token of
+        each entry that wants logits."""
+        b = self.batch
+        b.n_tokens = len(entries)
+        for i, (token, position, sequence, want) in enumerate(entries):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, position, 1, want
+            b.seq_id[i][0] = sequence
+        if self.lib.llama_decode(self.context, b) != 0:
+            raise RuntimeError("llama_decode failed (KV cache too small for the batch?)")
+        picks = []
+        for i, (*_, want) in enumerate(entries):
+            if want:
+                row = self.np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.context, i), shape=(self.vocab,))
+                picks.append(int(row.argmax()))
+        return picks
+
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> dict:
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.context), True)
+        started = time.perf_counter()
+        entries = [(token, position, s, position == len(p) - 1)
+                   for s, p in enumerate(prompts) for position, token in enumerate(p)]
+        nexts = []
+        for i in range(0, len(entries), 512):  # the prompts, packed 512 tokens a call
+            nexts += self._decode(entries[i:i + 512])
+        first_tokens_done = time.perf_counter()
+        generated = [[t] for t in nexts]
+        lengths = [len(p) for p in prompts]
+        for _ in range(new_tokens - 1):
+            nexts = self._decode([(t, lengths[s], s, True) for s, t in enumerate(nexts)])
+            lengths = [n + 1 for n in lengths]
+            for tokens, t in zip(generated, nexts):
+                tokens.append(t)
+        ended = time.perf_counter()
+        total = len(prompts) * new_tokens
+        return {"tokens_per_s": total / (ended - started),
+                "decode_tokens_per_s": (total - len(prompts)) / max(ended - first_tokens_done, 1e-9),
+                "wall_s": ended - started, "tokens": total, "generated": generated}
+
+    def close(self) -> None:
+        self.lib.llama_batch_free(self.batch)
+        self.lib.llama_free(self.context)
+        self.lib.llama_model_free(self.model)
+
+
+def load_llama_cpp(batches: list[int], new_tokens: int) -> tuple[LlamaCpp | None, str]:
+    """llama.cpp for the decode comparison, or None and why not."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return None, ("llama_cpp is not importable: the llama.cpp column is skipped "
+                      "(pip install llama-cpp-python --no-binary llama-cpp-python to add it)")
+    context = max(batches) * (160 + new_tokens + 16)
+    runner = LlamaCpp(torch.get_num_threads(), max(batches), context)
+    return runner, f"llama-cpp-python {llama_cpp.__version__}: {runner.system}"
+
+
 def load_transformers():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
@@ -113,30 +202,61 @@ def load_transformers():
                                                              dtype=torch.float32).eval()
 
 
-def bench_decode(engines: dict, batches: list[int], new_tokens: int, repeats: int) -> dict:
+def bench_decode(engines: dict, batches: list[int], new_tokens: int, repeats: int) -> tuple[dict, str]:
+    """Every system on the same prompts, interleaved repeat by repeat (so a noisy spell falls on each);
+    per batch and system the median run by end-to-end rate, with every run's rates (their spread); and
+    which llama.cpp ran, or why it did not."""
     reference = load_transformers()
+    llama_cpp, llama_cpp_note = load_llama_cpp(batches, new_tokens)
+    console.print(llama_cpp_note)
     results = {}
-    for batch in batches:
-        prompts = mixed_prompts(engines["int4"], batch, seed=batch)
-        row = {"prompt_tokens": [len(p) for p in prompts]}
-        runs = {name: [] for name in [*engines, "transformers"]}
-        for repeat in range(repeats):  # interleaved, so a noisy spell falls on every system
-            slow_too = repeat == 0 or batch < 16  # the float32 runs take minutes at 16 and 64: once
-            for name, engine in engines.items():
-                if name == "int4" or slow_too:
-                    runs[name].append(time_ours(engine, prompts, new_tokens))
-            if slow_too:
-                runs["transformers"].append(time_transformers(reference, prompts, new_tokens, pad_id=2))
-        for name, measured in runs.items():
-            best = sorted(measured, key=lambda m: m["tokens_per_s"])[len(measured) // 2]
-            row[name] = best
-        row["speedup_vs_transformers"] = row["int4"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
-        results[str(batch)] = row
-        row["decode_speedup_vs_transformers"] = (row["int4"]["decode_tokens_per_s"]
-                                                 / row["transformers"]["decode_tokens_per_s"])
-        console.print(" ".join(f"{name} {row[name]['tokens_per_s']:.1f} ({row[name]['decode_tokens_per_s']:.1f} decoding)"
-                               for name in runs) + f" tok/s, batch {batch}")
-    return results
+    try:
+        for batch in batches:
+            prompts = mixed_prompts(engines["int4"], batch, seed=batch)
+            row = {"prompt_tokens": [len(p) for p in prompts]}
+            op_by_op = ["int4_op_by_op"] if engines["int4"].model.fast_decode else []
+            runs = {name: [] for name in [*engines, *op_by_op, "transformers", *(["llama_cpp"] if llama_cpp else [])]}
+            for repeat in range(repeats):
+                slow_too = repeat == 0 or batch < 16  # the float32 runs take minutes at 16 and 64: once
+                for name, engine in engines.items():
+                    if name == "int4" or slow_too:
+                        runs[name].append(time_ours(engine, prompts, new_tokens))
+                if op_by_op:  # the same engine with its fast decode path off: what it gains
+                    fast, engines["int4"].model.fast_decode = engines["int4"].model.fast_decode, None
+                    try:
+                        runs["int4_op_by_op"].append(time_ours(engines["int4"], prompts, new_tokens))
+                    finally:
+                        engines["int4"].model.fast_decode = fast
+                if slow_too:
+                    runs["transformers"].append(time_transformers(reference, prompts, new_tokens, pad_id=2))
+                if llama_cpp:
+                    runs["llama_cpp"].append(llama_cpp.generate(prompts, new_tokens))
+            if llama_cpp:  # the same file greedily decoded: tokens agree up to where a near-tie rounds apart
+                row["same_tokens_as_llama_cpp"] = statistics.median(
+                    _common_prefix(ours, theirs)
+                    for ours, theirs in zip(runs["int4"][0]["generated"], runs["llama_cpp"][0]["generated"]))
+            for name, measured in runs.items():
+                for m in measured:
+                    m.pop("generated", None)
+                row[name] = sorted(measured, key=lambda m: m["tokens_per_s"])[len(measured) // 2]
+                row[name]["runs_tokens_per_s"] = [m["tokens_per_s"] for m in measured]
+                row[name]["runs_decode_tokens_per_s"] = [m["decode_tokens_per_s"] for m in measured]
+            for baseline in ("transformers", "llama_cpp", "int4_op_by_op"):
+                if baseline in row:
+                    row[f"speedup_vs_{baseline}"] = row["int4"]["tokens_per_s"] / row[baseline]["tokens_per_s"]
+                    row[f"decode_speedup_vs_{baseline}"] = (row["int4"]["decode_tokens_per_s"]
+                                                            / row[baseline]["decode_tokens_per_s"])
+            results[str(batch)] = row
+            console.print(" ".join(f"{name} {row[name]['tokens_per_s']:.1f} ({row[name]['decode_tokens_per_s']:.1f} "
+                                   "decoding)" for name in runs) + f" tok/s, batch {batch}")
+    finally:
+        if llama_cpp:
+            llama_cpp.close()
+    return results, llama_cpp_note
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def bench_prefix(engine: LMEngine, n_requests: int, document_tokens: int, repeats: int) -> dict:
@@ -265,14 +385,18 @@ def plot(result: dict, path: Path) -> None:
     decode = result.get("decode", {})
     if decode:
         batches = sorted(decode, key=int)
-        for name, marker, color in (("int4", "o", "tab:blue"), ("float32", "s", "tab:green"), ("transformers", "^", "tab:grey")):
-            label = f"tierflow {name}" if name != "transformers" else "transformers generate (fp32)"
-            xs = [int(b) for b in batches]
+        xs = [int(b) for b in batches]
+        labels = {"int4": "tierflow int4", "int4_op_by_op": "tierflow int4, op by op", "float32": "tierflow float32",
+                  "transformers": "transformers generate (fp32)", "llama_cpp": "llama.cpp (same GGUF)"}
+        for name, marker, color in (("int4", "o", "tab:blue"), ("int4_op_by_op", "v", "tab:cyan"),
+                                    ("float32", "s", "tab:green"), ("transformers", "^", "tab:grey"),
+                                    ("llama_cpp", "D", "tab:red")):
+            if name not in decode[batches[0]]:
+                continue
             axes[0].plot(xs, [decode[b][name]["decode_tokens_per_s"] for b in batches], marker + "-", color=color,
-                         label=f"{label}, decoding")
+                         label=f"{labels[name]}, decoding")
             axes[0].plot(xs, [decode[b][name]["tokens_per_s"] for b in batches], marker + ":", color=color, alpha=0.5,
-                         label=f"{label}, with prefill")
-        axes[0].axhline(LLAMA_CPP_REFERENCE["16"], color="grey", lw=0.8, ls=":", label="llama.cpp, 16 seq (facts file, other host)")
+                         label=f"{labels[name]}, with prefill")
         axes[0].set(xscale="log", xlabel="concurrent sequences", ylabel="aggregate tokens/s",
                     title="Decode throughput, mixed prompt lengths")
         axes[0].set_xticks([int(b) for b in batches], batches)
@@ -311,17 +435,18 @@ def main(argv: list[str] | None = None) -> dict:
     batches = [int(b) for b in args.batches.split(",")]
     new_tokens, repeats = args.new_tokens, args.repeats
     if args.quick:
-        batches, new_tokens, repeats = [1, 4], 8, 1
+        batches, new_tokens, repeats = [1, 16], 16, 1
     sections = set(args.only.split(","))
     engines = {"int4": LMEngine.load(weight_format="int4", kv_cache_mib=1024)}
     if "decode" in sections:
         engines["float32"] = LMEngine.load(weight_format="float32", kv_cache_mib=1024)
     result = {"host": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                        "load_average": os.getloadavg()[0]},
-              "model": engines["int4"].model_id, "simulated": [],
-              "llama_cpp_reference_tokens_per_s": LLAMA_CPP_REFERENCE}
+              "model": engines["int4"].model_id, "simulated": [], "new_tokens": new_tokens, "repeats": repeats,
+              "int4_decode_path": "two compiled calls a step" if engines["int4"].model.fast_decode else "op by op",
+              "kernels": kernel_status()}
     if "decode" in sections:
-        result["decode"] = bench_decode(engines, batches, new_tokens, repeats)
+        result["decode"], result["llama_cpp"] = bench_decode(engines, batches, new_tokens, repeats)
     if "prefix" in sections:
         result["prefix"] = bench_prefix(engines["int4"], 4 if args.quick else 8, 256 if args.quick else 1024, repeats)
     if "rollback" in sections:
@@ -329,6 +454,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "server" in sections:
         result["server"] = bench_server(engines["int4"], [1, 4] if args.quick else [1, 4, 16],
                                         2 if args.quick else 4, 8 if args.quick else 32)
+    result["host"]["load_average_end"] = os.getloadavg()[0]  # the machine is shared: how busy it was
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "lm.json").write_text(json.dumps(result, indent=2))
@@ -337,10 +463,17 @@ def main(argv: list[str] | None = None) -> dict:
     for column in ("figure", "value"):
         table.add_column(column)
     for batch, row in result.get("decode", {}).items():
-        table.add_row(f"{batch} seq, end to end", f"int4 {row['int4']['tokens_per_s']:.1f} tok/s = "
-                      f"{row['speedup_vs_transformers']:.2f}× transformers ({row['transformers']['tokens_per_s']:.1f})")
-        table.add_row(f"{batch} seq, decoding", f"int4 {row['int4']['decode_tokens_per_s']:.1f} tok/s = "
-                      f"{row['decode_speedup_vs_transformers']:.2f}× transformers ({row['transformers']['decode_tokens_per_s']:.1f})")
+        for label, key, speedup in (("end to end", "tokens_per_s", "speedup"), ("decoding", "decode_tokens_per_s",
+                                                                                 "decode_speedup")):
+            versus = [f"{row[f'{speedup}_vs_{b}']:.2f}× {name} ({row[b][key]:.1f})"
+                      for b, name in (("llama_cpp", "llama.cpp"), ("transformers", "transformers"),
+                                      ("int4_op_by_op", "int4 op by op")) if b in row]
+            table.add_row(f"{batch} seq, {label}", f"int4 {row['int4'][key]:.1f} tok/s = " + ", ".join(versus))
+        if "same_tokens_as_llama_cpp" in row:
+            table.add_row(f"{batch} seq, greedy tokens", f"the same as llama.cpp's for the first "
+                          f"{row['same_tokens_as_llama_cpp']:.0f} of {result['new_tokens']} (median)")
+    if "llama_cpp" in result:
+        table.add_row("llama.cpp", result["llama_cpp"])
     if "prefix" in result:
         table.add_row("prefix cache TTFT", f"{result['prefix']['ttft_speedup']:.2f}× faster")
     for k, row in result.get("rollback", {}).get("by_k", {}).items():

@@ -9,20 +9,28 @@
 
 A *session* is a growing text the model continues: ``extend`` appends (a tool result, the next
 turn), ``generate`` appends the model's continuation, ``fork`` branches, ``rollback`` goes back.
+
+Generation may carry ``logits_processors`` (:mod:`tasks.lm.sampling`, e.g. a :class:`TokenMask`)
+and an ``on_token`` hook (:class:`tasks.lm.engine.TokenEvent` -> "continue" | "pause" | "end");
+a session paused by its hook returns with finish_reason "pause", its KV cache kept, ready to be
+rolled back, extended and generated on (checkpoint and rollback without recomputing the prefix).
+Both need the model in process (features ``logits_processors`` and ``token_hook``).
 """
 
 from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from tasks.lm.engine import Completion, LMEngine
+from tasks.lm.engine import Completion, LMEngine, TokenHook
 from tasks.lm.kvcache import SequenceKV
-from tasks.lm.sampling import SamplingParams
+from tasks.lm.sampling import LogitsProcessor, SamplingParams
+
+Processors = Sequence[LogitsProcessor] | None
 
 
 class UnsupportedFeature(RuntimeError):
@@ -52,31 +60,37 @@ class Session(ABC):
     @abstractmethod
     def __len__(self) -> int: ...
 
-    def generate(self, params: SamplingParams) -> Completion:
-        return self.backend.generate_sessions([self], params)[0]
+    def generate(self, params: SamplingParams, logits_processors: Processors = None,
+                 on_token: TokenHook | None = None) -> Completion:
+        return self.backend.generate_sessions([self], params, logits_processors, on_token)[0]
 
 
 class LMBackend(ABC):
     model_id: str
-    supports: frozenset[str]  # of: batch, stream, chat, fork, kv_shared_fork, rollback, prefix_cache, token_ids
+    # of: batch, stream, chat, fork, kv_shared_fork, rollback, prefix_cache, token_ids, logits_processors, token_hook
+    supports: frozenset[str]
 
     @abstractmethod
-    def generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
-        """Complete every prompt (batched where the backend can)."""
+    def generate(self, prompts: list[str], params: SamplingParams, logits_processors: Processors = None,
+                 on_token: TokenHook | None = None) -> list[Completion]:
+        """Complete every prompt (batched where the backend can); ``logits_processors`` and
+        ``on_token`` apply to each prompt's request."""
 
     @abstractmethod
-    def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
+    def stream(self, prompt: str, params: SamplingParams, logits_processors: Processors = None) -> Iterator[str]:
         """The completion's text, piece by piece as it is decoded."""
 
     @abstractmethod
-    def chat(self, messages: list[dict], params: SamplingParams) -> Completion: ...
+    def chat(self, messages: list[dict], params: SamplingParams, logits_processors: Processors = None) -> Completion: ...
 
     @abstractmethod
     def session(self, prompt: str) -> Session: ...
 
     @abstractmethod
-    def generate_sessions(self, sessions: list[Session], params: SamplingParams) -> list[Completion]:
-        """Continue every session (batched where the backend can); each session's text grows."""
+    def generate_sessions(self, sessions: list[Session], params: SamplingParams, logits_processors: Processors = None,
+                          on_token: TokenHook | None = None) -> list[Completion]:
+        """Continue every session (batched where the backend can); each session's text grows. A
+        session its hook pauses stops there (finish_reason "pause") and keeps its KV cache."""
 
     def require(self, feature: str) -> None:
         if feature not in self.supports:
@@ -119,7 +133,8 @@ class LocalSession(Session):
 class LocalBackend(LMBackend):
     """The model in this process (one thread drives the engine: do not share across threads)."""
 
-    supports = frozenset({"batch", "stream", "chat", "fork", "kv_shared_fork", "rollback", "prefix_cache", "token_ids"})
+    supports = frozenset({"batch", "stream", "chat", "fork", "kv_shared_fork", "rollback", "prefix_cache", "token_ids",
+                          "logits_processors", "token_hook"})
 
     def __init__(self, engine: LMEngine):
         self.engine = engine
@@ -129,11 +144,12 @@ class LocalBackend(LMBackend):
     def load(cls, model: str | None = None, **options) -> "LocalBackend":
         return cls(LMEngine.load(model, **options))
 
-    def generate(self, prompts, params):
-        return self.engine.generate(list(prompts), params)
+    def generate(self, prompts, params, logits_processors=None, on_token=None):
+        return self.engine.generate(list(prompts), params, logits_processors or (), on_token)
 
-    def stream(self, prompt, params):
-        request = self.engine.submit(self.engine.open(prompt), params, owns_sequence=True)
+    def stream(self, prompt, params, logits_processors=None):
+        request = self.engine.submit(self.engine.open(prompt), params, owns_sequence=True,
+                                     logits_processors=logits_processors or ())
         try:
             while not request.finished:
                 self.engine.step()
@@ -146,15 +162,19 @@ class LocalBackend(LMBackend):
         finally:
             self.engine.abort(request)
 
-    def chat(self, messages, params):
-        return self.generate([self.engine.tokenizer.render_chat(messages)], params)[0]
+    def chat(self, messages, params, logits_processors=None):
+        return self.generate([self.engine.tokenizer.render_chat(messages)], params, logits_processors)[0]
 
     def session(self, prompt):
         return LocalSession(self, self.engine.open(prompt))
 
-    def generate_sessions(self, sessions, params):
-        requests = [self.engine.submit(s.seq, params) for s in sessions]
+    def generate_sessions(self, sessions, params, logits_processors=None, on_token=None):
+        requests = [self.engine.submit(s.seq, params, logits_processors=logits_processors or (), on_token=on_token)
+                    for s in sessions]
         self.engine.run(requests)
+        for r in requests:
+            if r.paused:
+                self.engine.end(r)  # the session keeps its tokens and KV cache: roll back, extend, generate on
         return [self.engine.completion(r) for r in requests]
 
 
@@ -220,16 +240,24 @@ class OpenAIBackend(LMBackend):
                           prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0),
                           time_to_first_token_s=float("nan"), latency_s=float("nan"))
 
+    def _in_process_only(self, logits_processors, on_token=None) -> None:
+        if logits_processors:
+            self.require("logits_processors")
+        if on_token is not None:
+            self.require("token_hook")
+
     def _complete_one(self, prompt: str, params: SamplingParams) -> Completion:
         data = self._post("/completions", self._body(params, prompt=prompt))
         return self._completion(data, data["choices"][0]["text"])
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, logits_processors=None, on_token=None):
+        self._in_process_only(logits_processors, on_token)
         # concurrent requests: the endpoint batches them (continuous batching)
         with ThreadPoolExecutor(max_workers=max(1, min(self.max_parallel, len(prompts)))) as pool:
             return list(pool.map(lambda p: self._complete_one(p, params), prompts))
 
-    def stream(self, prompt, params):
+    def stream(self, prompt, params, logits_processors=None):
+        self._in_process_only(logits_processors)
         with self.client.stream("POST", "/completions", json=self._body(params, prompt=prompt, stream=True)) as response:
             if response.status_code != 200:
                 response.read()
@@ -242,15 +270,16 @@ class OpenAIBackend(LMBackend):
                     if choice.get("text"):
                         yield choice["text"]
 
-    def chat(self, messages, params):
+    def chat(self, messages, params, logits_processors=None):
+        self._in_process_only(logits_processors)
         data = self._post("/chat/completions", self._body(params, messages=messages))
         return self._completion(data, data["choices"][0]["message"]["content"] or "")
 
     def session(self, prompt):
         return RemoteSession(self, prompt)
 
-    def generate_sessions(self, sessions, params):
-        completions = self.generate([s.text for s in sessions], params)
+    def generate_sessions(self, sessions, params, logits_processors=None, on_token=None):
+        completions = self.generate([s.text for s in sessions], params, logits_processors, on_token)
         for session, completion in zip(sessions, completions):
             session.extend(completion.text)
         return completions

@@ -13,25 +13,53 @@ roll back and close sequences; a *request* asks for tokens to be generated onto 
 A prompt starting with token blocks already in the cache reuses them (prefix caching); a fork
 shares its parent's blocks; a rollback drops block references. None of these copy keys or values
 except the one partly-filled block a writer shares (copy-on-write).
+
+Beside the engine, and given to it: the scheduling policy (:mod:`tasks.lm.scheduling`: which
+waiting request is admitted next) and the LoRA adapter cache (:mod:`tasks.lm.adapter_cache`).
+A request may carry logits processors (:mod:`tasks.lm.sampling`: applied to its own row before
+sampling) and a per-token hook (:class:`TokenEvent`) that continues, pauses or ends it at a token
+boundary; a paused request keeps its KV cache and is rolled back and resumed with :meth:`LMEngine.resume`.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections import OrderedDict, deque
+from collections import ChainMap, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
+from tasks.lm.adapter_cache import EMPTY_STATS, AdapterCache
 from tasks.lm.kvcache import CacheFullError, PagedKVCache, SequenceKV
 from tasks.lm.lora import DEFAULT_TARGETS, LoraAdapter, LoraPool
 from tasks.lm.model import Llama
-from tasks.lm.sampling import InvalidRequest, SamplingParams, make_generator, sample
+from tasks.lm.sampling import (InvalidRequest, LogitsProcessor, SamplingParams, apply_processors, make_generator,
+                               sample)
+from tasks.lm.scheduling import FifoPolicy
 from tasks.lm.tokenizer import ChatTokenizer, build_tokenizer
-from tasks.lm.weights import DEFAULT_MODEL_ID, LlamaConfig, load_checkpoint
+from tasks.lm.weights import (DEFAULT_MODEL_ID, LlamaConfig, WeightTransform, load_checkpoint, load_transform,
+                              transform_weights)
 
 _ids = itertools.count(1)
+
+TokenAction = Literal["continue", "pause", "end"]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """What a per-token hook sees: the request, the token it just generated, that token's position
+    in the sequence (its index: rolling back to ``position`` drops it) and the visible text so far."""
+
+    request: "Request"
+    token: int
+    position: int
+    text: str
+
+
+TokenHook = Callable[[TokenEvent], "TokenAction | None"]
 
 
 @dataclass
@@ -48,13 +76,17 @@ class Request:
     generated: list[int] = field(default_factory=list)
     text: str = ""  # the visible completion so far, cut before any stop string
     emitted: int = 0  # characters of text already handed to a stream
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | "pause" (see LMEngine.end)
     error: str | None = None
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
     prefix_reused: int = 0
     generator: torch.Generator | None = None
+    logits_processors: tuple[LogitsProcessor, ...] = ()  # applied in order to this request's row of logits
+    on_token: TokenHook | None = None  # called after each generated token that does not end the request
+    paused: bool = False  # by its hook: out of the batch, its KV cache kept (:meth:`LMEngine.resume`)
+    failure: BaseException | None = None  # what its processors or hook raised, when that ended it
     _read_offset: int = 0
     _prefix_offset: int = 0
 
@@ -100,7 +132,12 @@ class LMEngine:
                  kv_cache_mib: int = 1024, block_size: int = 16, kv_dtype: torch.dtype | None = None,
                  max_batch_tokens: int = 256, max_running: int = 64, prefix_caching: bool = True,
                  lora_slots: int = 0, lora_rank: int = 16, lora_targets: tuple[str, ...] = DEFAULT_TARGETS,
-                 max_host_adapters: int = 1024):
+                 max_host_adapters: int = 1024, policy: FifoPolicy | None = None,
+                 adapter_cache: AdapterCache | None = None):
+        """``policy`` orders admission (default :class:`~tasks.lm.scheduling.FifoPolicy`);
+        ``adapter_cache`` holds the LoRA adapters served (default: one of ``lora_slots`` slots of
+        ``lora_rank`` on ``lora_targets`` and ``max_host_adapters`` in host memory; none when
+        ``lora_slots`` is 0)."""
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.config: LlamaConfig = model.config
         if kv_dtype is None:
@@ -112,27 +149,32 @@ class LMEngine:
         self.max_batch_tokens, self.max_running, self.prefix_caching = max_batch_tokens, max_running, prefix_caching
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preempted": 0,
-                      "adapter_loads": 0, "adapter_evictions": 0, "adapter_load_s": 0.0, "adapter_host_evictions": 0}
+        self.policy = policy or FifoPolicy()
+        if adapter_cache is None and lora_slots:
+            adapter_cache = AdapterCache(LoraPool(c, lora_slots + 1, lora_rank, tuple(lora_targets)), max_host_adapters)
+        self.adapter_cache = adapter_cache
+        self.lora_pool = adapter_cache.pool if adapter_cache else None
+        model.attach_lora(self.lora_pool)
+        # one view of the engine's counters and its adapter cache's (each side writes its own)
+        self.stats = ChainMap({"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preempted": 0},
+                              adapter_cache.stats if adapter_cache else dict(EMPTY_STATS))
         # set to a list to record what each step computed and how long it took (:meth:`step`)
         self.step_log: list[dict] | None = None
-        # LoRA: adapters in host memory (up to max_host_adapters, least recently used first) and the
-        # ``lora_slots`` of them resident in the pool
-        self.adapters: OrderedDict[str, LoraAdapter] = OrderedDict()
-        self.max_host_adapters = max_host_adapters
-        self.lora_pool = LoraPool(c, lora_slots + 1, lora_rank, tuple(lora_targets)) if lora_slots else None
-        model.attach_lora(self.lora_pool)
-        self._resident: OrderedDict[str, int] = OrderedDict()  # adapter -> slot, least recently used first
-        self._free_slots = list(range(lora_slots, 0, -1))
 
     @classmethod
     def load(cls, model: str | None = None, weight_format: str = "int4", compiled_kernels: bool = True,
-             **engine_options) -> "LMEngine":
+             transform: WeightTransform | str | None = None, **engine_options) -> "LMEngine":
         """The engine over a checkpoint: ``model`` is a GGUF file, a safetensors folder, or None
         for the shipped SmolLM2-135M-Instruct; ``compiled_kernels=False`` decodes in plain torch
-        instead of the compiled kernels (tasks.lm.kernels)."""
+        instead of the compiled kernels (tasks.lm.kernels); ``transform(name, weight)`` rewrites
+        each named float32 weight before the model is built (:func:`tasks.lm.weights.transform_weights`;
+        a command line names it ``package.module:function``)."""
         config, weights, meta = load_checkpoint(model)
-        llama = Llama.from_weights(config, weights, weight_format, meta.get("q4_1"), compiled_kernels)
+        q4_1 = meta.get("q4_1")
+        if transform is not None:
+            transform = load_transform(transform) if isinstance(transform, str) else transform
+            weights, q4_1 = transform_weights(weights, q4_1 or {}, transform)
+        llama = Llama.from_weights(config, weights, weight_format, q4_1, compiled_kernels)
         model_id = DEFAULT_MODEL_ID if model in (None, "", DEFAULT_MODEL_ID) else meta["name"]
         return cls(llama, build_tokenizer(meta), model_id=model_id, **engine_options)
 
@@ -179,58 +221,37 @@ class LMEngine:
                 "and at least one must be left to generate", param="prompt", code="context_length_exceeded")
 
     # --- LoRA adapters --------------------------------------------------------------------------
+    @property
+    def adapters(self) -> dict[str, LoraAdapter]:
+        """The adapters held in host memory, by name (least recently used first)."""
+        return self.adapter_cache.adapters if self.adapter_cache else {}
+
+    def _adapters_in_use(self, waiting: bool = True) -> set[str]:
+        requests = (*self.running, *self.waiting) if waiting else self.running
+        return {r.seq.adapter for r in requests if r.seq.adapter is not None}
+
     def add_adapter(self, name: str, adapter: LoraAdapter) -> None:
         """Register ``adapter`` under ``name`` (in host memory; it enters a pool slot when a request
         needs it). Re-registering a name replaces its weights, in its slot too."""
-        if self.lora_pool is None:
+        if self.adapter_cache is None:
             raise ValueError("this engine serves no LoRA adapters: create it with lora_slots > 0")
-        self.lora_pool.check(adapter)
-        replaced = name in self.adapters
-        self.adapters[name] = adapter
-        self.adapters.move_to_end(name)
-        if name in self._resident:
-            self.lora_pool.load(self._resident[name], adapter)
-        if replaced:
+        if self.adapter_cache.add(name, adapter, self._adapters_in_use()):
             self.cache.clear_prefix_cache()  # prefixes computed with the old weights are no longer valid
-        in_use = {r.seq.adapter for r in (*self.running, *self.waiting)} | {name}
-        for old in [n for n in self.adapters if n not in in_use][:max(0, len(self.adapters) - self.max_host_adapters)]:
-            self.remove_adapter(old)  # host memory full: the least recently used that nobody waits for
-            self.stats["adapter_host_evictions"] += 1
 
     def remove_adapter(self, name: str) -> None:
         users = [r for r in (*self.running, *self.waiting) if r.seq.adapter == name]
         if users:
             raise ValueError(f"adapter {name!r} is in use by {len(users)} request(s)")
-        self.adapters.pop(name, None)
-        if name in self._resident:
-            self._free_slots.append(self._resident.pop(name))
+        if self.adapter_cache is not None:
+            self.adapter_cache.remove(name)
 
     def adapter_slot(self, name: str | None) -> int:
         """The pool slot holding ``name`` (0: the base model)."""
-        return 0 if name is None else self._resident[name]
+        return 0 if name is None else self.adapter_cache.slot(name)
 
     def _make_resident(self, name: str) -> bool:
-        """Put ``name`` in a pool slot, evicting the least recently used adapter no running request
-        uses; False when every slot is in use."""
-        self.adapters.move_to_end(name)
-        if name in self._resident:
-            self._resident.move_to_end(name)
-            return True
-        if self._free_slots:
-            slot = self._free_slots.pop()
-        else:
-            in_use = {r.seq.adapter for r in self.running}
-            victim = next((n for n in self._resident if n not in in_use), None)
-            if victim is None:
-                return False
-            slot = self._resident.pop(victim)
-            self.stats["adapter_evictions"] += 1
-        started = time.perf_counter()
-        self.lora_pool.load(slot, self.adapters[name])
-        self.stats["adapter_load_s"] += time.perf_counter() - started
-        self.stats["adapter_loads"] += 1
-        self._resident[name] = slot
-        return True
+        """Put ``name`` in a pool slot; False when every slot serves a running request."""
+        return self.adapter_cache.make_resident(name, self._adapters_in_use(waiting=False))
 
     @torch.no_grad()
     def score(self, tokens: list[int], adapter: str | None = None) -> torch.Tensor:
@@ -250,23 +271,82 @@ class LMEngine:
 
     # --- requests -------------------------------------------------------------------------------
     def submit(self, seq: SequenceKV, params: SamplingParams, owns_sequence: bool = False,
-               tenant: str | None = None) -> Request:
-        """Queue a request to generate onto ``seq`` (on behalf of ``tenant``, for fair admission)."""
+               tenant: str | None = None, logits_processors: Sequence[LogitsProcessor] = (),
+               on_token: TokenHook | None = None) -> Request:
+        """Queue a request to generate onto ``seq`` (on behalf of ``tenant``, for the policy).
+
+        ``logits_processors`` (``fn(generated, logits) -> logits``, e.g.
+        :class:`~tasks.lm.sampling.TokenMask`) are applied in order to this request's row of logits
+        before sampling. ``on_token(event)`` is called after each generated token that does not end
+        the request by itself and answers ``"continue"`` (or None), ``"pause"`` (the request leaves
+        the batch and keeps its KV cache: :meth:`resume`) or ``"end"`` (finished, reason "stop").
+        A processor or hook that raises ends its request alone (reason "error")."""
         self._check_length(len(seq.tokens))
-        if seq.computed == len(seq.tokens):  # all cached (after a rollback): recompute the last token for its logits
+        self._recompute_last(seq)
+        request = Request(seq=seq, params=params, owns_sequence=owns_sequence, tenant=tenant,
+                          prompt_tokens=len(seq.tokens), generator=make_generator(params),
+                          logits_processors=tuple(logits_processors), on_token=on_token)
+        self.waiting.append(request)
+        return request
+
+    def _recompute_last(self, seq: SequenceKV) -> None:
+        """A sequence whose tokens are all cached (after a rollback) recomputes its last one, for its logits."""
+        if seq.computed == len(seq.tokens):
             last = seq.tokens[-1]
             self.cache.truncate(seq, len(seq.tokens) - 1)
             seq.tokens.append(last)
-        request = Request(seq=seq, params=params, owns_sequence=owns_sequence, tenant=tenant,
-                          prompt_tokens=len(seq.tokens), generator=make_generator(params))
+
+    def resume(self, request: Request, *, rollback_to: int | None = None, append: str | list[int] | None = None,
+               params: SamplingParams | None = None) -> Request:
+        """Continue a request its hook paused: first cut its sequence back to ``rollback_to`` tokens
+        (no less than its prompt; the kept tokens' keys and values are reused, nothing is
+        recomputed), then append ``append`` (text or token ids: a forced continuation, part of the
+        completion and counted against ``max_tokens``), then generate on, with ``params`` if given."""
+        if not request.paused:
+            raise ValueError(f"request {request.id} is not paused (finish_reason {request.finish_reason!r})")
+        seq = request.seq
+        if rollback_to is not None:
+            if not request.prompt_tokens <= rollback_to <= len(seq.tokens):
+                raise ValueError(f"rollback_to must be in [{request.prompt_tokens}, {len(seq.tokens)}] "
+                                 f"(the prompt to the sequence's length); got {rollback_to}")
+            self.cache.truncate(seq, rollback_to)
+            self._retext(request, request.generated[:rollback_to - request.prompt_tokens])
+        if append is not None:
+            forced = self.tokens_of(append)
+            self._check_length(len(seq.tokens) + len(forced))
+            seq.tokens.extend(forced)
+            self._retext(request, request.generated + forced)
+        if params is not None:
+            request.params = params
+            request.generator = make_generator(params)
+        self._recompute_last(seq)
+        request.paused = False
         self.waiting.append(request)
         return request
+
+    def _retext(self, request: Request, generated: list[int]) -> None:
+        """Make ``generated`` the request's completion, its text decoded as if streamed token by token."""
+        request.generated, request.text = [], ""
+        request._prefix_offset = request._read_offset = 0
+        for token in generated:
+            request.generated.append(token)
+            request.text += self._detokenize(request)
+        request.emitted = min(request.emitted, len(request.text))
+
+    def end(self, request: Request) -> None:
+        """Finish a paused request where it stands (reason "pause"); its sequence is released only
+        if the request owns it, so a session keeps its tokens and KV cache."""
+        if not request.paused:
+            raise ValueError(f"request {request.id} is not paused")
+        request.paused = False
+        self._finish(request, "pause")
 
     def abort(self, request: Request) -> None:
         if request.finished:
             return
         if request in self.waiting:
             self.waiting.remove(request)
+        request.paused = False
         self._finish(request, "abort")
 
     @property
@@ -297,7 +377,9 @@ class LMEngine:
             self.cache.commit(seq, end)
             self.stats["prefill_tokens" if end - start > 1 or not request.generated else "decode_tokens"] += end - start
             if want_logits:
-                self._accept(request, sample(logits[row], request.params, request.generator))
+                token = self._sample(request, logits[row])
+                if token is not None:
+                    self._accept(request, token)
                 row += 1
                 advanced.append(request)
         if self.step_log is not None:
@@ -308,17 +390,26 @@ class LMEngine:
         return advanced
 
     def run(self, requests: list[Request]) -> None:
-        """Step until every one of ``requests`` has finished."""
-        while not all(r.finished for r in requests):
+        """Step until every one of ``requests`` has finished or been paused."""
+        while not all(r.finished or r.paused for r in requests):
             self.step()
 
-    def generate(self, prompts: list[str | list[int]], params: SamplingParams) -> list[Completion]:
-        """Complete every prompt, batched together; sequences are freed afterwards."""
-        requests = [self.submit(self.open(p), params, owns_sequence=True) for p in prompts]
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams,
+                 logits_processors: Sequence[LogitsProcessor] = (), on_token: TokenHook | None = None
+                 ) -> list[Completion]:
+        """Complete every prompt, batched together; sequences are freed afterwards (a request its
+        hook pauses ends there, reason "pause")."""
+        requests = [self.submit(self.open(p), params, owns_sequence=True, logits_processors=logits_processors,
+                                on_token=on_token) for p in prompts]
         self.run(requests)
+        for r in requests:
+            if r.paused:
+                self.end(r)
         return [self.completion(r) for r in requests]
 
     def completion(self, r: Request) -> Completion:
+        if r.failure is not None:
+            raise RuntimeError(f"request {r.id} failed: {r.error}") from r.failure
         if r.finish_reason == "error":
             raise CacheFullError(r.error)
         return Completion(
@@ -328,22 +419,13 @@ class LMEngine:
             latency_s=r.finished_at - r.arrived, prefix_reused_tokens=r.prefix_reused)
 
     # --- scheduling -----------------------------------------------------------------------------
-    def _next_waiting(self) -> Request:
-        """The next request to admit: first come, first served, except that between tenants the one
-        with the fewest running requests goes first (a tenant sending many cannot starve the rest)."""
-        if all(r.tenant is None for r in self.running) and all(r.tenant is None for r in self.waiting):
-            return self.waiting.popleft()
-        running = {}
-        for r in self.running:
-            running[r.tenant] = running.get(r.tenant, 0) + 1
-        best = min(self.waiting, key=lambda r: running.get(r.tenant, 0))  # min keeps the earliest of ties
-        self.waiting.remove(best)
-        return best
-
     def _admit(self) -> None:
         deferred = []
         while self.waiting and len(self.running) < self.max_running:
-            request = self._next_waiting()
+            request = self.policy.next_request(self.waiting, self.running)
+            if request is None:
+                break
+            self.waiting.remove(request)
             if request.seq.adapter is not None and not self._make_resident(request.seq.adapter):
                 deferred.append(request)  # every slot holds an adapter a running request uses
                 continue
@@ -416,12 +498,24 @@ class LMEngine:
         candidates = [r for r in self.running if r not in exclude and r.seq.blocks]
         if not candidates:
             return False
-        victim = max(candidates, key=lambda r: r.arrived)
+        victim = self.policy.preemption_victim(candidates)
         self.cache.release(victim.seq)
         self.running.remove(victim)
         self.waiting.appendleft(victim)
         self.stats["preempted"] += 1
         return True
+
+    def _sample(self, request: Request, logits: torch.Tensor) -> int | None:
+        """The request's next token from its row of logits, after its processors; None (and the
+        request ended with an error) if a processor raised."""
+        try:
+            if request.logits_processors:
+                logits = apply_processors(request.logits_processors, request.generated, logits)
+            return sample(logits, request.params, request.generator)
+        except Exception as exc:  # the caller's code: fail this request, not the batch
+            request.failure = exc
+            self._finish(request, "error", error=f"a logits processor failed: {exc!r}")
+            return None
 
     def _accept(self, request: Request, token: int) -> None:
         now = time.perf_counter()
@@ -440,7 +534,25 @@ class LMEngine:
                 request.text = request.text[:min(hits)]
                 return self._finish(request, "stop")
         if len(request.generated) >= params.max_tokens or len(request.seq.tokens) >= self.config.context_length:
-            self._finish(request, "length")
+            return self._finish(request, "length")
+        if request.on_token is not None:
+            self._ask_hook(request, token)
+
+    def _ask_hook(self, request: Request, token: int) -> None:
+        try:
+            action = request.on_token(TokenEvent(request, token, len(request.seq.tokens) - 1, request.text))
+        except Exception as exc:  # the caller's code: fail this request, not the batch
+            request.failure = exc
+            return self._finish(request, "error", error=f"the per-token hook failed: {exc!r}")
+        if action == "end":
+            self._finish(request, "stop")
+        elif action == "pause":
+            request.paused = True
+            self.running.remove(request)
+        elif action not in (None, "continue"):
+            request.failure = ValueError(f"the per-token hook answered {action!r}")
+            self._finish(request, "error", error=f"the per-token hook answered {action!r}; "
+                                                  "expected 'continue', 'pause', 'end' or None")
 
     def _detokenize(self, request: Request) -> str:
         """New text from the latest token; waits while the bytes so far end mid-character."""

@@ -1,11 +1,22 @@
-"""Sampling parameters, checked once, and the samplers that apply them to a row of logits."""
+"""Sampling parameters, checked once; per-request logits processors; and the samplers that apply
+them to a row of logits.
+
+A *logits processor* is ``fn(generated, logits) -> logits``: the request's generated token ids so
+far and its own row of float32 next-token logits ``[vocab]``; it returns the row to sample from
+(it may modify it in place). A request's processors run in order, on its row only, before
+temperature, top-k, top-p or greedy choice, so whatever they forbid (logit -inf) is never sampled.
+:class:`TokenMask` is the one most callers need: constrained decoding to an allowed set.
+"""
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 
 class InvalidRequest(ValueError):
@@ -79,3 +90,52 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         keep = (sorted_probs.cumsum(0) - sorted_probs) < params.top_p
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+Allowed = Collection[int] | torch.Tensor  # token ids, or a bool mask [vocab]
+
+
+class TokenMask:
+    """A logits processor that lets only some tokens be sampled.
+
+    ``allowed`` is a collection of token ids, a bool tensor ``[vocab]`` (True: allowed), or a
+    callable ``allowed(generated) -> either`` asked at every token (a grammar, a plan's next
+    legal tokens). A step that allows no token raises ValueError: the request ends with an error
+    rather than sampling something forbidden."""
+
+    def __init__(self, allowed: Allowed | Callable[[list[int]], Allowed]):
+        self.allowed = allowed
+        self._fixed: torch.Tensor | None = None  # the mask of a fixed ``allowed``, built at first use
+
+    def __call__(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if callable(self.allowed):
+            mask = self._mask(self.allowed(generated), logits.numel())
+        else:
+            if self._fixed is None or self._fixed.numel() != logits.numel():
+                self._fixed = self._mask(self.allowed, logits.numel())
+            mask = self._fixed
+        return logits.masked_fill_(~mask, float("-inf"))
+
+    @staticmethod
+    def _mask(allowed: Allowed, vocab: int) -> torch.Tensor:
+        if isinstance(allowed, torch.Tensor) and allowed.dtype == torch.bool:
+            if allowed.shape != (vocab,):
+                raise ValueError(f"a token mask must have shape ({vocab},), one entry per token; got {tuple(allowed.shape)}")
+            mask = allowed
+        else:
+            ids = torch.as_tensor(list(allowed) if not isinstance(allowed, torch.Tensor) else allowed, dtype=torch.long)
+            outside = ids[(ids < 0) | (ids >= vocab)]
+            if outside.numel():
+                raise ValueError(f"allowed token ids must be in [0, {vocab}); got {outside[:5].tolist()}")
+            mask = torch.zeros(vocab, dtype=torch.bool)
+            mask[ids] = True
+        if not mask.any():
+            raise ValueError("the token mask allows no token")
+        return mask
+
+
+def apply_processors(processors: Sequence[LogitsProcessor], generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` (one request's row) through each processor in turn."""
+    for processor in processors:
+        logits = processor(generated, logits)
+    return logits

@@ -9,9 +9,17 @@ passes (continuous batching), so concurrent clients are served together, not one
 Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, and only ever
 fail the request that caused them.
 
+A request never holds the server for a client that has gone: a stream ends when its client
+disconnects, and a whole (non-streamed) answer polls the connection while it waits, so either way
+the request is aborted and its queue place and KV blocks freed. ``max_tokens`` is bounded by the
+context, as OpenAI's servers do: a ``max_tokens`` (or ``max_completion_tokens``) the prompt leaves
+no room for is refused with ``context_length_exceeded``; without one, the completion may run to the
+end of the context (chat) or to 16 tokens (completions), whichever comes first.
+
 A :class:`Tenancy` (LMaaS: tasks/lmaas/service.py) makes the server multi-tenant: it checks each
-request's API key and model name, hands back which LoRA adapter serves it, and hears how each
-request went (tokens, time to first token, latency) for quotas and metering.
+request's API key and model name, hands back which LoRA adapter serves it, holds what the request
+may use (its prompt and every token it may generate) against a quota before it runs, and hears how
+each request went (tokens, time to first token, latency) for quotas and metering.
 """
 
 from __future__ import annotations
@@ -26,11 +34,13 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from typing import Callable, Literal, Protocol
 
 import uvicorn
 from fastapi import FastAPI, Header
+from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
@@ -43,6 +53,8 @@ from tasks.lm.sampling import InvalidRequest, SamplingParams
 log = logging.getLogger(__name__)
 
 MAX_CHOICES = 8
+DISCONNECT_POLL_S = 0.25  # how often a whole answer being generated checks that its client is still there
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
 @dataclass
@@ -76,6 +88,7 @@ class Grant:
     adapter: str | None = None
     adapter_weights: LoraAdapter | None = None
     release: Callable[[], None] = lambda: None
+    reserved_tokens: int = 0  # what the tenancy holds against the quota for this request (Tenancy.reserve)
 
 
 class Tenancy(Protocol):
@@ -87,6 +100,11 @@ class Tenancy(Protocol):
 
     async def usage(self, authorization: str | None) -> dict:
         """This key's tenant's usage (never another tenant's)."""
+
+    def reserve(self, grant: Grant, prompt_tokens: int, completion_tokens: int, at_least: int) -> int:
+        """Hold the prompt and up to ``completion_tokens`` generated tokens against the grant's
+        quota until :meth:`finished`; returns how many generated tokens are held (from ``at_least``
+        to ``completion_tokens``), or raises a :class:`TenancyError` (429)."""
 
     def finished(self, grant: Grant, prompt_tokens: int, completion_tokens: int, ttft_s: float, latency_s: float,
                  compute_s: float) -> None:
@@ -427,14 +445,14 @@ def create_app(engine: LMEngine, *, max_queue: int = 64, retry_after_s: int = 1,
         return None
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody, authorization: str | None = Header(None)):
+    async def completions(body: CompletionBody, http: HttpRequest, authorization: str | None = Header(None)):
         grant = await grant_for(authorization, body.model)
         if isinstance(grant, JSONResponse):
             return grant
-        return await generate(body, body.prompt, 16 if body.max_tokens is None else body.max_tokens, grant, chat=False)
+        return await generate(body, body.prompt, body.max_tokens, grant, http, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody, authorization: str | None = Header(None)):
+    async def chat_completions(body: ChatBody, http: HttpRequest, authorization: str | None = Header(None)):
         grant = await grant_for(authorization, body.model)
         if isinstance(grant, JSONResponse):
             return grant
@@ -443,11 +461,9 @@ def create_app(engine: LMEngine, *, max_queue: int = 64, retry_after_s: int = 1,
         except ValueError as exc:
             return over(grant, _error(400, str(exc), param="messages"))
         if body.max_completion_tokens is not None:  # the newer name wins, as in OpenAI's API
-            return await generate(body, prompt, body.max_completion_tokens, grant, chat=True,
+            return await generate(body, prompt, body.max_completion_tokens, grant, http, chat=True,
                                   max_tokens_param="max_completion_tokens")
-        # no limit asked for: up to the end of the context, where the engine stops anyway
-        limit = engine.config.context_length if body.max_tokens is None else body.max_tokens
-        return await generate(body, prompt, limit, grant, chat=True)
+        return await generate(body, prompt, body.max_tokens, grant, http, chat=True)
 
     def over(grant: Grant | None, response=None, prompt_tokens: int = 0, completion_tokens: int = 0,
              started: float | None = None, first: float | None = None, compute_s: float = 0.0):
@@ -462,17 +478,42 @@ def create_app(engine: LMEngine, *, max_queue: int = 64, retry_after_s: int = 1,
                 grant.release()
         return response
 
-    async def generate(body: _SamplingBody, prompt: str | list[int], max_tokens: int, grant: Grant | None, *,
-                       chat: bool, max_tokens_param: str = "max_tokens"):
-        """Run one job and answer it whole or streamed; ``max_tokens_param`` names the field the
-        limit came from, for errors."""
+    async def generate(body: _SamplingBody, prompt: str | list[int], max_tokens: int | None, grant: Grant | None,
+                       http: HttpRequest, *, chat: bool, max_tokens_param: str = "max_tokens"):
+        """Run one job and answer it whole or streamed. ``max_tokens`` is the client's limit (None:
+        none asked for); ``max_tokens_param`` names the field it came from, for errors."""
+        prompt_param = "messages" if chat else "prompt"
+        default = engine.config.context_length if chat else COMPLETIONS_DEFAULT_MAX_TOKENS
         try:
-            params = SamplingParams(max_tokens=max_tokens, stop=body.stop, seed=body.seed, ignore_eos=body.ignore_eos,
+            params = SamplingParams(max_tokens=default if max_tokens is None else max_tokens, stop=body.stop,
+                                    seed=body.seed, ignore_eos=body.ignore_eos,
                                     temperature=1.0 if body.temperature is None else body.temperature,
                                     top_p=1.0 if body.top_p is None else body.top_p)
+            tokens = await asyncio.to_thread(engine.tokens_of, prompt)  # the engine thread need not tokenize it again
         except InvalidRequest as exc:
-            return over(grant, _error(400, str(exc), param=max_tokens_param if exc.param == "max_tokens" else exc.param))
-        job = Job(prompt, params, body.n, grant)
+            param = {"max_tokens": max_tokens_param, "prompt": prompt_param}.get(exc.param, exc.param)
+            return over(grant, _error(400, str(exc), param=param))
+        room = engine.config.context_length - len(tokens)  # tokens the context leaves to generate
+        if not tokens:
+            return over(grant, _error(400, "the prompt is empty", param=prompt_param))
+        if room < 1:
+            return over(grant, _error(400, f"this model's context is {engine.config.context_length} tokens and the "
+                                      f"prompt has {len(tokens)}: at least one must be left to generate",
+                                      param=prompt_param, code="context_length_exceeded"))
+        if max_tokens is not None and max_tokens > room:
+            return over(grant, _error(400, f"this model's context is {engine.config.context_length} tokens; the prompt "
+                                      f"has {len(tokens)} and {max_tokens_param} asks for {max_tokens} more: "
+                                      f"give {max_tokens_param} ≤ {room}", param=max_tokens_param,
+                                      code="context_length_exceeded"))
+        limit = min(params.max_tokens, room)
+        if grant is not None:
+            try:  # an explicit limit is held whole; without one, what the quota has room for (≥ 1 token)
+                held = tenancy.reserve(grant, len(tokens), body.n * limit, body.n * limit if max_tokens else body.n)
+            except TenancyError as exc:  # nothing held, nothing used: only its place in flight to give back
+                grant.release()
+                return refused(exc)
+            limit = held // body.n
+        job = Job(tokens, replace(params, max_tokens=limit), body.n, grant)
         if not engine_loop.submit(job):
             return over(grant, _error(429, f"{max_queue} requests are already in flight; retry in {retry_after_s} s",
                                       type="rate_limit_error", code="rate_limit_exceeded",
@@ -486,49 +527,71 @@ def create_app(engine: LMEngine, *, max_queue: int = 64, retry_after_s: int = 1,
         if body.stream:
             return StreamingResponse(stream(job, reply, started), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await collect(job, reply, started)
+        return await collect(job, reply, started, http)
 
-    async def collect(job: Job, reply: _Reply, started: float) -> dict | JSONResponse:
-        """The job as one response; a failed choice fails it (500) and aborts the others."""
-        texts, reasons, tokens, first, compute = [""] * job.n, [""] * job.n, 0, None, {}
-        try:
-            async with aclosing(engine_loop.deltas(job)) as deltas:
+    def generated(job: Job, delivered: dict[int, int]) -> int:
+        """Tokens the job's choices generated: what was delivered, or what the engine counted if a
+        client left (or a choice failed) before hearing of them."""
+        counted = sum(r.completion_tokens for r in job.requests)  # ints written by the engine thread
+        return max(counted, sum(delivered.values()))
+
+    async def collect(job: Job, reply: _Reply, started: float, http: HttpRequest) -> dict | JSONResponse | None:
+        """The job as one response; a failed choice fails it (500) and aborts the others. A client
+        that disconnects meanwhile aborts it (nobody is left to answer)."""
+        texts, reasons, tokens, first, compute = [""] * job.n, [""] * job.n, {}, None, {}
+
+        async def gather() -> dict | JSONResponse:
+            nonlocal first
+            async with aclosing(engine_loop.deltas(job)) as deltas:  # leaving early aborts the job
                 async for delta in deltas:
                     first = first or time.perf_counter()
                     texts[delta.index] += delta.text
                     compute[delta.index] = delta.compute_s
-                    tokens += delta.completion_tokens if delta.finish_reason else 0
+                    tokens[delta.index] = delta.completion_tokens
                     if delta.finish_reason in ("abort", "error"):
                         return _error(500, _failure(delta), type="server_error")
                     if delta.finish_reason:
                         reasons[delta.index] = delta.finish_reason
-            return reply.completion(texts, reasons, _usage(job.prompt_tokens, tokens))
+            return reply.completion(texts, reasons, _usage(job.prompt_tokens, sum(tokens.values())))
+
+        answer = asyncio.ensure_future(gather())
+        try:
+            while not answer.done():
+                await asyncio.wait({answer}, timeout=DISCONNECT_POLL_S)
+                if not answer.done() and await http.is_disconnected():
+                    answer.cancel()
+                    with suppress(asyncio.CancelledError):
+                        await answer
+                    return None
+            return answer.result()
         finally:
-            over(job.grant, None, job.prompt_tokens, tokens, started, first, sum(compute.values()))
+            if not answer.done():  # this handler itself was cancelled
+                answer.cancel()
+            over(job.grant, None, job.prompt_tokens, generated(job, tokens), started, first, sum(compute.values()))
 
     async def stream(job: Job, reply: _Reply, started: float) -> AsyncIterator[str]:
         """The job as server-sent events: chunks as text settles, a usage chunk, then [DONE]; a
         failed choice sends an error event instead of its last chunk."""
-        tokens, failure, first, compute = 0, None, None, {}
+        tokens, failure, first, compute = {}, None, None, {}
         try:
             if reply.chat:
                 for index in range(job.n):
                     yield reply.chunk(index, "", None, role=True)
             async with aclosing(engine_loop.deltas(job)) as deltas:  # closing the stream aborts the job
                 async for delta in deltas:
-                    tokens += delta.completion_tokens if delta.finish_reason else 0
+                    tokens[delta.index] = delta.completion_tokens
                     compute[delta.index] = delta.compute_s
                     if delta.finish_reason in ("abort", "error"):
                         failure = failure or _failure(delta)
                     elif delta.text or delta.finish_reason:
                         first = first or time.perf_counter()
                         yield reply.chunk(delta.index, delta.text, delta.finish_reason)
-            yield reply.usage_chunk(_usage(job.prompt_tokens, tokens))
+            yield reply.usage_chunk(_usage(job.prompt_tokens, sum(tokens.values())))
             if failure:
                 yield _event({"error": {"message": failure, "type": "server_error", "param": None, "code": None}})
             yield "data: [DONE]\n\n"
         finally:
-            over(job.grant, None, job.prompt_tokens, tokens, started, first, sum(compute.values()))
+            over(job.grant, None, job.prompt_tokens, generated(job, tokens), started, first, sum(compute.values()))
 
     return app
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +111,47 @@ def load_checkpoint(path: str | Path | None = None) -> tuple[LlamaConfig, dict[s
     re-quantizing the float copy."""
     path = _checkpoint(path)
     return _load_safetensors_folder(path) if path.is_dir() else _load_gguf(path)
+
+
+# name (as load_checkpoint names it: "layers.3.wq", "tok_embeddings", …), float32 weight -> weight
+WeightTransform = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def load_transform(spec: str) -> WeightTransform:
+    """The transform a command line names as ``package.module:function``."""
+    import importlib
+
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ModelLoadError(f"a weight transform is named 'package.module:function'; got {spec!r}")
+    try:
+        transform = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ModelLoadError(f"weight transform {spec!r}: {exc}") from None
+    if not callable(transform):
+        raise ModelLoadError(f"weight transform {spec!r} is a {type(transform).__name__}, not a function")
+    return transform
+
+
+def transform_weights(weights: dict[str, torch.Tensor], q4_1: dict, transform: WeightTransform
+                      ) -> tuple[dict[str, torch.Tensor], dict]:
+    """``weights`` with ``transform(name, weight)`` applied to each, before a model is built from
+    them (a codec round trip, a pruning, a perturbation). A weight the transform leaves equal keeps
+    its checkpoint's 4-bit codes (``q4_1``); a changed one loses them, so an ``int4`` model
+    quantizes what the transform returned. Returns the new weights and codes; the inputs are not
+    modified."""
+    out, codes = {}, dict(q4_1)
+    for name, weight in weights.items():
+        new = transform(name, weight)
+        if not isinstance(new, torch.Tensor) or new.shape != weight.shape:
+            got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+            raise ModelLoadError(f"the weight transform returned {got} for weight {name!r}; "
+                                 f"expected a tensor of shape {tuple(weight.shape)}")
+        new = new.to(torch.float32)
+        if new is not weight and not torch.equal(new, weight):
+            codes.pop(name, None)
+        out[name] = new
+    return out, codes
 
 
 # --- GGUF -------------------------------------------------------------------------------

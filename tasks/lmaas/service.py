@@ -6,11 +6,20 @@ Every request carries an API key (``Authorization: Bearer tfk-…``) and a model
 - 401 for a missing or unknown key;
 - 403 for another tenant's adapter — the same answer whether or not it exists;
 - 404 for an adapter of one's own tenant that does not exist;
-- 429 (with ``Retry-After``) when the tenant is over a quota: requests in flight, or tokens in the
-  last minute. Only that tenant is turned away; the others keep being served.
+- 429 (with ``Retry-After``) when the tenant is over a quota: requests in flight, or tokens per
+  minute. Only that tenant is turned away; the others keep being served.
+
+The token quota counts what a request *may* use before it runs: its prompt plus every token it may
+generate (``max_tokens`` for each choice, which the server bounds by the context) is reserved at
+admission and counted with the tokens the tenant's finished requests used in the last minute;
+when the request ends, the reservation gives way to what it really used. A request whose
+reservation does not fit what is left of the quota is refused (429, and one that could never fit
+says so), so a tenant's tokens in any minute stay within its quota. A request without a
+``max_tokens`` reserves what the quota has room for and may generate that much.
 
 Granted requests run on the shared engine (their adapter fetched from the artifact store into host
-memory when the engine does not hold it), admitted fairly between tenants. When each is over, its
+memory when the engine does not hold it), admitted fairly between tenants
+(:class:`~tasks.lm.scheduling.TenantFairShare`). When each is over, its
 tokens, time to first token, latency and cost are written to the registry: cost is the request's
 share of the forward passes it took part in, priced at the serving worker's $/hour.
 """
@@ -25,6 +34,7 @@ from collections import deque
 from fastapi import FastAPI
 
 from tasks.lm.engine import LMEngine
+from tasks.lm.scheduling import TenantFairShare
 from tasks.lm.server import Grant, TenancyError, create_app
 from tasks.lmaas.registry import BASE_MODEL, AccessDenied, AdapterInfo, Registry, RegistryError, TenantInfo, UnknownModel
 
@@ -52,6 +62,8 @@ class LmaasTenancy:
         self._lock = threading.Lock()
         self._in_flight: dict[str, int] = {}
         self._tokens: dict[str, deque[tuple[float, int]]] = {}  # tenant -> (finished at, tokens) this window
+        self._reserved: dict[str, int] = {}  # tenant -> tokens its requests in flight may still use
+        self._limit: dict[str, int] = {}  # tenant -> tokens per minute, as read when it was last admitted
 
     async def _tenant(self, authorization: str | None) -> TenantInfo:
         key = authorization[7:].strip() if authorization and authorization.lower().startswith("bearer ") else None
@@ -95,7 +107,16 @@ class LmaasTenancy:
                 raise
         return grant
 
+    def _window(self, tenant: str, now: float) -> deque[tuple[float, int]]:
+        """The tenant's finished requests of the last minute (the caller holds the lock)."""
+        window = self._tokens.setdefault(tenant, deque())
+        while window and window[0][0] < now - QUOTA_WINDOW_S:
+            window.popleft()
+        return window
+
     def _take_quota(self, tenant: TenantInfo) -> None:
+        """Admission before the prompt is read: a place among the tenant's requests in flight, and
+        some of its token quota left."""
         now = time.monotonic()
         with self._lock:
             in_flight = self._in_flight.get(tenant.name, 0)
@@ -103,16 +124,53 @@ class LmaasTenancy:
                 raise TenancyError(429, f"tenant {tenant.name!r} has {in_flight} requests in flight, its limit; "
                                    "retry when one finishes", type="rate_limit_error", code="rate_limit_exceeded",
                                    headers={"Retry-After": "1"})
-            window = self._tokens.setdefault(tenant.name, deque())
-            while window and window[0][0] < now - QUOTA_WINDOW_S:
-                window.popleft()
-            used = sum(tokens for _, tokens in window)
-            if used >= tenant.tokens_per_minute:
-                retry = max(1, int(window[0][0] + QUOTA_WINDOW_S - now) + 1)
-                raise TenancyError(429, f"tenant {tenant.name!r} used {used} tokens in the last minute, its limit "
-                                   f"is {tenant.tokens_per_minute}; retry in {retry} s", type="rate_limit_error",
-                                   code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
+            window = self._window(tenant.name, now)
+            used, reserved = sum(tokens for _, tokens in window), self._reserved.get(tenant.name, 0)
+            if used + reserved >= tenant.tokens_per_minute:
+                retry = self._retry_after(window, used + reserved - tenant.tokens_per_minute + 1, now)
+                raise TenancyError(429, f"tenant {tenant.name!r} used {used} tokens in the last minute and holds "
+                                   f"{reserved} for requests in flight; its limit is {tenant.tokens_per_minute} per "
+                                   f"minute: retry in {retry} s", type="rate_limit_error", code="rate_limit_exceeded",
+                                   headers={"Retry-After": str(retry)})
             self._in_flight[tenant.name] = in_flight + 1
+            self._limit[tenant.name] = tenant.tokens_per_minute
+
+    @staticmethod
+    def _retry_after(window: deque[tuple[float, int]], excess: int, now: float) -> int:
+        """Seconds until finished requests leaving the window free ``excess`` tokens (1 when the
+        window cannot: requests in flight must end first)."""
+        freed = 0
+        for finished_at, tokens in window:
+            freed += tokens
+            if freed >= excess:
+                return max(1, int(finished_at + QUOTA_WINDOW_S - now) + 1)
+        return 1
+
+    def reserve(self, grant: Grant, prompt_tokens: int, completion_tokens: int, at_least: int) -> int:
+        """Hold the prompt and up to ``completion_tokens`` (at least ``at_least``) against the
+        tenant's tokens per minute; the held amount is released by :meth:`finished`."""
+        tenant, limit = grant.tenant, self._limit[grant.tenant]
+        needed = prompt_tokens + at_least
+        if needed > limit:
+            raise TenancyError(429, f"the request may use {needed} tokens ({prompt_tokens} in the prompt, "
+                               f"{at_least} to generate), more than tenant {tenant!r}'s quota of {limit} tokens "
+                               "per minute: shorten the prompt or lower max_tokens", type="rate_limit_error",
+                               code="rate_limit_exceeded")
+        now = time.monotonic()
+        with self._lock:
+            window = self._window(tenant, now)
+            used, reserved = sum(tokens for _, tokens in window), self._reserved.get(tenant, 0)
+            room = limit - used - reserved
+            if needed > room:
+                retry = self._retry_after(window, needed - room, now)
+                raise TenancyError(429, f"the request may use {needed} tokens; tenant {tenant!r} used {used} tokens in "
+                                   f"the last minute and holds {reserved} for requests in flight, of {limit} per "
+                                   f"minute: retry in {retry} s", type="rate_limit_error", code="rate_limit_exceeded",
+                                   headers={"Retry-After": str(retry)})
+            held = min(completion_tokens, room - prompt_tokens)
+            grant.reserved_tokens = prompt_tokens + held
+            self._reserved[tenant] = reserved + grant.reserved_tokens
+        return held
 
     def _release(self, tenant: str) -> None:
         with self._lock:
@@ -121,7 +179,11 @@ class LmaasTenancy:
     def finished(self, grant: Grant, prompt_tokens: int, completion_tokens: int, ttft_s: float, latency_s: float,
                  compute_s: float) -> None:
         with self._lock:
-            self._tokens.setdefault(grant.tenant, deque()).append((time.monotonic(), prompt_tokens + completion_tokens))
+            # the reservation gives way to what the request used
+            self._reserved[grant.tenant] = self._reserved.get(grant.tenant, 0) - grant.reserved_tokens
+            grant.reserved_tokens = 0
+            if prompt_tokens + completion_tokens:
+                self._tokens.setdefault(grant.tenant, deque()).append((time.monotonic(), prompt_tokens + completion_tokens))
         try:
             tenant = self.registry.tenant(grant.tenant)
         except RegistryError:
@@ -131,7 +193,9 @@ class LmaasTenancy:
 
 
 def create_service_app(registry: Registry, engine: LMEngine, *, price_per_hour: float, max_queue: int = 256) -> FastAPI:
-    """The multi-tenant OpenAI-compatible app: the LM server with an :class:`LmaasTenancy`."""
+    """The multi-tenant OpenAI-compatible app: the LM server with an :class:`LmaasTenancy`. The
+    engine is given the tenant fair-share policy: every tenant's requests share its batch."""
+    engine.policy = TenantFairShare()
     tenancy = LmaasTenancy(registry, engine, price_per_hour)
     app = create_app(engine, max_queue=max_queue, tenancy=tenancy, title="tierflow LMaaS")
     app.state.tenancy = tenancy

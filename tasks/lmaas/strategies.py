@@ -25,6 +25,7 @@ import torch
 from tasks.lm.engine import LMEngine, Request
 from tasks.lm.lora import LoraAdapter, fused_deltas
 from tasks.lm.sampling import SamplingParams
+from tasks.lm.scheduling import TenantFairShare
 from tasks.lmaas.trace import TraceRequest
 
 STRATEGIES = ("multi_lora", "merged_sequential", "unbatched")
@@ -208,11 +209,16 @@ def replay_merged_sequential(engine: LMEngine, adapters: dict[str, LoraAdapter],
 
 def replay(strategy: str, engine: LMEngine, adapters: dict[str, LoraAdapter], trace: list[TraceRequest], *,
            time_scale: float = 1.0) -> Replay:
-    """Replay ``trace`` with ``strategy`` (one of :data:`STRATEGIES`)."""
-    if strategy == "multi_lora":
-        return replay_multi_lora(engine, adapters, trace, time_scale=time_scale)
-    if strategy == "unbatched":
-        return replay_multi_lora(engine, adapters, trace, time_scale=time_scale, max_running=1, strategy="unbatched")
-    if strategy == "merged_sequential":
+    """Replay ``trace`` with ``strategy`` (one of :data:`STRATEGIES`), every strategy admitting
+    requests fairly between tenants as the LMaaS service does."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy {strategy!r} is not one of {STRATEGIES}")
+    policy, engine.policy = engine.policy, TenantFairShare()
+    try:
+        if strategy == "multi_lora":
+            return replay_multi_lora(engine, adapters, trace, time_scale=time_scale)
+        if strategy == "unbatched":
+            return replay_multi_lora(engine, adapters, trace, time_scale=time_scale, max_running=1, strategy="unbatched")
         return replay_merged_sequential(engine, adapters, trace, time_scale=time_scale)
-    raise ValueError(f"strategy {strategy!r} is not one of {STRATEGIES}")
+    finally:
+        engine.policy = policy

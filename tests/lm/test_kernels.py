@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from tasks.lm.kernels import kernel_status, paged_decode_attention, q4_linear
-from tasks.lm.model import INT4_GROUP, int4_weight, linear, quantize_int4
+from tasks.lm.int4 import INT4_GROUP, int4_weight, quantize_int4
+from tasks.lm.model import linear
 from tasks.lm.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(os.environ.get("TIERFLOW_LM_KERNEL") == "0", reason="kernel turned off by the user")
@@ -145,7 +146,7 @@ def test_the_lora_kernel_adds_each_rows_own_adapter_as_the_per_segment_matmuls_d
     """Rows of three adapters interleaved with base rows and a long run of one adapter (which keeps
     its two matmuls): the compiled path equals the plain-torch one."""
     from tasks.lm.lora import LoraPool, random_adapter, segments_of
-    from tasks.lm.model import FlatBatch
+    from tasks.lm.batch import FlatBatch
     from tasks.lm.weights import LlamaConfig
 
     config = LlamaConfig(n_layers=1, dim=64, ffn_dim=96, n_heads=4, n_kv_heads=2, vocab_size=32, context_length=64,
@@ -169,3 +170,17 @@ def test_the_lora_kernel_adds_each_rows_own_adapter_as_the_per_segment_matmuls_d
     assert torch.allclose(compiled, plain, atol=1e-5)
     assert torch.equal(compiled[[1, 6]], base[[1, 6]])  # rows without an adapter are untouched
     assert not torch.allclose(compiled[0], base[0])
+
+
+def test_a_build_killed_midway_does_not_leave_later_processes_waiting(kernel):
+    """torch leaves its ``lock`` file behind when a build is killed; the next process must not wait on it forever."""
+    import subprocess
+    import sys
+
+    from tasks.lm.kernels import build_folder
+
+    (build_folder() / "lock").write_text("")  # what a killed build leaves
+    probe = "from tasks.lm import kernels; kernels.paged_decode_attention(); print(kernels.kernel_status())"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "compiled" in done.stdout and not (build_folder() / "lock").exists()

@@ -103,7 +103,7 @@ def test_adapters_beyond_the_pool_load_on_demand_and_the_least_recently_used_lea
         served.run([reference])
         assert ours.generated == reference.generated
     assert small.stats["adapter_loads"] == 4 and small.stats["adapter_evictions"] == 2
-    assert set(small._resident) == {"qv", "mlp"}
+    assert set(small.adapter_cache.resident) == {"qv", "mlp"}
 
 
 def test_a_batch_needing_more_adapters_than_slots_waits_instead_of_failing(checkpoint, adapters):

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from tasks.lm.engine import LMEngine
-from tasks.lm.model import INT4_GROUP, build_flat_batch, int4_weight, linear, quantize_int4
+from tasks.lm.batch import build_flat_batch
+from tasks.lm.int4 import INT4_GROUP, int4_weight, quantize_int4
+from tasks.lm.model import linear
 from tasks.lm.sampling import SamplingParams
 from tasks.lm.weights import ModelLoadError, default_model_path, load_checkpoint
 

@@ -10,6 +10,7 @@ from tasks.lm.backend import LocalBackend
 from tasks.lm.engine import LMEngine
 from tasks.lm.kvcache import CacheFullError, PagedKVCache
 from tasks.lm.sampling import GREEDY, InvalidRequest, SamplingParams
+from tasks.lm.scheduling import FifoPolicy, TenantFairShare
 from tasks.lm.weights import LlamaConfig
 
 TINY = LlamaConfig(n_layers=1, dim=8, ffn_dim=16, n_heads=2, n_kv_heads=1, vocab_size=100, context_length=64,
@@ -217,16 +218,22 @@ def test_a_prompt_longer_than_the_context_is_refused_before_it_runs(engine):
 
 
 def test_admission_is_fair_between_tenants_so_a_flood_does_not_starve_a_later_tenant(engine):
-    """Tenant a queues eight requests before tenant b's two; with four running at a time, b's two
-    are admitted in the first step, alternating with a's."""
-    limit, engine.max_running = engine.max_running, 4
-    try:
-        flood = [engine.submit(engine.open("Hello"), greedy(4), owns_sequence=True, tenant="a") for _ in range(8)]
-        late = [engine.submit(engine.open("Hi"), greedy(4), owns_sequence=True, tenant="b") for _ in range(2)]
-        engine.step()
-        assert [r.tenant for r in engine.running] == ["a", "b", "a", "b"]
-        engine.run(flood + late)
-        assert all(r.finish_reason == "length" for r in flood + late)
-        assert max(r.first_token_at for r in late) < sorted(r.first_token_at for r in flood)[-1]
-    finally:
-        engine.max_running = limit
+    """With the tenant fair-share policy, tenant a queues eight requests before tenant b's two; with
+    four running at a time, b's two are admitted in the first step, alternating with a's."""
+    fair = LMEngine(engine.model, engine.tokenizer, kv_cache_mib=32, max_running=4, policy=TenantFairShare())
+    flood = [fair.submit(fair.open("Hello"), greedy(4), owns_sequence=True, tenant="a") for _ in range(8)]
+    late = [fair.submit(fair.open("Hi"), greedy(4), owns_sequence=True, tenant="b") for _ in range(2)]
+    fair.step()
+    assert [r.tenant for r in fair.running] == ["a", "b", "a", "b"]
+    fair.run(flood + late)
+    assert all(r.finish_reason == "length" for r in flood + late)
+    assert max(r.first_token_at for r in late) < sorted(r.first_token_at for r in flood)[-1]
+
+
+def test_the_default_policy_admits_first_come_first_served_whatever_the_tenant(engine):
+    fifo = LMEngine(engine.model, engine.tokenizer, kv_cache_mib=32, max_running=4)
+    assert isinstance(fifo.policy, FifoPolicy)
+    requests = [fifo.submit(fifo.open("Hello"), greedy(2), owns_sequence=True, tenant=t) for t in "aaaaab"]
+    fifo.step()
+    assert fifo.running == requests[:4]
+    fifo.run(requests)

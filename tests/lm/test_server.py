@@ -281,6 +281,42 @@ def test_client_leaving_mid_stream_aborts_and_frees_its_blocks(url, client, engi
     assert "Paris" in ask(client, "What is the capital of France?").choices[0].message.content
 
 
+def test_a_client_that_disconnects_from_a_whole_answer_frees_its_slot_at_once(small, monkeypatch):
+    """max_queue 1: a non-streamed request whose client gives up after 1 s is aborted within two
+    seconds (it would otherwise generate 400 tokens, ≥ 20 s at this pace), so the next client is served."""
+    small_engine, base = small
+    n_free = small_engine.cache.n_free
+    step, abort, aborted = small_engine.step, small_engine.abort, []
+    monkeypatch.setattr(small_engine, "step", lambda: time.sleep(0.05) or step())
+    monkeypatch.setattr(small_engine, "abort", lambda request: aborted.append(request) or abort(request))
+    body = {"model": "smollm2-135m-instruct", "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base}/v1/completions", json=body, timeout=1.0)
+    left = time.monotonic()
+    assert wait_until(lambda: httpx.get(f"{base}/health").json()["requests_in_flight"] == 0, timeout=2.0)
+    assert wait_until(lambda: idle(small_engine, n_free), timeout=2.0) and time.monotonic() - left < 2.5
+    assert [(r.finish_reason, r.completion_tokens < 400) for r in aborted] == [("abort", True)]
+    monkeypatch.undo()
+    assert httpx.post(f"{base}/v1/completions", json={**body, "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_max_tokens_beyond_the_context_is_refused_with_context_length_exceeded(url, engine, field):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = len(engine.tokenizer.encode(engine.tokenizer.render_chat(messages)))
+    room = engine.config.context_length - prompt
+    for too_many in (1_000_000_000, room + 1):
+        response = httpx.post(f"{url}/v1/chat/completions",
+                              json={"model": "smollm2-135m-instruct", "messages": messages, field: too_many})
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["code"] == "context_length_exceeded" and error["param"] == field
+        assert f"{field} ≤ {room}" in error["message"]
+    fits = httpx.post(f"{url}/v1/chat/completions", json={"model": "smollm2-135m-instruct", "messages": messages,
+                                                           field: room, "temperature": 0}, timeout=60)
+    assert fits.status_code == 200 and fits.json()["choices"][0]["finish_reason"] == "stop"
+
+
 # --- the systems' backend interface over this endpoint ---------------------------------------------
 
 def test_the_openai_backend_gives_the_local_backends_answers_and_says_what_it_cannot_do(url, engine):

@@ -111,6 +111,57 @@ def test_a_tenant_over_its_token_quota_gets_429_with_retry_after(service):
     assert ask(service, service["acme"], "base", max_tokens=2).choices  # acme is unaffected
 
 
+def tokens_used(service, key) -> int:
+    usage = httpx.get(f"{service['url']}/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
+    return usage["total"]["prompt_tokens"] + usage["total"]["completion_tokens"]
+
+
+def complete(service, key, max_tokens, **body):
+    return httpx.post(f"{service['url']}/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=120,
+                      json={"model": "base", "prompt": "Once upon a time", "max_tokens": max_tokens,
+                            "temperature": 0, "ignore_eos": True, **body})
+
+
+def test_one_request_may_not_reserve_more_than_the_token_quota(service):
+    """A 100-token quota: max_tokens 600 is refused before it runs, not served 600 tokens."""
+    _, key = service["registry"].add_tenant("hooli", tokens_per_minute=100)
+    refused = complete(service, key, 600)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "more than tenant 'hooli''s quota of 100 tokens per minute" in refused.json()["error"]["message"]
+    assert tokens_used(service, key) == 0
+    assert complete(service, key, 20).status_code == 200
+    assert tokens_used(service, key) <= 100
+
+
+def test_concurrent_requests_never_take_a_tenant_past_its_token_quota(service):
+    """Eight requests of 150 tokens at once under a 400-token quota: admission counts what each may
+    still generate, so those admitted fit the quota together and the rest are turned away."""
+    quota = 400
+    _, key = service["registry"].add_tenant("initech", tokens_per_minute=quota)
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda _: complete(service, key, 150), range(8)))
+    served = [r.json()["usage"]["total_tokens"] for r in replies if r.status_code == 200]
+    assert sorted({r.status_code for r in replies}) == [200, 429] and len(served) == quota // served[0]
+    assert sum(served) == tokens_used(service, key) <= quota
+
+
+def test_a_reservation_is_held_while_its_request_runs_and_what_it_did_not_use_comes_back(service, monkeypatch):
+    engine = service["engine"]
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: time.sleep(0.05) or step())  # 80 tokens: ≥ 4 s
+    _, key = service["registry"].add_tenant("umbrella", tokens_per_minute=100)
+    streamed = client(service, key).completions.create(model="base", prompt="Once upon a time", max_tokens=80,
+                                                       temperature=0, stream=True, extra_body={"ignore_eos": True})
+    next(iter(streamed))
+    refused = complete(service, key, 40)  # 4 + 80 held, 4 + 40 more would pass 100
+    assert refused.status_code == 429 and "holds 84 for requests in flight" in refused.json()["error"]["message"]
+    streamed.close()  # the stream is aborted after a few tokens: the rest of its reservation is released
+    assert wait_until(lambda: not engine.running, timeout=10)
+    monkeypatch.undo()
+    assert tokens_used(service, key) < 40
+    assert complete(service, key, 40).status_code == 200
+
+
 def test_usage_is_metered_per_tenant_and_each_sees_only_its_own(service):
     ask(service, service["acme"], "acme/bot", max_tokens=4)
     usage = httpx.get(f"{service['url']}/v1/usage", headers={"Authorization": f"Bearer {service['acme']}"}).json()

@@ -250,10 +250,14 @@ class TieredCluster:
     an external cluster's scheduler keeps its own setting).
     """
 
-    def __init__(self, spec: InfraSpec, scheduler: str | None = None, *, rerun_lost_tasks: bool = True):
+    def __init__(self, spec: InfraSpec, scheduler: str | None = None, *, rerun_lost_tasks: bool = True,
+                 wait_for_workers_s: float = 20.0):
         self.spec = spec
         self.scheduler = scheduler
         self.rerun_lost_tasks = rerun_lost_tasks
+        # an existing cluster may be short of workers for a moment (a Nanny restarting a killed worker,
+        # workers started beside the scheduler): how long to wait for them before refusing it
+        self.wait_for_workers_s = wait_for_workers_s
         self.cluster: SpecCluster | None = None
         self.client: Client | None = None
         self.released: dict[str, dict] = {}  # machine -> its worker spec, while released
@@ -290,7 +294,9 @@ class TieredCluster:
             except (OSError, ValueError) as exc:  # nobody listening, or not an address at all
                 raise ClusterError(f"--scheduler {self.scheduler}: no Dask scheduler answers there ({exc})") from None
             try:
-                missing = missing_resources(self.spec, self.client)
+                deadline = time.monotonic() + self.wait_for_workers_s
+                while (missing := missing_resources(self.spec, self.client)) and time.monotonic() < deadline:
+                    time.sleep(0.5)
             except Exception:
                 self.client.close()
                 raise
@@ -298,7 +304,8 @@ class TieredCluster:
                 self.client.close()
                 lines = [f"  - pool {pool!r} needs {', '.join(names)}" for pool, names in missing.items()]
                 raise ClusterError(
-                    f"the Dask cluster at {self.scheduler} has no worker advertising these resources:\n"
+                    f"the Dask cluster at {self.scheduler} has no worker advertising these resources "
+                    f"(waited {self.wait_for_workers_s:g} s):\n"
                     + "\n".join(lines)
                     + "\nstart workers with e.g. `dask worker ADDR --resources \"tier-edge=1,device-t4=1\"`"
                 )

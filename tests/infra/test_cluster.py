@@ -325,7 +325,7 @@ def test_tiered_cluster_names_pools_whose_resources_no_external_worker_advertise
     })
 
     with pytest.raises(ClusterError) as caught:
-        with TieredCluster(spec, scheduler=external_scheduler):
+        with TieredCluster(spec, scheduler=external_scheduler, wait_for_workers_s=1.0):
             pass
 
     message = str(caught.value)
@@ -338,6 +338,20 @@ def test_tiered_cluster_names_pools_whose_resources_no_external_worker_advertise
 def test_tiered_cluster_says_when_workers_advertise_too_few_machines(external_scheduler):
     spec = InfraSpec.model_validate({"pools": [{"name": "cloud-t4", "tier": "cloud", "device": "t4", "count": 3}]})
     with pytest.raises(ClusterError) as caught:
-        with TieredCluster(spec, scheduler=external_scheduler):
+        with TieredCluster(spec, scheduler=external_scheduler, wait_for_workers_s=1.0):
             pass
     assert "pool 'cloud-t4' needs tier-cloud=3 (advertised 1), device-t4=3 (advertised 1)" in str(caught.value)
+
+
+def test_tiered_cluster_waits_for_a_worker_that_joins_late(external_scheduler, tmp_path):
+    """A worker restarting after a kill, or started beside the scheduler, joins within the wait: the run goes on."""
+    spec = InfraSpec.model_validate({"pools": [{"name": "late-gpu", "tier": "cloud", "device": "l40s"}]})
+    late = _start(["worker", external_scheduler, "--nthreads", "1", "--resources", "tier-cloud=1,device-l40s=1",
+                   "--no-nanny", "--host", "127.0.0.1", "--no-dashboard", "--dashboard-address", "127.0.0.1:0"],
+                  tmp_path / "late-worker.log")  # joins a few seconds from now, after the check began
+    try:
+        with TieredCluster(spec, scheduler=external_scheduler, wait_for_workers_s=60.0) as cluster:
+            workers = cluster.client.scheduler_info(n_workers=-1)["workers"].values()
+            assert any(w["resources"].get("device-l40s") == 1 for w in workers)
+    finally:
+        _stop([late])

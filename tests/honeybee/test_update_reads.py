@@ -213,7 +213,7 @@ def test_the_workers_partition_server_answers_from_the_update_and_reloads_after_
 def test_the_flow_runs_on_the_updated_workload_and_says_which_state_it_read(original, folder, prefect_api, tmp_path):
     import yaml
 
-    from flows.honeybee import honeybee
+    from flows.honeybee.flow import honeybee
 
     q, _, doc, role = seen_through_one_role(original)
     outcome = update(folder, [Change("revoke", doc=doc, role=role), Change("delete_doc", doc=doc + 1)])
@@ -221,11 +221,12 @@ def test_the_flow_runs_on_the_updated_workload_and_says_which_state_it_read(orig
     infra.write_text(yaml.safe_dump({"name": "one", "pools": [
         {"name": "cloud-search", "tier": "cloud", "device": "cpu-large", "count": 1}]}))
     summary = honeybee(workload=str(folder), infra=str(infra), results_dir=str(tmp_path / "results"), run_id="updated")
-    assert summary["state"] == str(outcome.state)
+    details = summary["details"]
+    assert details["state"] == str(outcome.state)
     evaluation = json.loads((tmp_path / "results" / "honeybee" / "updated" / "evaluation.json").read_text())
     assert evaluation["workload"]["state"] == str(outcome.state)
     assert str(outcome.state) in (tmp_path / "results" / "honeybee" / "updated" / "report.md").read_text()
-    assert summary["rejected_at_merge"] == 0 and all(r >= summary["recall_target"] for r in summary["recall"].values())
+    assert details["rejected_at_merge"] == 0 and all(r >= details["recall_target"] for r in details["recall"].values())
 
 
 # --------------------------------------------------------------------------- the command line, as a user runs it

@@ -61,6 +61,7 @@ def cluster_up(prefect_api, small):
         process.wait(timeout=60)
 
 
+@pytest.mark.slow  # 1–2.5 min: every stage a command of its own; the same stages run end to end in test_flow
 def test_stages_run_alone_with_files_between_them(prefect_api, small, cluster_up):
     common = ["--workflow", small / "wf.yaml", "--infra", small / "infra.yaml"]
     tierflow("jellybean", "profile", *common, "--repeats", 1, "--scheduler", cluster_up, "--out", small / "profile.csv",

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from flows.registry import system as lookup
+from tasks.common.summary import Row
 
 ARROW = {"higher": "↑", "lower": "↓"}
 # (header, width, right-aligned): 9 + 19 + 8 + 9 + 8 + 6 and five gaps of two: 69 columns
@@ -47,10 +48,7 @@ def summary_lines(summaries: list[dict]) -> list[str]:
         if not rows:
             lines.append(_line([summary["system"], "no baseline ran"], ["bold", ""]))
         for i, row in enumerate(rows):
-            if row["ratio"] is None:  # the baseline's value is 0
-                wins = row["better"] == "higher" and row["value"] > 0
-            else:
-                wins = row["ratio"] > 1 if row["better"] == "higher" else row["ratio"] < 1
+            wins = Row(**row).wins
             star = "*" if row["simulated"] else ""
             first = i == 0 or rows[i - 1]["metric"] != row["metric"]
             lines.append(_line([summary["system"] if i == 0 else "",

@@ -204,8 +204,8 @@ def evaluate(run: RunContext, records: dict, profiled: dict, plans: dict, schedu
     run.save_plot(plot(records, profiled["reference"], table, plans), "lazarus")
     workload = f"{shape['model']} × {shape['steps']} steps on {schedule.nodes} nodes"
     intervals = {p: checkpoint_intervals(records[p]) for p in ran}
-    regime = shape["regime"] if schedule.description.startswith("a node killed") else \
-        f"{schedule.nodes} nodes, f={shape['f']}, {schedule.description}"
+    # the scale's regime is its periodic failures'; a replayed trace is its own
+    regime = f"{schedule.nodes} nodes, f={shape['f']}, {schedule.description}" if run.params.spot_trace else shape["regime"]
     run.write_report(markdown_report(workload, regime, schedule, table, plans, profiled, intervals, ["lazarus.png"]))
 
     by = table.set_index("strategy")

@@ -16,6 +16,11 @@ Routing: ``with on(tier="edge"): future = task.submit(...)`` — prefect-dask an
 Dask both honour the annotation, so the work runs on a worker with that resource;
 ``with on_worker(name_or_address)`` pins work to one worker.
 
+Worker processes start by forking a server process that has already imported what every
+worker imports (Dask, Prefect, torch, numpy, pandas): a spawned worker would import them again,
+a few seconds of both cores each, before its first task (``TIERFLOW_WORKER_START=spawn`` restores
+spawning, which ``benchmarks/platform.py`` compares against).
+
 Services: :meth:`TieredCluster.start_service` runs a long-lived function (a server) on one
 worker; the function publishes its address through the :class:`ServiceContext` it is given and
 serves until :meth:`Service.stop`.
@@ -25,6 +30,9 @@ Nothing outside ``infra/`` imports ``distributed``: what the flows and tasks nee
 
 from __future__ import annotations
 
+import importlib.util
+import multiprocessing
+import multiprocessing.forkserver
 import os
 import threading
 import time
@@ -190,14 +198,51 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+# What every worker imports before its first task; the fork server imports it once.
+WORKER_PRELOAD = ("dask", "distributed", "cloudpickle", "msgpack", "tornado", "toolz", "numpy", "pandas", "torch",
+                  "prefect", "prefect.task_engine", "prefect_dask")
+WORKER_START_METHODS = ("forkserver", "spawn")
+
+
+def worker_start_method() -> str:
+    """How embedded workers start: ``forkserver`` (default) or ``spawn`` (``TIERFLOW_WORKER_START``)."""
+    method = os.environ.get("TIERFLOW_WORKER_START", "forkserver")
+    if method not in WORKER_START_METHODS:
+        raise ClusterError(f"TIERFLOW_WORKER_START={method!r}: expected one of {', '.join(WORKER_START_METHODS)}")
+    return method
+
+
+def _prepare_worker_start() -> str:
+    """Point Dask's Nanny at the start method; for ``forkserver``, start the fork server with the
+    workers' environment (torch reads its thread settings from it) and the preloaded modules."""
+    method = worker_start_method()
+    dask.config.set({"distributed.worker.multiprocessing-method": method})
+    if method == "forkserver":
+        from distributed.utils import get_mp_context
+
+        context = get_mp_context()  # Dask sets its own preload once; ours replaces it before the server starts
+        context.set_forkserver_preload([m for m in WORKER_PRELOAD if importlib.util.find_spec(m.split(".")[0])])
+        saved = dict(os.environ)
+        os.environ.update(worker_env())
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+    return method
+
+
 def embedded_cluster(spec: InfraSpec, *, host: str = "127.0.0.1", dashboard: bool = False,
                      rerun_lost_tasks: bool = True) -> SpecCluster:
     """Start one Nanny worker per pool (per machine where the pool asks for it), each
     advertising its resources. ``rerun_lost_tasks=False``: a task whose worker died is not run
     again elsewhere (it fails)."""
+    _prepare_worker_start()
     workers = {}
     for pool in spec.pools:
-        options = {"host": host, "env": worker_env(), "memory_limit": 0}
+        # a forked worker's Prefect read its settings in the fork server: the preload re-reads them
+        # from the environment this worker was given
+        options = {"host": host, "env": worker_env(), "memory_limit": 0, "preload": ["infra.worker_setup"]}
         if pool.worker_per_machine:
             for machine in pool.machine_names():
                 workers[machine] = {"cls": Nanny, "options": {**options, "name": machine, "nthreads": 1,

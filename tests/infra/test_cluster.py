@@ -180,6 +180,33 @@ def test_a_workers_pid_is_its_own_process(embedded):
     assert sorted(embedded.workers().values()) == sorted(p.name for p in EMBEDDED_SPEC.pools)
 
 
+def _worker_start() -> dict:
+    import multiprocessing
+
+    from prefect.settings import get_current_settings
+
+    return {"start_method": multiprocessing.get_start_method(allow_none=True), "torch_preloaded": "torch" in sys.modules,
+            "api_url": str(get_current_settings().api.url), "omp": os.environ.get("OMP_NUM_THREADS")}
+
+
+def test_workers_fork_from_a_server_that_imported_torch_and_read_prefect_settings_from_their_own_env(embedded):
+    seen = embedded.client.run(_worker_start)
+
+    assert len(seen) == len(EMBEDDED_SPEC.pools)
+    for worker in seen.values():
+        assert worker["start_method"] == "forkserver"
+        assert worker["torch_preloaded"]  # nothing here imports it: the fork server did
+        assert worker["api_url"] == os.environ["PREFECT_API_URL"]
+        assert worker["omp"] == "1"
+
+
+def test_an_unknown_worker_start_method_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv("TIERFLOW_WORKER_START", "fork")
+
+    with pytest.raises(ClusterError, match="TIERFLOW_WORKER_START='fork'.*forkserver, spawn"):
+        TieredCluster(EMBEDDED_SPEC).__enter__()
+
+
 @pytest.mark.parametrize(
     "target, pool",
     [

@@ -39,7 +39,7 @@ def lmaas_stages(run: RunContext) -> Summary:
     train_pool, serving = split_pools(params.infra_spec)
 
     comparing = compare_weight_formats(serving)  # in-process, on the serving workers, while training runs
-    trained = fine_tune(run, train_pool, shape["tasks"], shape["steps"])
+    trained = fine_tune(run, train_pool, shape["tasks"], shape["steps"], shape["lr"])
     tenancy = register(run, trained, TRAINED, shape["random_adapters"])
     trace = make_requests(tenancy.models, shape, params.seed)
     probe = make_requests(tenancy.models, shape, params.seed + 1, shape["probe_requests"])

@@ -1,7 +1,8 @@
 """LMaaS's stages on the tiered cluster: what the flow (flows/lmaas/flow.py) tells in order.
 
 - TRAIN: real LoRA fine-tuning of the base model on tenants' small tasks (tasks/lmaas/finetune.py),
-  one Prefect task per adapter on the training pool; held-out loss before/after and accuracy;
+  every tenant's adapter in the same forward passes, one Prefect task on the training pool;
+  held-out loss before/after and accuracy;
 - REGISTER: the trained adapters and many more (randomly initialised, for scale) go into the
   registry — a real database and the artifact store — under their tenants, each with an API key;
 - PROFILE: beside the training, each serving pool's worker decodes batches of distinct adapters in
@@ -21,6 +22,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -53,20 +55,27 @@ SIMULATED = [
 
 # --- tasks --------------------------------------------------------------------------------------
 
-@task(cache_policy=NO_CACHE, task_run_name="fine-tune {task_name} on {pool}")
-def train_adapter(task_name: str, steps: int, seed: int, out: str, pool: str) -> dict:
-    """Fine-tune one LoRA adapter and measure held-out accuracy before and after (served by the engine)."""
+@task(cache_policy=NO_CACHE, task_run_name="fine-tune {task_names} on {pool}")
+def train_adapters(task_names: list[str], steps: int, lr: float, seed: int, out: str, pool: str) -> list[dict]:
+    """Fine-tune one LoRA adapter per task, all in the same forward passes on one engine
+    (:func:`~tasks.lmaas.finetune.finetune_together`), and measure each one's held-out accuracy
+    before and after (served by the engine)."""
     from tasks.lm.engine import LMEngine
     from tasks.lm.lora import save_adapter
-    from tasks.lmaas.finetune import accuracy, finetune, make_task
+    from tasks.lmaas.finetune import accuracy, finetune_together, make_task
 
-    engine = LMEngine.load(weight_format="bfloat16", kv_cache_mib=128, lora_slots=2, lora_rank=RANK, lora_targets=TARGETS)
-    job = make_task(task_name, seed)
-    adapter, record = finetune(engine, job, steps=steps, rank=RANK, targets=TARGETS, seed=seed)
-    engine.add_adapter(task_name, adapter)
-    folder = save_adapter(adapter, Path(out) / "adapters" / task_name)
-    return {**asdict(record), "folder": str(folder), "test_examples": len(job.test), "train_examples": len(job.train),
-            "accuracy_base": accuracy(engine, None, job.test), "accuracy_adapter": accuracy(engine, task_name, job.test)}
+    engine = LMEngine.load(weight_format="bfloat16", kv_cache_mib=128, lora_slots=len(task_names), lora_rank=RANK,
+                           lora_targets=TARGETS)
+    jobs = [make_task(name, seed) for name in task_names]
+    records = []
+    for job, (adapter, record) in zip(jobs, finetune_together(engine, jobs, steps=steps, lr=lr, rank=RANK,
+                                                              targets=TARGETS, seed=seed)):
+        engine.add_adapter(job.name, adapter)
+        folder = save_adapter(adapter, Path(out) / "adapters" / job.name)
+        records.append({**asdict(record), "folder": str(folder), "test_examples": len(job.test),
+                        "train_examples": len(job.train), "accuracy_base": accuracy(engine, None, job.test),
+                        "accuracy_adapter": accuracy(engine, job.name, job.test)})
+    return records
 
 
 @task(cache_policy=NO_CACHE, task_run_name="profile serving on {pool}")
@@ -114,11 +123,11 @@ def split_pools(infra: InfraSpec) -> tuple[Pool, list[Pool]]:
     return train, [p for p in infra.pools if p.name != "train"] or list(infra.pools)
 
 
-def fine_tune(run: RunContext, pool: Pool, tasks: list[str], steps: int) -> list[dict]:
-    """TRAIN one adapter per task on the training pool, checked against the ``lmaas.training`` contract."""
+def fine_tune(run: RunContext, pool: Pool, tasks: list[str], steps: int, lr: float) -> list[dict]:
+    """TRAIN one adapter per task on the training pool, together (one task, one engine), checked
+    against the ``lmaas.training`` contract."""
     with on_pool(pool):
-        futures = [train_adapter.submit(name, steps, run.params.seed, str(run.out.resolve()), pool.name) for name in tasks]
-    trained = [f.result() for f in futures]
+        trained = train_adapters.submit(tasks, steps, lr, run.params.seed, str(run.out.resolve()), pool.name).result()
     training = pd.DataFrame([{k: r[k] for k in ("task", "steps", "heldout_loss_before", "heldout_loss_after",
                                                  "accuracy_base", "accuracy_adapter", "seconds", "tokens_per_s",
                                                  "trainable_params")} for r in trained])
@@ -301,6 +310,7 @@ class ServiceReplays:
     events: list[dict]
     replicas: list[dict]
     price_per_hour: float
+    deployed_at: float  # epoch seconds: the registry meters what came before (the profile's probes) apart
 
 
 @task(cache_policy=NO_CACHE, task_run_name="replay the trace through the deployed service")
@@ -312,6 +322,7 @@ def serve_trace(cluster: TieredCluster, plan: AdapterPlacement, loads: list, ser
     from tasks.lmaas.serverless import SERVICE_MAX_IN_FLIGHT, Autoscaler, machine_seconds_with_lull, replay_service
     from tasks.lmaas.service import default_price_per_hour
 
+    deployed_at = time.time()
     price = default_price_per_hour(serving[0].device)
     running = set(cluster.workers().values())
     machine_pool = {m: p for p in serving for m in p.machine_names()}
@@ -357,7 +368,7 @@ def serve_trace(cluster: TieredCluster, plan: AdapterPlacement, loads: list, ser
                               result.summary()["tokens_per_s"], result.summary()["latency_p99_s"],
                               result.stats["cold_starts"])
     return ServiceReplays(always_on, serverless, paid, accuracy, isolation, scaled_to_zero, list(scaler.events),
-                          replicas, price)
+                          replicas, price, deployed_at)
 
 
 def replay_baselines_on(pool: Pool, trace: list, tenancy: Tenancy, strategies: list[str]) -> dict:

@@ -99,7 +99,11 @@ def evaluate(run: RunContext, service: ServiceReplays, baselines: dict, tenancy:
     tenants = tenancy.tenants
     slo = slo_table(served, tenants)
     run.write_table("slo", slo)
-    usage = {t: tenancy.registry.usage(info)["total"] for t, info in tenants.items()}
+    # the tenants' usage of the deployed service; the profile's probes (sent with the tenants' keys
+    # before it was deployed) are metered too, and counted apart
+    usage = {t: tenancy.registry.usage(info, since=service.deployed_at)["total"] for t, info in tenants.items()}
+    probe_tokens = sum(tenancy.registry.usage(info)["total"]["completion_tokens"] for info in tenants.values()) \
+        - sum(u["completion_tokens"] for u in usage.values())
     run.write_json("records.json", {"served": served, "events": service.events, "replicas": service.replicas,
                                     "training": trained, "usage": usage})
     validate(table, "lmaas.evaluation", "evaluate stage")
@@ -162,7 +166,8 @@ def evaluate(run: RunContext, service: ServiceReplays, baselines: dict, tenancy:
                        "adapter_fetch_s": [round(r["adapter_fetch_s"], 3) for r in cold]},
         "isolation": service.isolation,
         "metered": {"completion_tokens": metered_tokens, "cost_usd": round(metered_cost, 6),
-                    "usd_per_million_tokens": round(metered_cost / metered_tokens * 1e6, 4) if metered_tokens else None},
+                    "usd_per_million_tokens": round(metered_cost / metered_tokens * 1e6, 4) if metered_tokens else None,
+                    "profile_probe_tokens_apart": probe_tokens},
         "replan": {k: v for k, v in replan.items() if k != "plan"},
     }
     run.write_report(markdown_report(workload, summary.regime, summary.details, table, slo, ["lmaas.png"]))

@@ -22,8 +22,10 @@ TRAINED = {"router": "acme", "owners": "initech", "reviews": "globex"}  # task -
 SCALES = {
     "tiny": {"tasks": ["reviews"], "steps": 6, "lr": 6e-3, "random_adapters": 6, "requests": 12, "probe_requests": 8,
              "rate": 2.0, "max_tokens": (4, 8), "idle_s": 4.0, "quiet_s": 6.0},  # the tests'
-    "small": {"tasks": list(TRAINED), "steps": 20, "lr": 6e-3, "random_adapters": 30, "requests": 48,
-              "probe_requests": 48, "rate": 3.0, "max_tokens": (8, 16), "idle_s": 4.0, "quiet_s": 30.0},
+    # small: a rate one replica holds here with margin — probed as deployed on the idle 2-core host, a 3/s trace
+    # of this shape met the objectives for 25–42% of requests, 2/s for 100%; 1.5/s is 3/4 of that
+    "small": {"tasks": list(TRAINED), "steps": 12, "lr": 6e-3, "random_adapters": 30, "requests": 32,
+              "probe_requests": 32, "rate": 1.5, "max_tokens": (8, 16), "idle_s": 4.0, "quiet_s": 30.0},
     "medium": {"tasks": list(TRAINED), "steps": 80, "lr": 3e-3, "random_adapters": 1000, "requests": 200,
                "probe_requests": 64, "rate": 4.0, "max_tokens": (8, 32), "idle_s": 10.0, "quiet_s": 30.0},
     "large": {"tasks": list(TRAINED), "steps": 100, "lr": 3e-3, "random_adapters": 2000, "requests": 400,

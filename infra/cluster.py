@@ -150,6 +150,7 @@ class ServiceContext:
     def publish(self, address: str) -> None:
         """Tell the caller where the service listens (e.g. ``http://127.0.0.1:PORT``)."""
         Variable(f"{self.name}-address").set(address)
+        Event(f"{self.name}-ready").set()
 
     def wait_until_stopped(self) -> None:
         """Block until the caller stops the service."""
@@ -171,16 +172,16 @@ class Service:
         """The address the service published once it was ready (waits up to ``timeout_s``);
         the service's own error if it failed before."""
         deadline = time.monotonic() + timeout_s
-        variable = Variable(f"{self.name}-address", client=self.client)
-        while True:
-            try:
-                return variable.get(timeout=min(1.0, max(deadline - time.monotonic(), 0.01)))
-            except TimeoutError:
-                if self.future.done():
-                    raise ClusterError(f"service {self.name} ended before it was ready: "
-                                       f"{self.future.exception() or 'it returned'}") from None
-                if time.monotonic() > deadline:
-                    raise ClusterError(f"service {self.name} published no address within {timeout_s:.0f} s") from None
+        ready = Event(f"{self.name}-ready", client=self.client)
+        # waited for on an Event, whose wait times out quietly; a Variable's get that times out is
+        # logged by the scheduler as an error with its traceback, once a poll
+        while not ready.wait(timeout=min(1.0, max(deadline - time.monotonic(), 0.01))):
+            if self.future.done():
+                raise ClusterError(f"service {self.name} ended before it was ready: "
+                                   f"{self.future.exception() or 'it returned'}")
+            if time.monotonic() > deadline:
+                raise ClusterError(f"service {self.name} published no address within {timeout_s:.0f} s")
+        return Variable(f"{self.name}-address", client=self.client).get(timeout=max(deadline - time.monotonic(), 1.0))
 
     def stop(self) -> None:
         """Ask the service to stop (it returns from :meth:`ServiceContext.wait_until_stopped`)."""
@@ -384,6 +385,7 @@ class TieredCluster:
         task; ``name`` must be unique among this cluster's services. Ship ``fn`` by reference (a
         module-level function)."""
         Event(f"{name}-stop", client=self.client).clear()
+        Event(f"{name}-ready", client=self.client).clear()
         future = self.client.submit(_serve, fn, name, args, kwargs, workers=[worker], allow_other_workers=False,
                                     pure=False, key=name)
         return Service(self.client, name, future)

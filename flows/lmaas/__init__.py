@@ -17,15 +17,19 @@ from tasks.common.params import RunParams
 DEFAULT_INFRA = Path(__file__).resolve().parents[2] / "data" / "lmaas.infra.yaml"
 BASELINES = ("multi_lora", "merged_sequential", "unbatched")
 TRAINED = {"router": "acme", "owners": "initech", "reviews": "globex"}  # task -> the tenant that owns its adapter
+# probe_requests: the size of the probe trace each serving machine's replica is profiled with, as deployed;
+# lr: the fine-tuning's peak learning rate (fewer steps at the smaller scales take larger ones)
 SCALES = {
-    "tiny": {"tasks": ["reviews"], "steps": 6, "random_adapters": 6, "requests": 12, "rate": 2.0,
-             "max_tokens": (4, 8), "idle_s": 4.0, "quiet_s": 6.0},  # the tests'
-    "small": {"tasks": list(TRAINED), "steps": 60, "random_adapters": 100, "requests": 80, "rate": 3.0,
-              "max_tokens": (8, 24), "idle_s": 8.0, "quiet_s": 30.0},
-    "medium": {"tasks": list(TRAINED), "steps": 80, "random_adapters": 1000, "requests": 200, "rate": 4.0,
-               "max_tokens": (8, 32), "idle_s": 10.0, "quiet_s": 30.0},
-    "large": {"tasks": list(TRAINED), "steps": 100, "random_adapters": 2000, "requests": 400, "rate": 5.0,
-              "max_tokens": (16, 48), "idle_s": 10.0, "quiet_s": 30.0},
+    "tiny": {"tasks": ["reviews"], "steps": 6, "lr": 6e-3, "random_adapters": 6, "requests": 12, "probe_requests": 8,
+             "rate": 2.0, "max_tokens": (4, 8), "idle_s": 4.0, "quiet_s": 6.0},  # the tests'
+    # small: a rate one replica holds here with margin — probed as deployed on the idle 2-core host, a 3/s trace
+    # of this shape met the objectives for 25–42% of requests, 2/s for 100%; 1.5/s is 3/4 of that
+    "small": {"tasks": list(TRAINED), "steps": 12, "lr": 6e-3, "random_adapters": 30, "requests": 32,
+              "probe_requests": 32, "rate": 1.5, "max_tokens": (8, 16), "idle_s": 4.0, "quiet_s": 30.0},
+    "medium": {"tasks": list(TRAINED), "steps": 80, "lr": 3e-3, "random_adapters": 1000, "requests": 200,
+               "probe_requests": 64, "rate": 4.0, "max_tokens": (8, 32), "idle_s": 10.0, "quiet_s": 30.0},
+    "large": {"tasks": list(TRAINED), "steps": 100, "lr": 3e-3, "random_adapters": 2000, "requests": 400,
+              "probe_requests": 96, "rate": 5.0, "max_tokens": (16, 48), "idle_s": 10.0, "quiet_s": 30.0},
 }
 
 
@@ -83,7 +87,7 @@ SYSTEM = System(
     stages=("train", "register", "profile", "optimize", "deploy", "evaluate", "replan"),
     scales=tuple(SCALES),
     contracts=("lmaas.training", "lmaas.evaluation"),
-    regime="Zipf multi-tenant trace, always-on replicas",
+    regime="Zipf multi-tenant trace at the planned load, always-on replicas",
     demo_budget_s=210,
     deployments=(
         Deployment("hourly-adapter-replan", "flows.lmaas.flow:lmaas_replan", "15 * * * *",

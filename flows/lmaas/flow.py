@@ -27,8 +27,9 @@ from optimizers.lmaas import AdapterPlacement
 from tasks.common.run import RunContext, run_flow, stages_flow
 from tasks.common.summary import Summary
 from tasks.lmaas import report
-from tasks.lmaas.stages import (fine_tune, keep_current_plan, make_requests, place, plan_dict, profile_serving_pools,
-                                register, replan, replan_on_surge, replay_baselines_on, serve_trace, split_pools)
+from tasks.lmaas.stages import (Objectives, compare_weight_formats, fine_tune, keep_current_plan, make_requests, place,
+                                plan_dict, profile_serving_pools, register, replan, replan_on_surge, replay_baselines_on,
+                                serve_trace, split_pools)
 
 
 @stages_flow("lmaas-stages")
@@ -37,20 +38,23 @@ def lmaas_stages(run: RunContext) -> Summary:
     baselines = [s for s in SYSTEM.baselines if s in params.strategies]
     train_pool, serving = split_pools(params.infra_spec)
 
-    trained = fine_tune(run, train_pool, shape["tasks"], shape["steps"])
+    comparing = compare_weight_formats(serving)  # in-process, on the serving workers, while training runs
+    trained = fine_tune(run, train_pool, shape["tasks"], shape["steps"], shape["lr"])
     tenancy = register(run, trained, TRAINED, shape["random_adapters"])
     trace = make_requests(tenancy.models, shape, params.seed)
-    tightest_tpot = min(t.tpot_slo_s for t in tenancy.tenants.values())
-    profiled, profiles, formats = profile_serving_pools(serving, tightest_tpot)
-    plan, loads, workers = place(trace, tenancy, serving, profiles, tightest_tpot, shape["rate"])
+    probe = make_requests(tenancy.models, shape, params.seed + 1, shape["probe_requests"])
+    objectives = Objectives.tightest(tenancy.tenants)
+    profiled, profiles, formats = profile_serving_pools(run.cluster, serving, comparing, tenancy, probe, shape["rate"],
+                                                        objectives)
+    plan, loads, workers = place(trace, tenancy, serving, profiles, objectives, shape["rate"])
     run.write_plan(plan_dict(plan))
-    keep_current_plan(plan, tenancy, params.infra, tightest_tpot, profiles)
+    keep_current_plan(plan, tenancy, params.infra, objectives.tpot_s, profiles)
     service = serve_trace(run.cluster, plan, loads, serving, formats, tenancy, trace, trained, TRAINED, shape,
                           params.seed)
     replayed = replay_baselines_on(serving[0], trace, tenancy, baselines)
     replanned = replan_on_surge(plan, tenancy, workers, shape)
-    report.evaluate(run, service, replayed, tenancy, trained, trace, plan, profiled, formats, tightest_tpot, replanned,
-                    shape, baselines)
+    report.evaluate(run, service, replayed, tenancy, trained, trace, plan, loads, profiled, profiles, formats,
+                    objectives, replanned, shape, baselines)
     return run.summary
 
 

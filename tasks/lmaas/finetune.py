@@ -9,6 +9,12 @@ residual stream); int4 weights have no backward here, so fine-tune on a float32 
 and serve the adapter anywhere. A test holds :func:`lora_forward` equal to the serving engine's
 logits for the same adapter.
 
+Several tenants' adapters train in one forward (:func:`finetune_together`), as the serving engine
+serves them: each row of the batch adds its own adapter's delta, and each adapter's gradient is
+its own task's loss's (each adapter's mean loss is summed, and clipped and stepped apart), so
+training them together is training each alone at the cost of one batch — the base model loaded
+once, its weights read once per step.
+
 Tenants' tasks are generated from templates with a seed (no downloads): each teaches something the
 base model cannot know — a company's routing labels, a private service-ownership table, a review
 label vocabulary — so accuracy on held-out phrasings measures what training added.
@@ -35,26 +41,37 @@ DEFAULT_TRAIN_TARGETS = ("q_proj", "v_proj")
 # --- the differentiable forward ------------------------------------------------------------
 
 def _adapted(y: torch.Tensor, x: torch.Tensor, layer: int, kind: str, lora: dict, scaling: float,
-             offsets: dict[str, int]) -> torch.Tensor:
-    """``y`` plus the deltas of every adapted module of fused layer ``kind`` (out of place)."""
-    pieces = []
+             offsets: dict[str, int], rows: torch.Tensor | None) -> torch.Tensor:
+    """``y`` (fused layer ``kind``'s output, which its backward does not need) plus the deltas of
+    every adapted module of that layer, added in place at the module's columns; with ``rows``, the
+    pairs are stacked ([n, r, in], [n, out, r]) and row i uses pair ``rows[i]``."""
     for module, (k, _) in MODULES.items():
         if k != kind or (layer, module) not in lora:
             continue
         a, b = lora[layer, module]
-        delta = (x @ a.t()) @ b.t() * scaling
-        pieces.append((offsets[module], delta))
-    if not pieces:
-        return y
-    pad = [F.pad(delta, (start, y.shape[-1] - start - delta.shape[-1])) for start, delta in pieces]
-    return y + sum(pad)
+        if rows is None:
+            delta = (x @ a.t() * scaling) @ b.t()
+        else:
+            delta = (x @ a[rows].transpose(1, 2) * scaling) @ b[rows].transpose(1, 2)
+        start = offsets[module]
+        y[..., start:start + delta.shape[-1]] += delta
+    return y
 
 
 def lora_forward(engine: LMEngine, tokens: torch.Tensor, lora: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
-                 scaling: float) -> torch.Tensor:
+                 scaling: float, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [B, T, vocab] (float32) of the engine's base model with LoRA pairs ``lora`` —
     (layer, PEFT module) → (A [r, in], B [out, r]) — on every position of ``tokens`` [B, T].
-    Differentiable in A and B; causal, so right padding does not change earlier positions."""
+    Differentiable in A and B; causal, so right padding does not change earlier positions.
+    ``rows``: several adapters at once (see :func:`lora_hidden`)."""
+    return linear(lora_hidden(engine, tokens, lora, scaling, rows), engine.model.lm_head_weight)
+
+
+def lora_hidden(engine: LMEngine, tokens: torch.Tensor, lora: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
+                scaling: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The final normed hidden states [B, T, dim] of :func:`lora_forward` (the output head applied
+    where a loss needs it only). ``rows`` [B]: the pairs of ``lora`` are stacked, A [n, r, in] and
+    B [n, out, r], and row i of the batch uses adapter ``rows[i]``."""
     model = engine.model
     if model.weight_format == "int4":
         raise ValueError("fine-tuning needs float32 or bfloat16 base weights (int4 has no backward here); "
@@ -67,19 +84,20 @@ def lora_forward(engine: LMEngine, tokens: torch.Tensor, lora: dict[tuple[int, s
     cos, sin = model.rope_cos[:t][None, :, None, :], model.rope_sin[:t][None, :, None, :]
     for i, layer in enumerate(model.layers):
         a_in = layer.attn_norm(x)
-        qkv = _adapted(linear(a_in, layer.attn.wqkv), a_in, i, "wqkv", lora, scaling, offsets).view(n, t, h + 2 * kvh, hd)
+        qkv = _adapted(linear(a_in, layer.attn.wqkv), a_in, i, "wqkv", lora, scaling, offsets,
+                       rows).view(n, t, h + 2 * kvh, hd)
         qk = qkv[:, :, : h + kvh] * cos + rotate_half(qkv[:, :, : h + kvh]) * sin
         q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + kvh:]
         attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                               is_causal=True, enable_gqa=True)
         out = attn.transpose(1, 2).reshape(n, t, h * hd)
-        x = x + _adapted(linear(out, layer.attn.wo), out, i, "wo", lora, scaling, offsets)
+        x = x + _adapted(linear(out, layer.attn.wo), out, i, "wo", lora, scaling, offsets, rows)
         f_in = layer.ffn_norm(x)
         gate, up = _adapted(linear(f_in, layer.ffn.w_gate_up), f_in, i, "w_gate_up", lora, scaling,
-                            offsets).chunk(2, dim=-1)
+                            offsets, rows).chunk(2, dim=-1)
         hidden = F.silu(gate) * up
-        x = x + _adapted(linear(hidden, layer.ffn.w_down), hidden, i, "w_down", lora, scaling, offsets)
-    return linear(model.norm(x), model.lm_head_weight)
+        x = x + _adapted(linear(hidden, layer.ffn.w_down), hidden, i, "w_down", lora, scaling, offsets, rows)
+    return model.norm(x)
 
 
 # --- tenants' small tasks ------------------------------------------------------------------
@@ -185,9 +203,20 @@ def _batch(engine: LMEngine, examples: list[Example]) -> tuple[torch.Tensor, tor
 
 def answer_loss(engine: LMEngine, lora: dict, scaling: float, examples: list[Example]) -> torch.Tensor:
     """Mean cross-entropy of the answers' tokens (the answer and its end-of-sequence)."""
-    tokens, mask = _batch(engine, examples)
-    logits = lora_forward(engine, tokens[:, :-1], lora, scaling)
-    return F.cross_entropy(logits[mask], tokens[:, 1:][mask])
+    return answer_losses(engine, lora, scaling, [examples])[0]
+
+
+def answer_losses(engine: LMEngine, lora: dict, scaling: float, groups: list[list[Example]]) -> torch.Tensor:
+    """Each group's mean answer cross-entropy [len(groups)], in one forward: with one group, ``lora``
+    holds one adapter's pairs; with several, stacked pairs (one adapter per group, see
+    :func:`lora_hidden`) and group k's rows use adapter k."""
+    tokens, mask = _batch(engine, [e for group in groups for e in group])
+    rows = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([len(g) for g in groups]))
+    hidden = lora_hidden(engine, tokens[:, :-1], lora, scaling, rows if len(groups) > 1 else None)
+    # the output head only where an answer token is predicted (most positions are the prompt's)
+    losses = F.cross_entropy(linear(hidden[mask], engine.model.lm_head_weight), tokens[:, 1:][mask], reduction="none")
+    group = rows[:, None].expand_as(mask)[mask]
+    return torch.zeros(len(groups)).index_add(0, group, losses) / torch.bincount(group, minlength=len(groups))
 
 
 @dataclass
@@ -205,57 +234,88 @@ class TrainingRecord:
     extra: dict = field(default_factory=dict)
 
 
-def finetune(engine: LMEngine, task: TenantTask, *, steps: int = 60, batch_size: int = 8, rank: int = 8,
-             targets: tuple[str, ...] = DEFAULT_TRAIN_TARGETS, lr: float = 3e-3, seed: int = 0,
-             progress=None) -> tuple[LoraAdapter, TrainingRecord]:
-    """Train a LoRA adapter on ``task``'s training examples (AdamW, PEFT's initialisation: A
-    Kaiming-uniform, B zero) and return it with the run's record (held-out loss before and after)."""
+def finetune(engine: LMEngine, task: TenantTask, **options) -> tuple[LoraAdapter, TrainingRecord]:
+    """Train a LoRA adapter on ``task``'s training examples (:func:`finetune_together` with one task)."""
+    return finetune_together(engine, [task], **options)[0]
+
+
+def _clip_each(stacked: list[torch.Tensor], n: int, max_norm: float) -> None:
+    """Clip each adapter's gradient (index k of every stacked tensor) to ``max_norm`` on its own,
+    as ``clip_grad_norm_`` would clip it trained alone."""
+    norms = torch.stack([p.grad.reshape(n, -1).pow(2).sum(1) for p in stacked]).sum(0).sqrt()
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for p in stacked:
+        p.grad.mul_(scale.view(n, *([1] * (p.dim() - 1))))
+
+
+def finetune_together(engine: LMEngine, tasks: list[TenantTask], *, steps: int = 60, batch_size: int = 8,
+                      rank: int = 8, targets: tuple[str, ...] = DEFAULT_TRAIN_TARGETS, lr: float = 3e-3,
+                      seed: int = 0, progress=None) -> list[tuple[LoraAdapter, TrainingRecord]]:
+    """Train one LoRA adapter per task of ``tasks`` in the same forward passes (AdamW, PEFT's
+    initialisation: A Kaiming-uniform, B zero), each step a batch of ``batch_size`` of each task's
+    training examples; returns each adapter with its record (held-out loss before and after).
+    Each adapter's gradient is its own task's mean loss's, clipped on its own: what it would be
+    trained alone (AdamW is element-wise)."""
     if steps < 1 or batch_size < 1 or rank < 1:
         raise ValueError(f"steps, batch_size and rank must be ≥ 1, got {steps}, {batch_size}, {rank}")
+    if not tasks:
+        raise ValueError("no task to fine-tune")
     unknown = [t for t in targets if t not in MODULES]
     if unknown:
         raise ValueError(f"LoRA targets {unknown} are not modules of {list(MODULES)}")
-    generator = torch.Generator().manual_seed(seed)
+    n = len(tasks)
+    generators = [torch.Generator().manual_seed(seed) for _ in tasks]  # each adapter starts as it would alone
     shapes = module_shapes(engine.config)
     lora = {}
     for layer in range(engine.config.n_layers):
         for module in targets:
             n_in, n_out = shapes[module]
             bound = 1 / math.sqrt(n_in)  # kaiming_uniform_(a=√5) on [r, in], as PEFT does
-            a = (torch.rand(rank, n_in, generator=generator) * 2 - 1) * bound
-            lora[layer, module] = (a.requires_grad_(), torch.zeros(n_out, rank, requires_grad=True))
+            a = torch.stack([(torch.rand(rank, n_in, generator=g) * 2 - 1) * bound for g in generators])
+            b = torch.zeros(n, n_out, rank)
+            lora[layer, module] = (a, b) if n > 1 else (a[0], b[0])
+            for p in lora[layer, module]:
+                p.requires_grad_()
     alpha = 2.0 * rank
     scaling = alpha / rank
     params = [p for pair in lora.values() for p in pair]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    rng = random.Random(seed)
-    train, test = list(task.train), list(task.test)
+    rngs = [random.Random(seed) for _ in tasks]  # each task draws its batches as it would alone
+    tests = [list(t.test) for t in tasks]
     with torch.no_grad():
-        before = float(answer_loss(engine, lora, scaling, test))
-    losses, tokens_seen = [], 0
+        before = answer_losses(engine, lora, scaling, tests).tolist()
+    losses, tokens_seen = [[] for _ in tasks], 0
     started = time.perf_counter()
     for step in range(steps):
-        batch = rng.sample(train, min(batch_size, len(train)))
+        batches = [rng.sample(list(t.train), min(batch_size, len(t.train))) for rng, t in zip(rngs, tasks)]
         lr_now = lr * min(1.0, (step + 1) / max(1, steps // 10)) * (0.5 + 0.5 * math.cos(math.pi * step / steps))
         for group in optimizer.param_groups:
             group["lr"] = lr_now
-        loss = answer_loss(engine, lora, scaling, batch)
+        loss = answer_losses(engine, lora, scaling, batches)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        loss.sum().backward()
+        if n > 1:
+            _clip_each(params, n, 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        losses.append(float(loss.detach()))
-        tokens_seen += sum(len(engine.tokenizer.encode(e.prompt + " " + e.answer)) + 1 for e in batch)
+        for k, value in enumerate(loss.detach().tolist()):
+            losses[k].append(value)
+        tokens_seen += sum(len(engine.tokenizer.encode(e.prompt + " " + e.answer)) + 1 for b in batches for e in b)
         if progress is not None:
-            progress(step + 1, steps, losses[-1])
+            progress(step + 1, steps, float(loss.detach().mean()))
     seconds = time.perf_counter() - started
     with torch.no_grad():
-        after = float(answer_loss(engine, lora, scaling, test))
-    weights = {key: (a.detach().clone(), b.detach().clone()) for key, (a, b) in lora.items()}
-    adapter = LoraAdapter(rank, alpha, weights, name=task.name, base_model=engine.model_id)
-    record = TrainingRecord(task.name, steps, losses, before, after, seconds, tokens_seen / seconds, rank,
-                            tuple(targets), adapter.n_params())
-    return adapter, record
+        after = answer_losses(engine, lora, scaling, tests).tolist()
+    trained = []
+    for k, task in enumerate(tasks):
+        weights = {key: ((a[k] if n > 1 else a).detach().clone(), (b[k] if n > 1 else b).detach().clone())
+                   for key, (a, b) in lora.items()}
+        adapter = LoraAdapter(rank, alpha, weights, name=task.name, base_model=engine.model_id)
+        record = TrainingRecord(task.name, steps, losses[k], before[k], after[k], seconds, tokens_seen / seconds, rank,
+                                tuple(targets), adapter.n_params(), {"trained_with": [t.name for t in tasks]})
+        trained.append((adapter, record))
+    return trained
 
 
 def accuracy(engine: LMEngine, adapter: str | None, examples: list[Example] | tuple[Example, ...],

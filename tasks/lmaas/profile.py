@@ -1,16 +1,26 @@
 """What the LMaaS placement needs to know: each serving worker's measured capacity, and each
 adapter's expected load.
 
-:func:`profile_serving` runs on a serving worker: it loads the engine the replicas run (timing
-the base model's load, the largest part of a cold start) and decodes batches in which every
-sequence uses a different adapter, at several batch sizes, measuring tokens/s and the time per
-output token (TPOT). A worker's capacity for the placement is the best throughput among batch
-sizes whose TPOT meets the tightest tenant objective. Each weight format is profiled, and the
-replicas run the one with the higher capacity (:func:`choose_weight_format`).
+:func:`profile_deployed` measures the capacity the placement plans with, on a replica started the
+way the service runs it (a long-lived service on a Dask worker, the multi-tenant HTTP server, its
+tenancy and metering; :func:`profile_machine`): it sends the replica probe traces of the workload's
+own shape (its adapters, prompt and answer lengths, bursty arrivals; another seed than the trace it
+plans for) over HTTP with the tenants' keys, at a ladder of loads, and judges each request against
+the tightest tenant objectives (time to first token and time per output token). A worker's capacity
+is the highest load at which at least ``target`` of the probe's requests met both: what the deployed
+replica delivers within the objectives, its HTTP server's and Dask worker's threads, prefills and
+bursts included. (Decoding batches in-process, the capacity planned with before, left all of these
+out: the plan promised objectives the deployment then missed.)
+
+:func:`profile_serving` runs on a serving worker: it loads the engine in one weight format and
+decodes batches in which every sequence uses a different adapter, measuring tokens/s and the time
+per output token (TPOT). The replicas run the format with the higher throughput within the TPOT
+objective (:func:`choose_weight_format`); only that one is then profiled as deployed.
 
 :func:`adapter_loads` turns a trace (or the registry's metered usage) into per-adapter arrival
 rates and token loads; :func:`worker_options` turns the serving pools of an infrastructure spec and
-their profiles into the MILP's workers (price from the device catalog).
+their profiles into the MILP's workers (price from the device catalog); :func:`plan_within_objectives`
+places the load on them, or says that the spec cannot hold it within the objectives.
 """
 
 from __future__ import annotations
@@ -18,9 +28,15 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from optimizers.lmaas import AdapterLoad, WorkerOption
+from optimizers.lmaas import AdapterLoad, AdapterPlacement, WorkerOption, plan_adapter_placement
+from optimizers.solve import InfeasibleError
 
 BASE_RESERVED_BYTES = 2 * 2**30  # base model, KV cache and runtime beside the adapters
+# share of a probe's requests that must meet the objectives for its load to count as held: above
+# the 90% promised to every tenant, for the noise of a short probe of bursty arrivals
+PROBE_TARGET = 0.95
+PROBE_FACTORS_UP = (1.0, 1.5, 2.25)  # loads tried, × the workload's, while each is held ...
+PROBE_FACTORS_DOWN = (2 / 3, 4 / 9)  # ... and below it, while none is
 
 
 def profile_serving(*, weight_format: str = "int4", lora_slots: int = 16, lora_rank: int = 8,
@@ -60,6 +76,86 @@ def profile_serving(*, weight_format: str = "int4", lora_slots: int = 16, lora_r
             "bytes_per_adapter": adapter.n_params() * 4, "lora_slots": lora_slots}
 
 
+def trace_seconds(trace, rate: float) -> float:
+    """The span a trace's load is spread over: to its last arrival, and one mean gap after it."""
+    return max(r.at_s for r in trace) + 1.0 / rate
+
+
+def probe_load(scaler, keys: dict[str, str], trace, rate: float, factor: float, ttft_slo_s: float,
+               tpot_slo_s: float) -> dict:
+    """Send ``trace`` (arriving at ``rate``) to ``scaler``'s replicas compressed in time by ``factor``;
+    returns what it measured: offered and delivered tokens/s, the attainment of the objectives
+    (each and both), TTFT and TPOT percentiles."""
+    from tasks.lmaas.registry import slo_attainment
+    from tasks.lmaas.serverless import replay_service
+
+    replay = replay_service(scaler, trace, keys, time_scale=1.0 / factor, strategy=f"probe x{factor:.2f}")
+    tokens = sum(s.completion_tokens for s in replay.served)
+    slo = slo_attainment([(s.ttft_s, s.latency_s, s.completion_tokens) for s in replay.served], ttft_slo_s,
+                         tpot_slo_s)
+    return {"factor": factor, "requests": len(replay.served),
+            "offered_tokens_per_s": tokens / (trace_seconds(trace, rate) / factor),
+            "tokens_per_s": replay.summary()["tokens_per_s"], "attainment": slo["attainment"],
+            "ttft_attainment": slo["ttft_attainment"], "tpot_attainment": slo["tpot_attainment"],
+            "ttft_p99_s": slo["ttft_p99_s"], "tpot_p50_s": slo["tpot_p50_s"], "tpot_p99_s": slo["tpot_p99_s"]}
+
+
+def profile_deployed(scaler, keys: dict[str, str], trace, rate: float, *, ttft_slo_s: float, tpot_slo_s: float,
+                     target: float = PROBE_TARGET, factors_up: tuple[float, ...] = PROBE_FACTORS_UP,
+                     factors_down: tuple[float, ...] = PROBE_FACTORS_DOWN, probe=probe_load, **facts) -> dict:
+    """The capacity of a deployed replica (``scaler``'s, ready): ``trace`` — the workload's shape,
+    arriving at ``rate`` — is sent at ``factors_up`` × its load while each load is held (at least
+    ``target`` of its requests within ``ttft_slo_s`` and ``tpot_slo_s``), or at ``factors_down``
+    while none is. The capacity is the highest load held (tokens/s; 0 if none was: the objectives
+    are out of reach at these loads). ``probe`` measures one load (:func:`probe_load`); ``facts``
+    (weight format, LoRA slots, …) go into the profile."""
+    if not 0 < target <= 1:
+        raise ValueError(f"target must be in (0, 1], got {target}")
+    started = time.perf_counter()
+    points, held = [], []
+
+    def measure(factor: float) -> bool:
+        point = probe(scaler, keys, trace, rate, factor, ttft_slo_s, tpot_slo_s)
+        point["held"] = point["attainment"] >= target
+        points.append(point)
+        if point["held"]:
+            held.append(point["offered_tokens_per_s"])
+        return point["held"]
+
+    for factor in factors_up:
+        if not measure(factor):
+            break
+    if not held:
+        for factor in factors_down:
+            if measure(factor):
+                break
+    return {"kind": "deployed", "objectives": {"ttft_s": ttft_slo_s, "tpot_s": tpot_slo_s}, "target_attainment": target,
+            "points": points, "capacity_tokens_per_s": max(held, default=0.0),
+            "seconds": time.perf_counter() - started, **facts}
+
+
+def profile_machine(cluster, machine: str, config, keys: dict[str, str], trace, rate: float, *,
+                    ttft_slo_s: float, tpot_slo_s: float, **options) -> dict:
+    """:func:`profile_deployed` on a replica of ``config`` (a :class:`ReplicaConfig`) started on
+    ``cluster``'s worker ``machine`` the way the service starts one (an
+    :class:`~tasks.lmaas.serverless.Autoscaler`, as many requests in flight as the service's); the
+    replica is stopped afterwards, and its cold start is kept in the profile (``replica``)."""
+    from tasks.lmaas.serverless import SERVICE_MAX_IN_FLIGHT, Autoscaler
+
+    scaler = Autoscaler(cluster, {"profile": [machine]}, {}, {"profile": config}, release_machines=False,
+                        max_in_flight=SERVICE_MAX_IN_FLIGHT)
+    scaler.pinned = True  # no scale to zero between probes
+    try:
+        scaler.warm("profile")
+        profile = profile_deployed(scaler, keys, trace, rate, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s,
+                                   weight_format=config.weight_format, lora_slots=config.lora_slots, **options)
+    finally:
+        records = scaler.close()
+    record = next((r for r in records if "base_load_s" in r), {})
+    profile["replica"] = {k: record.get(k) for k in ("worker", "base_load_s", "adapter_fetch_s", "ready_s")}
+    return profile
+
+
 def choose_weight_format(profiles: dict[str, dict], tpot_slo_s: float) -> str:
     """The weight format (a key of ``profiles``, one :func:`profile_serving` each) with the highest
     :func:`capacity` at ``tpot_slo_s``: which is faster depends on the host (on AMX, bf16 GEMMs
@@ -70,8 +166,18 @@ def choose_weight_format(profiles: dict[str, dict], tpot_slo_s: float) -> str:
 
 
 def capacity(profile: dict, tpot_slo_s: float) -> float:
-    """Tokens/s at the best batch size whose time per output token meets ``tpot_slo_s`` (the
-    smallest batch's throughput if none does: the objective is then out of reach at any load)."""
+    """A profile's tokens/s within the TPOT objective ``tpot_slo_s``.
+
+    Deployed (:func:`profile_deployed`): the highest load held, measured at the profile's own
+    objectives (a tighter ``tpot_slo_s`` than those needs a new profile). In-process batches
+    (:func:`profile_serving`): the best batch size's throughput whose TPOT meets ``tpot_slo_s``
+    (the smallest batch's if none does: the objective is then out of reach at any load)."""
+    if profile.get("kind") == "deployed":
+        measured_at = profile["objectives"]["tpot_s"]
+        if tpot_slo_s < measured_at - 1e-9:
+            raise ValueError(f"the profile was measured at TPOT ≤ {measured_at:g} s; a {tpot_slo_s:g} s objective "
+                             "needs the replica profiled again")
+        return profile["capacity_tokens_per_s"]
     meeting = [p["tokens_per_s"] for p in profile["points"] if p["tpot_s"] <= tpot_slo_s]
     return max(meeting) if meeting else min(p["tokens_per_s"] for p in profile["points"])
 
@@ -116,3 +222,23 @@ def worker_options(pools, profiles: dict[str, dict], tpot_slo_s: float, catalog)
             options.append(WorkerOption(machine, pool.device, device.usd_per_hour, capacity(profile, tpot_slo_s),
                                         memory, profile["lora_slots"]))
     return options
+
+
+class CapacityError(ValueError):
+    """The load needs more serving capacity within the objectives than the spec has."""
+
+
+def plan_within_objectives(loads: list[AdapterLoad], workers: list[WorkerOption], *, ttft_slo_s: float,
+                           tpot_slo_s: float) -> AdapterPlacement:
+    """The placement for ``loads`` on ``workers`` whose capacities were measured as deployed
+    (:func:`profile_deployed`): they already hold the objectives at that load, so the plan may load
+    a worker up to all of its capacity. Raises :class:`CapacityError` when the spec's workers cannot
+    hold the load within the objectives (the plan would promise what no deployment keeps)."""
+    try:
+        return plan_adapter_placement(loads, workers, max_utilisation=1.0)
+    except InfeasibleError as exc:
+        load, have = sum(a.tokens_per_s for a in loads), sum(w.tokens_per_s for w in workers)
+        raise CapacityError(
+            f"the load of {load:.1f} tokens/s needs more than the spec's {len(workers)} serving machine(s), which hold "
+            f"{have:.1f} tokens/s together within TTFT ≤ {ttft_slo_s:g} s and TPOT ≤ {tpot_slo_s:g} s (measured as "
+            f"deployed): lower the rate or add machines; nothing was deployed ({exc})") from None

@@ -39,6 +39,9 @@ from infra.cluster import ServiceContext, TieredCluster
 from tasks.lmaas.strategies import Replay, Served
 from tasks.lmaas.trace import TraceRequest
 
+# a replica is full when its continuous batch is (the engine runs up to 64 sequences)
+SERVICE_MAX_IN_FLIGHT = 64
+
 
 @dataclass(frozen=True)
 class ReplicaConfig:
@@ -185,6 +188,11 @@ class Autoscaler:
             now = time.monotonic()
             return self._up_total_s + sum(now - since for since in self._up_since.values())
 
+    def machines_up(self) -> int:
+        """How many of the groups' machines are up (not given back)."""
+        with self._lock:
+            return len(self._up_since)
+
     def _on_machine(self, machine: str) -> bool:
         return any(r.machine == machine and r.error is None for rs in self.replicas.values() for r in rs)
 
@@ -251,7 +259,8 @@ class Autoscaler:
 
     def acquire(self, model: str) -> tuple[Replica, float]:
         """A ready replica for ``model`` (starting one if its group has none) and the seconds this
-        call waited for a cold start. Call :meth:`release` when the request is over."""
+        call waited for a cold start (0.0 when the replica was ready). Call :meth:`release` when
+        the request is over."""
         group = self.group_of(model)
         waited_from = time.perf_counter()
         with self._lock:
@@ -271,10 +280,11 @@ class Autoscaler:
                 replica = min(pool, key=lambda r: (r.in_flight, r.name))
             replica.in_flight += 1
             replica.last_used = time.monotonic()
+            was_ready = replica.ready.is_set()
         if not replica.ready.wait(self.start_timeout_s) or replica.error:
             self.release(replica)
             raise ScalingError(replica.error or f"replica {replica.name} took over {self.start_timeout_s:.0f} s to start")
-        return replica, time.perf_counter() - waited_from
+        return replica, 0.0 if was_ready else time.perf_counter() - waited_from
 
     def warm(self, group: str) -> Replica:
         """Make sure ``group`` runs a replica, waiting for it (an always-on deployment's start;
@@ -380,7 +390,7 @@ class Autoscaler:
 
 async def _send(http: httpx.AsyncClient, scaler: Autoscaler, request: TraceRequest, key: str, arrived: float,
                 origin: float) -> Served:
-    replica, _ = await asyncio.to_thread(scaler.acquire, request.model)
+    replica, cold_start_s = await asyncio.to_thread(scaler.acquire, request.model)
     try:
         body = {"model": request.model, "prompt": list(request.prompt), "max_tokens": request.max_tokens,
                 "temperature": 0, "stream": True, "ignore_eos": True}
@@ -401,7 +411,7 @@ async def _send(http: httpx.AsyncClient, scaler: Autoscaler, request: TraceReque
         scaler.release(replica)
     first = first or finished
     return Served(request.model, request.tenant, arrived - origin, first - arrived, finished - arrived,
-                  len(request.prompt), request.max_tokens)
+                  len(request.prompt), request.max_tokens, cold_start_s)
 
 
 async def _replay(scaler: Autoscaler, trace: list[TraceRequest], keys: dict[str, str], time_scale: float) -> Replay:
@@ -414,6 +424,24 @@ async def _replay(scaler: Autoscaler, trace: list[TraceRequest], keys: dict[str,
             return await _send(http, scaler, request, keys[request.tenant], due, origin)
         served = await asyncio.gather(*(one(r) for r in sorted(trace, key=lambda r: r.at_s)))
     return Replay("multi_lora_serverless", list(served), time.perf_counter() - origin)
+
+
+def machine_seconds_with_lull(scaler: Autoscaler, replay: Replay, lull_s: float) -> float:
+    """The machine-seconds of ``replay`` and of a lull of ``lull_s`` seconds without traffic right
+    after it: what a deployment pays for its traffic and the quiet that follows.
+
+    Pinned (always on), nothing changes without traffic: every machine up stays up the whole lull,
+    so it costs (machines up) × ``lull_s``, counted without waiting it out. Serverless, the lull is
+    watched until every machine has been given back (idle replicas stop, then their machines go) or
+    the lull is over, whichever comes first; from then on nothing runs, and the rest costs nothing."""
+    if lull_s < 0:
+        raise ValueError(f"lull_s must be ≥ 0, got {lull_s}")
+    if scaler.pinned:
+        return replay.stats["machine_seconds"] + scaler.machines_up() * lull_s
+    before, deadline = scaler.machine_seconds(), time.monotonic() + lull_s
+    while scaler.machines_up() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return replay.stats["machine_seconds"] + scaler.machine_seconds() - before
 
 
 def replay_service(scaler: Autoscaler, trace: list[TraceRequest], keys: dict[str, str], *,

@@ -1,13 +1,17 @@
 """LMaaS's stages on the tiered cluster: what the flow (flows/lmaas/flow.py) tells in order.
 
 - TRAIN: real LoRA fine-tuning of the base model on tenants' small tasks (tasks/lmaas/finetune.py),
-  one Prefect task per adapter on the training pool; held-out loss before/after and accuracy;
+  every tenant's adapter in the same forward passes, one Prefect task on the training pool;
+  held-out loss before/after and accuracy;
 - REGISTER: the trained adapters and many more (randomly initialised, for scale) go into the
   registry — a real database and the artifact store — under their tenants, each with an API key;
-- PROFILE: each serving pool's worker loads the serving engine and decodes batches of distinct
-  adapters, per weight format; capacity = the best throughput meeting the TPOT objective;
+- PROFILE: beside the training, each serving pool's worker decodes batches of distinct adapters in
+  each weight format, in-process, to choose the replicas' format; then a replica in that format is
+  started on the pool's worker as the service runs it and driven over HTTP by probe traces of the
+  workload's shape at a ladder of loads: its capacity is the highest load at which the tightest
+  tenant objectives (TTFT and TPOT) held (tasks/lmaas/profile.py);
 - OPTIMIZE: the placement MILP (optimizers/lmaas.py) picks the serving workers and each one's
-  adapters from the trace's expected load and the catalog's prices;
+  adapters from the trace's expected load, the capacities as deployed and the catalog's prices;
 - DEPLOY + EVALUATE: serving replicas run as services on the chosen workers (tasks/lmaas/serverless.py)
   and the multi-tenant trace is sent to them over HTTP with each tenant's key, always on and then
   serverless (scale from zero, cold starts in latency); the baselines replay the same trace on a
@@ -51,20 +55,27 @@ SIMULATED = [
 
 # --- tasks --------------------------------------------------------------------------------------
 
-@task(cache_policy=NO_CACHE, task_run_name="fine-tune {task_name} on {pool}")
-def train_adapter(task_name: str, steps: int, seed: int, out: str, pool: str) -> dict:
-    """Fine-tune one LoRA adapter and measure held-out accuracy before and after (served by the engine)."""
+@task(cache_policy=NO_CACHE, task_run_name="fine-tune {task_names} on {pool}")
+def train_adapters(task_names: list[str], steps: int, lr: float, seed: int, out: str, pool: str) -> list[dict]:
+    """Fine-tune one LoRA adapter per task, all in the same forward passes on one engine
+    (:func:`~tasks.lmaas.finetune.finetune_together`), and measure each one's held-out accuracy
+    before and after (served by the engine)."""
     from tasks.lm.engine import LMEngine
     from tasks.lm.lora import save_adapter
-    from tasks.lmaas.finetune import accuracy, finetune, make_task
+    from tasks.lmaas.finetune import accuracy, finetune_together, make_task
 
-    engine = LMEngine.load(weight_format="bfloat16", kv_cache_mib=128, lora_slots=2, lora_rank=RANK, lora_targets=TARGETS)
-    job = make_task(task_name, seed)
-    adapter, record = finetune(engine, job, steps=steps, rank=RANK, targets=TARGETS, seed=seed)
-    engine.add_adapter(task_name, adapter)
-    folder = save_adapter(adapter, Path(out) / "adapters" / task_name)
-    return {**asdict(record), "folder": str(folder), "test_examples": len(job.test), "train_examples": len(job.train),
-            "accuracy_base": accuracy(engine, None, job.test), "accuracy_adapter": accuracy(engine, task_name, job.test)}
+    engine = LMEngine.load(weight_format="bfloat16", kv_cache_mib=128, lora_slots=len(task_names), lora_rank=RANK,
+                           lora_targets=TARGETS)
+    jobs = [make_task(name, seed) for name in task_names]
+    records = []
+    for job, (adapter, record) in zip(jobs, finetune_together(engine, jobs, steps=steps, lr=lr, rank=RANK,
+                                                              targets=TARGETS, seed=seed)):
+        engine.add_adapter(job.name, adapter)
+        folder = save_adapter(adapter, Path(out) / "adapters" / job.name)
+        records.append({**asdict(record), "folder": str(folder), "test_examples": len(job.test),
+                        "train_examples": len(job.train), "accuracy_base": accuracy(engine, None, job.test),
+                        "accuracy_adapter": accuracy(engine, job.name, job.test)})
+    return records
 
 
 @task(cache_policy=NO_CACHE, task_run_name="profile serving on {pool}")
@@ -73,6 +84,15 @@ def profile_pool(pool: str) -> dict[str, dict]:
     from tasks.lmaas.profile import profile_serving
 
     return {fmt: profile_serving(weight_format=fmt, lora_rank=RANK, lora_targets=TARGETS) for fmt in WEIGHT_FORMATS}
+
+
+@task(cache_policy=NO_CACHE, task_run_name="profile the deployed replica on {machine}")
+def profile_replica(cluster: TieredCluster, machine: str, config, keys: dict[str, str], probe: list, rate: float,
+                    ttft_slo_s: float, tpot_slo_s: float) -> dict:
+    """The capacity of a replica of ``config`` on ``machine``, measured as deployed (over HTTP)."""
+    from tasks.lmaas.profile import profile_machine
+
+    return profile_machine(cluster, machine, config, keys, probe, rate, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="replay the baselines on {pool}")
@@ -103,11 +123,11 @@ def split_pools(infra: InfraSpec) -> tuple[Pool, list[Pool]]:
     return train, [p for p in infra.pools if p.name != "train"] or list(infra.pools)
 
 
-def fine_tune(run: RunContext, pool: Pool, tasks: list[str], steps: int) -> list[dict]:
-    """TRAIN one adapter per task on the training pool, checked against the ``lmaas.training`` contract."""
+def fine_tune(run: RunContext, pool: Pool, tasks: list[str], steps: int, lr: float) -> list[dict]:
+    """TRAIN one adapter per task on the training pool, together (one task, one engine), checked
+    against the ``lmaas.training`` contract."""
     with on_pool(pool):
-        futures = [train_adapter.submit(name, steps, run.params.seed, str(run.out.resolve()), pool.name) for name in tasks]
-    trained = [f.result() for f in futures]
+        trained = train_adapters.submit(tasks, steps, lr, run.params.seed, str(run.out.resolve()), pool.name).result()
     training = pd.DataFrame([{k: r[k] for k in ("task", "steps", "heldout_loss_before", "heldout_loss_after",
                                                  "accuracy_base", "accuracy_adapter", "seconds", "tokens_per_s",
                                                  "trainable_params")} for r in trained])
@@ -171,47 +191,91 @@ def register(run: RunContext, trained: list[dict], owners: dict[str, str], n_ran
     return Tenancy(registry, db_url, store_url, keys, sizes)
 
 
-def make_requests(models: list[str], shape: dict, seed: int) -> list:
-    """The multi-tenant trace every strategy replays (Zipf over the adapters, bursty arrivals)."""
+def make_requests(models: list[str], shape: dict, seed: int, n_requests: int | None = None) -> list:
+    """The multi-tenant trace every strategy replays (Zipf over the adapters, bursty arrivals):
+    ``shape``'s requests, or ``n_requests`` of the same shape (the profile's probe, another seed)."""
     from tasks.lm.tokenizer import build_tokenizer
     from tasks.lm.weights import load_metadata
     from tasks.lmaas.trace import make_trace
     from tasks.moe.corpus import load_corpus
 
     corpus = build_tokenizer(load_metadata(None)).encode(load_corpus()[:200_000])
-    return make_trace(models, corpus, n_requests=shape["requests"], rate=shape["rate"], seed=seed,
+    return make_trace(models, corpus, n_requests=n_requests or shape["requests"], rate=shape["rate"], seed=seed,
                       max_tokens=shape["max_tokens"])
 
 
 # --- PROFILE and OPTIMIZE -------------------------------------------------------------------------
 
-def profile_serving_pools(serving: list[Pool], tightest_tpot: float) -> tuple[dict, dict, dict]:
-    """PROFILE each serving pool on its worker; returns every format's profile, the chosen format's
-    profile and the chosen format, per pool."""
-    from tasks.lmaas.profile import capacity, choose_weight_format
-
-    profiled, profiles, formats = {}, {}, {}
+def compare_weight_formats(serving: list[Pool]) -> dict:
+    """Start each serving pool's in-process comparison of the weight formats (its worker runs it
+    while the training pool trains); returns the futures, per pool."""
+    comparing = {}
     for pool in serving:
         with on_pool(pool):
-            profiled[pool.name] = profile_pool.submit(pool.name).result()
-        formats[pool.name] = choose_weight_format(profiled[pool.name], tightest_tpot)
-        profiles[pool.name] = profiled[pool.name][formats[pool.name]]
-        get_run_logger().info("%s serves in %s: capacity %s tokens/s at TPOT ≤ %.2f s", pool.name, formats[pool.name],
-                              {f: round(capacity(p, tightest_tpot), 1) for f, p in profiled[pool.name].items()},
-                              tightest_tpot)
+            comparing[pool.name] = profile_pool.submit(pool.name)
+    return comparing
+
+
+@dataclass
+class Objectives:
+    """The tightest tenant objectives: what every serving machine is profiled and planned against."""
+
+    ttft_s: float
+    tpot_s: float
+
+    @classmethod
+    def tightest(cls, tenants: dict) -> "Objectives":
+        return cls(min(t.ttft_slo_s for t in tenants.values()), min(t.tpot_slo_s for t in tenants.values()))
+
+
+def replica_config(tenancy: Tenancy, price_per_hour: float, weight_format: str, preload: tuple[str, ...]):
+    """What a serving replica runs: the registry, the chosen format and its hot set of adapters."""
+    from tasks.lmaas.serverless import ReplicaConfig
+
+    return ReplicaConfig(tenancy.db_url, tenancy.store_url, price_per_hour, weight_format=weight_format, lora_slots=16,
+                         lora_rank=RANK, lora_targets=TARGETS, max_host_adapters=MAX_HOST_ADAPTERS, preload=preload)
+
+
+def profile_serving_pools(cluster: TieredCluster, serving: list[Pool], comparing: dict, tenancy: Tenancy, probe: list,
+                          rate: float, objectives: Objectives) -> tuple[dict, dict, dict]:
+    """PROFILE each serving pool: the weight format its comparison chose, then a replica in it on the
+    pool's first machine, probed over HTTP with ``probe`` (arriving at ``rate``) against
+    ``objectives``; returns every format's in-process profile, the deployed profile and the chosen
+    format, per pool."""
+    from tasks.lmaas.profile import capacity, choose_weight_format
+    from tasks.lmaas.service import default_price_per_hour
+
+    running = set(cluster.workers().values())
+    profiled, profiles, formats = {}, {}, {}
+    for pool in serving:
+        # the future is let go once read: Dask would recompute a result it still holds on a machine the
+        # service later gives back, beside the replays it would then slow down
+        profiled[pool.name] = comparing.pop(pool.name).result()
+        formats[pool.name] = choose_weight_format(profiled[pool.name], objectives.tpot_s)
+        config = replica_config(tenancy, default_price_per_hour(pool.device), formats[pool.name],
+                                tuple(tenancy.models[:MAX_HOST_ADAPTERS]))
+        # a pool without a worker per machine runs one worker, named after the pool
+        machine = next(m if m in running else pool.name for m in pool.machine_names())
+        profiles[pool.name] = profile_replica(cluster, machine, config, tenancy.keys, probe, rate, objectives.ttft_s,
+                                              objectives.tpot_s)
+        get_run_logger().info(
+            "%s serves in %s (in-process %s tokens/s at TPOT ≤ %.2f s); as deployed it holds %.1f tokens/s within "
+            "TTFT ≤ %.1f s and TPOT ≤ %.2f s", pool.name, formats[pool.name],
+            {f: round(capacity(p, objectives.tpot_s), 1) for f, p in profiled[pool.name].items()}, objectives.tpot_s,
+            profiles[pool.name]["capacity_tokens_per_s"], objectives.ttft_s, objectives.tpot_s)
     return profiled, profiles, formats
 
 
-def place(trace: list, tenancy: Tenancy, serving: list[Pool], profiles: dict, tightest_tpot: float, rate: float):
-    """OPTIMIZE: every registered adapter gets a place (the ones the trace does not use with no load);
-    returns the placement, the adapters' loads and the worker options it chose from."""
-    from tasks.lmaas.profile import adapter_loads, trace_counts, worker_options
+def place(trace: list, tenancy: Tenancy, serving: list[Pool], profiles: dict, objectives: Objectives, rate: float):
+    """OPTIMIZE: every registered adapter gets a place (the ones the trace does not use with no load),
+    within the capacities measured as deployed; returns the placement, the adapters' loads and the
+    worker options it chose from."""
+    from tasks.lmaas.profile import adapter_loads, plan_within_objectives, trace_counts, trace_seconds, worker_options
 
-    duration = max(r.at_s for r in trace) + 1.0 / rate
     counts = trace_counts(trace)
-    loads = adapter_loads({m: counts.get(m, (0, 0)) for m in tenancy.models}, duration, tenancy.sizes)
-    workers = worker_options(serving, profiles, tightest_tpot, load_catalog())
-    plan = plan_adapter_placement(loads, workers)
+    loads = adapter_loads({m: counts.get(m, (0, 0)) for m in tenancy.models}, trace_seconds(trace, rate), tenancy.sizes)
+    workers = worker_options(serving, profiles, objectives.tpot_s, load_catalog())
+    plan = plan_within_objectives(loads, workers, ttft_slo_s=objectives.ttft_s, tpot_slo_s=objectives.tpot_s)
     get_run_logger().info("placement: run %s at $%.3f/hour", plan.workers, plan.usd_per_hour)
     return plan, loads, workers
 
@@ -246,15 +310,7 @@ class ServiceReplays:
     events: list[dict]
     replicas: list[dict]
     price_per_hour: float
-
-
-def _machine_seconds_with_quiet(scaler, replay, quiet_s: float) -> float:
-    """The machine-seconds of ``replay`` and of ``quiet_s`` seconds without traffic after it: what a
-    deployment pays for its traffic and the lull that follows (always on: every machine stays up;
-    serverless: idle replicas and their machines go away)."""
-    before = scaler.machine_seconds()
-    time.sleep(quiet_s)
-    return replay.stats["machine_seconds"] + scaler.machine_seconds() - before
+    deployed_at: float  # epoch seconds: the registry meters what came before (the profile's probes) apart
 
 
 @task(cache_policy=NO_CACHE, task_run_name="replay the trace through the deployed service")
@@ -263,9 +319,10 @@ def serve_trace(cluster: TieredCluster, plan: AdapterPlacement, loads: list, ser
                 seed: int) -> ServiceReplays:
     """DEPLOY the placement as replicas on its workers (one group per planned worker, the pool's other
     machines as spares) and replay the trace over HTTP: always on, then serverless from zero."""
-    from tasks.lmaas.serverless import Autoscaler, ReplicaConfig, replay_service
+    from tasks.lmaas.serverless import SERVICE_MAX_IN_FLIGHT, Autoscaler, machine_seconds_with_lull, replay_service
     from tasks.lmaas.service import default_price_per_hour
 
+    deployed_at = time.time()
     price = default_price_per_hour(serving[0].device)
     running = set(cluster.workers().values())
     machine_pool = {m: p for p in serving for m in p.machine_names()}
@@ -279,14 +336,11 @@ def serve_trace(cluster: TieredCluster, plan: AdapterPlacement, loads: list, ser
         # a replica holds its adapters in host memory from the start (S-LoRA's host tier): their
         # fetch is part of its cold start; beyond MAX_HOST_ADAPTERS the busiest are preloaded
         hot = sorted(plan.adapters_on(machine), key=lambda a: -rate[a])[:MAX_HOST_ADAPTERS]
-        configs[machine] = ReplicaConfig(tenancy.db_url, tenancy.store_url, price,
-                                         weight_format=formats[machine_pool[machine].name], lora_slots=16,
-                                         lora_rank=RANK, lora_targets=TARGETS, max_host_adapters=MAX_HOST_ADAPTERS,
-                                         preload=tuple(hot))
+        configs[machine] = replica_config(tenancy, price, formats[machine_pool[machine].name], tuple(hot))
         assignment.update({a: machine for a in plan.adapters_on(machine)})
-    # a replica is full when its continuous batch is (the engine runs up to 64 sequences); on the
-    # embedded cluster, machines without a replica are given back and started on demand
-    scaler = Autoscaler(cluster, groups, assignment, configs, idle_s=shape["idle_s"], max_in_flight=64)
+    # on the embedded cluster, machines without a replica are given back and started on demand
+    scaler = Autoscaler(cluster, groups, assignment, configs, idle_s=shape["idle_s"],
+                        max_in_flight=SERVICE_MAX_IN_FLIGHT)
     try:
         # always on: every planned worker's replica is up before the trace, none scales to zero;
         # the machines the plan does not use are given back (a scale-out starts one again)
@@ -295,7 +349,7 @@ def serve_trace(cluster: TieredCluster, plan: AdapterPlacement, loads: list, ser
             scaler.warm(group)
         scaler.release_idle_machines()
         always_on = replay_service(scaler, trace, tenancy.keys, strategy="lmaas")
-        paid = {"lmaas": _machine_seconds_with_quiet(scaler, always_on, shape["quiet_s"])}
+        paid = {"lmaas": machine_seconds_with_lull(scaler, always_on, shape["quiet_s"])}
         accuracy = served_accuracy(scaler, tenancy.keys, trained, owners, seed)
         replica, _ = scaler.acquire(tenancy.models[0])
         try:
@@ -306,7 +360,7 @@ def serve_trace(cluster: TieredCluster, plan: AdapterPlacement, loads: list, ser
         scaler.pinned = False
         scaled_to_zero = scaler.wait_for_zero(shape["idle_s"] + 60)
         serverless = replay_service(scaler, trace, tenancy.keys, strategy="lmaas_serverless")
-        paid["lmaas_serverless"] = _machine_seconds_with_quiet(scaler, serverless, shape["quiet_s"])
+        paid["lmaas_serverless"] = machine_seconds_with_lull(scaler, serverless, shape["quiet_s"])
     finally:
         replicas = scaler.close()
     for result in (always_on, serverless):
@@ -314,7 +368,7 @@ def serve_trace(cluster: TieredCluster, plan: AdapterPlacement, loads: list, ser
                               result.summary()["tokens_per_s"], result.summary()["latency_p99_s"],
                               result.stats["cold_starts"])
     return ServiceReplays(always_on, serverless, paid, accuracy, isolation, scaled_to_zero, list(scaler.events),
-                          replicas, price)
+                          replicas, price, deployed_at)
 
 
 def replay_baselines_on(pool: Pool, trace: list, tenancy: Tenancy, strategies: list[str]) -> dict:
@@ -345,7 +399,9 @@ def replan(plan: AdapterPlacement, loads, workers) -> dict:
     if not reasons:
         return {"needed": False, "reasons": [], "workers": plan.workers, "moved_adapters": 0}
     try:
-        new = plan_adapter_placement(loads, workers, current=plan.assignment)
+        # at the plan's own utilisation bound (all of a capacity measured as deployed)
+        new = plan_adapter_placement(loads, workers, max_utilisation=plan.inputs.get("max_utilisation", 0.7),
+                                     current=plan.assignment)
     except InfeasibleError as exc:
         return {"needed": True, "reasons": reasons, "infeasible": str(exc), "workers": plan.workers, "moved_adapters": 0}
     return {"needed": True, "reasons": reasons, "workers_before": plan.workers, "workers": new.workers,

@@ -40,6 +40,7 @@ class Served:
     latency_s: float
     prompt_tokens: int
     completion_tokens: int
+    cold_start_s: float = 0.0  # how long it waited for a replica to start (serverless; 0: one was ready)
 
 
 @dataclass
@@ -65,6 +66,33 @@ class Replay:
                 "ttft_p50_s": pct(ttfts, 0.5), "ttft_p99_s": pct(ttfts, 0.99),
                 "tpot_median_s": statistics.median(tpot) if tpot else float("nan"),
                 "swaps": self.swaps, "swap_s": self.swap_s, **self.stats}
+
+
+def slo_rows(strategy: str, served: list[dict], objectives: dict[str, tuple[float, float]]) -> list[dict]:
+    """Per tenant: the share of ``served`` requests (:class:`Served` as dicts) meeting the tenant's
+    TTFT and TPOT objectives (``objectives``: tenant → (TTFT s, TPOT s)), each and both. Requests that
+    waited for a replica to start are counted apart: ``warm_attainment`` is over the others (None if
+    every request met a cold start), ``cold_requests`` / ``cold_wait_s_max`` say how many met one and
+    the longest wait."""
+    from tasks.lmaas.registry import slo_attainment
+
+    def timings(requests):
+        return [(s["ttft_s"], s["latency_s"], s["completion_tokens"]) for s in requests]
+
+    rows = []
+    for tenant, (ttft_slo_s, tpot_slo_s) in sorted(objectives.items()):
+        mine = [s for s in served if s["tenant"] == tenant]
+        if not mine:
+            continue
+        slo = slo_attainment(timings(mine), ttft_slo_s, tpot_slo_s)
+        cold = [s for s in mine if s.get("cold_start_s", 0.0) > 0]
+        warm = [s for s in mine if s.get("cold_start_s", 0.0) == 0]
+        rows.append({"strategy": strategy, "tenant": tenant, "requests": len(mine),
+                     **{k: slo[k] for k in ("ttft_slo_s", "tpot_slo_s", "ttft_attainment", "tpot_attainment")},
+                     "slo_attainment": slo["attainment"], "warm_requests": len(warm),
+                     "warm_attainment": slo_attainment(timings(warm), ttft_slo_s, tpot_slo_s)["attainment"],
+                     "cold_requests": len(cold), "cold_wait_s_max": max((s["cold_start_s"] for s in cold), default=0.0)})
+    return rows
 
 
 def _params(request: TraceRequest) -> SamplingParams:

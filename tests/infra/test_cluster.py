@@ -11,6 +11,7 @@ Workers are started by fixtures only (Nanny spawns processes; nothing starts at 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -73,6 +74,12 @@ def echo_service(service, greeting: str) -> dict:
     service.publish(f"echo://{service.worker}/{greeting}")
     service.wait_until_stopped()
     return {"worker": service.worker, "greeting": greeting}
+
+
+def slow_service(service, seconds: float) -> None:
+    time.sleep(seconds)  # loading a model, say
+    service.publish("slow://ready")
+    service.wait_until_stopped()
 
 
 def broken_service(service) -> None:
@@ -159,6 +166,16 @@ def test_a_service_runs_on_its_worker_publishes_its_address_and_returns_when_sto
         assert embedded.client.submit(where_am_i, pure=False).result(timeout=60)[0] == "edge-orin"
     service.stop()
     assert service.result(timeout_s=60) == {"worker": "edge-orin", "greeting": "hi"}
+
+
+def test_waiting_for_a_slow_service_to_be_ready_logs_no_errors(embedded, caplog):
+    service = embedded.start_service(slow_service, 2.5, name="slow-test", worker="edge-orin")
+    with caplog.at_level(logging.ERROR):
+        assert service.address(timeout_s=60) == "slow://ready"
+    service.stop()
+    service.result(timeout_s=60)
+    # each second of waiting once logged "Exception while handling op variable_get" with a traceback
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 def test_a_service_that_fails_before_it_is_ready_says_why(embedded):

@@ -14,7 +14,10 @@ from infra.store import LocalStore
 from tasks.lm.lora import random_adapter, save_adapter
 from tasks.lm.weights import load_config
 from tasks.lmaas.registry import Registry
-from tasks.lmaas.serverless import Autoscaler, ReplicaConfig, ScalingError, replay_service
+from tasks.lmaas.profile import profile_machine
+from tasks.lmaas.serverless import (Autoscaler, ReplicaConfig, ScalingError, machine_seconds_with_lull,
+                                     replay_service)
+from tasks.lmaas.strategies import Replay
 from tasks.lmaas.trace import TraceRequest
 
 TARGETS = ("q_proj", "v_proj")
@@ -54,6 +57,8 @@ def test_from_zero_a_machine_and_its_replica_start_serve_every_tenant_then_both_
         replay = replay_service(scaler, trace([(0.0, "acme/bot"), (0.1, "globex/bot"), (0.2, "acme/bot")]),
                                 deployment["keys"])
         assert [s.completion_tokens for s in replay.served] == [4, 4, 4]
+        # all three arrived before the replica was ready: each waited for its cold start
+        assert all(s.cold_start_s > 0 for s in replay.served)
         assert replay.stats["cold_starts"] == 1 and replay.stats["machines_up"] == 1
         up = next(e for e in scaler.events if e["event"] == "machine up")
         ready = next(e for e in scaler.events if e["event"] == "ready")
@@ -86,7 +91,8 @@ def test_a_pinned_deployment_stays_up_and_a_busy_group_scales_out_to_its_spare_m
         first = scaler.warm("g")
         time.sleep(1.5)
         assert scaler.running() == {"g": 1}  # pinned: not reaped although idle
-        held, _ = scaler.acquire("base")  # one request in flight: the replica is at max_in_flight
+        held, waited = scaler.acquire("base")  # one request in flight: the replica is at max_in_flight
+        assert waited == 0.0  # it was ready: no cold start
         second, _ = scaler.acquire("base")  # so this one starts a replica on the spare machine
         assert held is first and second is first
         starts = [e for e in scaler.events if e["event"] == "start"]
@@ -122,3 +128,39 @@ def test_an_external_clusters_machines_are_not_ours_to_release(deployment):
             assert scaler.machines is None, "on an external cluster only replicas come and go"
         finally:
             scaler.close()
+
+
+def test_a_lull_costs_an_always_on_deployment_every_machine_and_a_serverless_one_what_stays_up(deployment):
+    replay = Replay("x", [], 1.0, stats={"machine_seconds": 5.0})
+    scaler = Autoscaler(deployment["cluster"], {"g": ["serve-0", "serve-1"]}, {}, {"g": deployment["config"]})
+    try:
+        scaler.pinned = True  # both machines stay up: the lull's cost is known without waiting it out
+        tic = time.monotonic()
+        assert machine_seconds_with_lull(scaler, replay, 30.0) == 5.0 + 2 * 30.0 and time.monotonic() - tic < 1.0
+        scaler.pinned = False  # serverless: the lull is watched while machines are up ...
+        tic = time.monotonic()
+        assert machine_seconds_with_lull(scaler, replay, 1.0) == pytest.approx(5.0 + 2 * 1.0, abs=0.3)
+        assert time.monotonic() - tic >= 1.0
+        scaler.release_idle_machines()  # ... and once every machine is given back, the rest costs nothing
+        tic = time.monotonic()
+        assert machine_seconds_with_lull(scaler, replay, 30.0) == pytest.approx(5.0, abs=0.01)
+        assert time.monotonic() - tic < 1.0
+        with pytest.raises(ValueError, match="lull_s must be ≥ 0"):
+            machine_seconds_with_lull(scaler, replay, -1.0)
+    finally:
+        scaler.close()
+
+
+def test_a_replica_profiled_as_deployed_serves_the_probe_over_http_and_is_stopped(deployment):
+    probe = trace([(0.0, "acme/bot"), (0.2, "globex/bot"), (0.4, "acme/bot"), (0.6, "acme/bot")])
+    profile = profile_machine(deployment["cluster"], "serve-0", deployment["config"], deployment["keys"], probe, 5.0,
+                              ttft_slo_s=120.0, tpot_slo_s=30.0, factors_up=(1.0,))
+    (point,) = profile["points"]  # objectives this loose hold at the workload's own load
+    assert point["held"] and point["requests"] == 4 and point["attainment"] == 1.0
+    # 16 tokens over the probe's 0.6 s + one mean gap (0.2 s)
+    assert point["offered_tokens_per_s"] == pytest.approx(20.0) == profile["capacity_tokens_per_s"]
+    assert profile["kind"] == "deployed" and profile["weight_format"] == "int4" and profile["lora_slots"] == 4
+    assert profile["replica"]["worker"] == "serve-0" and profile["replica"]["base_load_s"] > 0
+    # every tenant's probe requests went through the service's tenancy, and were metered
+    for tenant in ("acme", "globex"):
+        assert deployment["registry"].usage(deployment["registry"].tenant(tenant))["total"]["requests"] >= 1

@@ -7,7 +7,7 @@ import pytest
 
 from tasks.lm.engine import LMEngine
 from tasks.lm.lora import MODULES, random_adapter
-from tasks.lmaas.strategies import MergedWeights, replay
+from tasks.lmaas.strategies import MergedWeights, replay, slo_rows
 from tasks.lmaas.trace import bursty_arrivals, make_trace, zipf_weights
 
 
@@ -67,3 +67,18 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return torch.equal(a, b)
+
+
+def test_slo_rows_count_the_requests_that_met_a_cold_start_apart():
+    def served(tenant, ttft, latency, cold=0.0):
+        return {"tenant": tenant, "ttft_s": ttft, "latency_s": latency, "completion_tokens": 11, "cold_start_s": cold}
+    requests = [served("acme", 0.5, 1.5), served("acme", 0.5, 1.5), served("acme", 9.0, 10.0, cold=8.5),
+                served("acme", 0.5, 9.0),  # warm, but slow per token: 0.85 s > 0.2 s
+                served("globex", 12.0, 13.0, cold=11.0)]
+    acme, globex = slo_rows("lmaas_serverless", requests, {"acme": (2.0, 0.2), "globex": (6.0, 0.5),
+                                                           "initech": (1.0, 0.1)})  # initech sent nothing: no row
+    assert (acme["tenant"], acme["requests"], acme["slo_attainment"]) == ("acme", 4, 0.5)
+    assert (acme["warm_requests"], acme["warm_attainment"], acme["cold_requests"]) == (3, 2 / 3, 1)
+    assert acme["cold_wait_s_max"] == 8.5 and acme["ttft_attainment"] == 0.75
+    assert (globex["slo_attainment"], globex["warm_requests"], globex["warm_attainment"]) == (0.0, 0, None)
+    assert globex["cold_wait_s_max"] == 11.0

@@ -30,8 +30,6 @@ Nothing outside ``infra/`` imports ``distributed``: what the flows and tasks nee
 
 from __future__ import annotations
 
-import importlib.util
-import multiprocessing
 import multiprocessing.forkserver
 import os
 import threading
@@ -199,9 +197,9 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-# What every worker imports before its first task; the fork server imports it once.
-WORKER_PRELOAD = ("dask", "distributed", "cloudpickle", "msgpack", "tornado", "toolz", "numpy", "pandas", "torch",
-                  "prefect", "prefect.task_engine", "prefect_dask")
+# What every worker imports before its first task; the fork server imports it once (distributed
+# brings dask, cloudpickle, msgpack, tornado and toolz; a module that fails to import is skipped).
+WORKER_PRELOAD = ("distributed", "numpy", "pandas", "torch", "prefect", "prefect.task_engine", "prefect_dask")
 WORKER_START_METHODS = ("forkserver", "spawn")
 
 
@@ -213,7 +211,7 @@ def worker_start_method() -> str:
     return method
 
 
-def _prepare_worker_start() -> str:
+def _prepare_worker_start() -> None:
     """Point Dask's Nanny at the start method; for ``forkserver``, start the fork server with the
     workers' environment (torch reads its thread settings from it) and the preloaded modules."""
     method = worker_start_method()
@@ -222,7 +220,7 @@ def _prepare_worker_start() -> str:
         from distributed.utils import get_mp_context
 
         context = get_mp_context()  # Dask sets its own preload once; ours replaces it before the server starts
-        context.set_forkserver_preload([m for m in WORKER_PRELOAD if importlib.util.find_spec(m.split(".")[0])])
+        context.set_forkserver_preload(list(WORKER_PRELOAD))
         saved = dict(os.environ)
         os.environ.update(worker_env())
         try:
@@ -230,7 +228,6 @@ def _prepare_worker_start() -> str:
         finally:
             os.environ.clear()
             os.environ.update(saved)
-    return method
 
 
 def embedded_cluster(spec: InfraSpec, *, host: str = "127.0.0.1", dashboard: bool = False,

@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import multiprocessing.forkserver
 import os
+import socket
 import threading
 import time
 from contextlib import contextmanager
 from typing import ContextManager, Iterator
+from urllib.parse import urlparse
 
 import dask
 from distributed import Client, Event, Nanny, Scheduler, SpecCluster, Variable, get_worker, secede
@@ -368,6 +370,15 @@ class TieredCluster:
     def machine_address(self, name: str) -> str | None:
         """The address of the worker named ``name``, or None if no such worker runs."""
         return next((address for address, worker in self.workers().items() if worker == name), None)
+
+    def host_of(self, machine: str) -> str | None:
+        """The host ``machine``'s worker runs on: this host for every machine of an embedded cluster
+        (its worker processes share this host's cores, released or not), the host part of the running
+        worker's address on an external cluster (None where no worker of that name runs)."""
+        if self.embedded:
+            return socket.gethostname()
+        address = self.machine_address(machine)
+        return urlparse(address).hostname if address else None
 
     def worker_pid(self, address: str) -> int:
         """The process id of the worker at ``address`` (on its own host); raises if it is gone."""

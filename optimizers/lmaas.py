@@ -9,6 +9,7 @@ The model (a MILP, solved by :func:`optimizers.solve.solve_milp`):
                 Σ_a s_a · x_aw ≤ S_w · y_w            ∀ w               (adapter memory)
                 Σ_a λ_a · x_aw ≤ ρ · μ_w · y_w        ∀ w               (throughput within the SLO's utilisation)
                 Σ_a p_a · x_aw ≤ K_w · y_w            ∀ w               (adapters active at once fit the resident slots)
+                Σ_{w ∈ h} Σ_a λ_a · x_aw ≤ ρ · μ_h    ∀ shared host h   (machines on one host share its cores)
                 x, y ∈ {0, 1}
 
 where ``λ_a`` is adapter a's expected load (tokens/s), ``s_a`` its size, ``p_a = 1 − exp(−r_a τ)``
@@ -18,6 +19,10 @@ profiled), adapter memory ``S_w`` and ``K_w`` resident slots. ``ρ`` is the high
 which the profile met the time-per-output-token objective (batched decode: latency grows with load).
 Punica and S-LoRA batch many adapters on one worker; the slot constraint keeps the adapters that
 are active together within what one batch can hold without swapping.
+
+Worker options that run on the same host (``host``, e.g. every worker process of an embedded cluster)
+share its cores: each one's ``μ_w`` was profiled alone, with the whole host, so together they hold
+``μ_h = max_{w ∈ h} μ_w`` and not the sum.
 
 Re-planning from a ``current`` assignment is lexicographic: first the least cost ``C*`` as above,
 then, among placements costing ``C*``, the fewest adapters moved off the worker that serves them
@@ -60,6 +65,7 @@ class WorkerOption:
     tokens_per_s: float  # μ_w: throughput at full batch, profiled (or simulated from the catalog)
     adapter_memory_bytes: int  # S_w: memory for adapters beside the base model and the KV cache
     resident_slots: int  # K_w
+    host: str | None = None  # options on the same host share its cores (None: a machine of its own)
 
 
 @dataclass
@@ -105,6 +111,28 @@ def _check(adapters: list[AdapterLoad], workers: list[WorkerOption], max_utilisa
         raise PlacementInputError(f"window_s must be positive (got {window_s!r})")
 
 
+def shared_hosts(workers: list[WorkerOption]) -> dict[str, list[int]]:
+    """Host → the indices of the worker options on it, for hosts that hold more than one."""
+    hosts: dict[str, list[int]] = {}
+    for j, w in enumerate(workers):
+        if w.host is not None:
+            hosts.setdefault(w.host, []).append(j)
+    return {h: js for h, js in hosts.items() if len(js) > 1}
+
+
+def host_capacity(workers: list[WorkerOption], members: list[int]) -> float:
+    """μ_h: what a host's worker options hold together (each was profiled alone, with all of it)."""
+    return max(workers[j].tokens_per_s for j in members)
+
+
+def combined_capacity(workers: list[WorkerOption]) -> float:
+    """What all the options hold together: each one's own μ_w, a shared host's μ_h once."""
+    hosts = shared_hosts(workers)
+    shared = {j for members in hosts.values() for j in members}
+    return (sum(w.tokens_per_s for j, w in enumerate(workers) if j not in shared)
+            + sum(host_capacity(workers, members) for members in hosts.values()))
+
+
 def active_probability(requests_per_s: float, window_s: float) -> float:
     """p_a: the chance an adapter with Poisson arrivals at ``requests_per_s`` has a request within ``window_s``."""
     return 1.0 - math.exp(-requests_per_s * window_s)
@@ -144,6 +172,13 @@ def plan_adapter_placement(adapters: list[AdapterLoad], workers: list[WorkerOpti
             [active @ x <= cp.multiply(np.array([w.resident_slots for w in workers], dtype=float), y)],
             f"adapters expected active within {window_s:g} s fit a worker's LoRA slots"),
     }
+    hosts = shared_hosts(workers)
+    if hosts:
+        families["machines on one host share its throughput"] = Family(
+            [cp.sum(cp.hstack([load @ x[:, j] for j in members])) <= max_utilisation * host_capacity(workers, members)
+             for members in hosts.values()],
+            "the workers on one host carry together at most what one of them was profiled to hold alone "
+            f"(hosts: {', '.join(f'{h}: {len(js)} workers' for h, js in hosts.items())})")
     solution = solve_milp(cp.Minimize(price @ y), families, what="the LMaaS adapter placement", time_limit=time_limit)
     seconds, optimal, moved = solution.seconds, solution.optimal, None
     placed = [(i, names[current[a.name]]) for i, a in enumerate(adapters) if a.name in (current or {})]
@@ -189,7 +224,7 @@ def brute_force_placement(adapters: list[AdapterLoad], workers: list[WorkerOptio
     active = [active_probability(a.requests_per_s, window_s) for a in adapters]
     index = {w.name: j for j, w in enumerate(workers)}
     now = [index.get((current or {}).get(a.name)) for a in adapters]
-    best = None
+    hosts, best = shared_hosts(workers), None
     for where in itertools.product(range(len(workers)), repeat=len(adapters)):
         feasible = True
         for j, w in enumerate(workers):
@@ -201,6 +236,10 @@ def brute_force_placement(adapters: list[AdapterLoad], workers: list[WorkerOptio
                     or sum(active[i] for i in mine) > w.resident_slots + 1e-9):
                 feasible = False
                 break
+        for members in hosts.values():
+            if sum(load[i] for i, k in enumerate(where) if k in members) > (
+                    max_utilisation * host_capacity(workers, members) + 1e-9):
+                feasible = False
         if feasible:
             cost = sum(workers[j].usd_per_hour for j in set(where))
             if current is None:
@@ -230,4 +269,9 @@ def needs_replan(placement: AdapterPlacement, adapters: list[AdapterLoad], worke
             reasons.append(f"{worker}: adapters over its memory")
         if sum(active_probability(a.requests_per_s, window) for a in mine) > w.resident_slots:
             reasons.append(f"{worker}: more adapters active at once than its slots")
+    for host, members in shared_hosts(workers).items():
+        on_host = {workers[j].name for j in members} & set(placement.workers)
+        if sum(a.tokens_per_s for a in adapters if placement.assignment.get(a.name) in on_host) > (
+                rho * host_capacity(workers, members)):
+            reasons.append(f"host {host}: its workers' load over {rho:.0%} of what the host holds")
     return reasons

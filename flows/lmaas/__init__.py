@@ -88,7 +88,10 @@ SYSTEM = System(
     scales=tuple(SCALES),
     contracts=("lmaas.training", "lmaas.evaluation"),
     regime="Zipf multi-tenant trace at the planned load, always-on replicas",
-    demo_budget_s=210,
+    # small scale, paced in real time: the 21 s trace replayed five times (the service always on and
+    # serverless, three baselines) and three probes of the replica (45 s) are 150 s of arrivals alone,
+    # after 75 s of fine-tuning; the four landed systems' budgets leave 3 min each to six more in 30
+    demo_budget_s=250,
     deployments=(
         Deployment("hourly-adapter-replan", "flows.lmaas.flow:lmaas_replan", "15 * * * *",
                    "LMaaS re-planning: read the last hour of metered requests per adapter from the registry, check "

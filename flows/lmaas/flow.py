@@ -46,9 +46,9 @@ def lmaas_stages(run: RunContext) -> Summary:
     objectives = Objectives.tightest(tenancy.tenants)
     profiled, profiles, formats = profile_serving_pools(run.cluster, serving, comparing, tenancy, probe, shape["rate"],
                                                         objectives)
-    plan, loads, workers = place(trace, tenancy, serving, profiles, objectives, shape["rate"])
+    plan, loads, workers = place(run.cluster, trace, tenancy, serving, profiles, objectives, shape["rate"])
     run.write_plan(plan_dict(plan))
-    keep_current_plan(plan, tenancy, params.infra, objectives.tpot_s, profiles)
+    keep_current_plan(plan, tenancy, params.infra, objectives.tpot_s, profiles, {w.name: w.host for w in workers})
     service = serve_trace(run.cluster, plan, loads, serving, formats, tenancy, trace, trained, TRAINED, shape,
                           params.seed)
     replayed = replay_baselines_on(serving[0], trace, tenancy, baselines)
@@ -110,7 +110,7 @@ def lmaas_replan(plan_path: str | None = None, window_s: float = 3600.0) -> dict
         return {"needed": False, "reasons": ["no load in the window"], "workers": current["workers"]}
     spec = load_infra_spec(current["infra"])
     serving = [p for p in spec.pools if p.name != "train"]
-    workers = worker_options(serving, current["profiles"], current["tpot_slo_s"], load_catalog())
+    workers = worker_options(serving, current["profiles"], current["tpot_slo_s"], load_catalog(), current.get("hosts"))
     plan = AdapterPlacement(current["assignment"], current["workers"], current["usd_per_hour"], current["utilisation"],
                             current["active_adapters"], current["memory_bytes"], current["solve_seconds"],
                             current["optimal"], current["inputs"])

@@ -28,7 +28,8 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from optimizers.lmaas import AdapterLoad, AdapterPlacement, WorkerOption, plan_adapter_placement
+from optimizers.lmaas import (AdapterLoad, AdapterPlacement, WorkerOption, combined_capacity, plan_adapter_placement,
+                              shared_hosts)
 from optimizers.solve import InfeasibleError
 
 BASE_RESERVED_BYTES = 2 * 2**30  # base model, KV cache and runtime beside the adapters
@@ -210,9 +211,11 @@ def trace_counts(trace) -> dict[str, tuple[int, int]]:
     return {m: (requests[m], tokens[m]) for m in requests}
 
 
-def worker_options(pools, profiles: dict[str, dict], tpot_slo_s: float, catalog) -> list[WorkerOption]:
-    """One option per machine of each serving pool, with its pool's profiled capacity and its
-    device's catalog price and memory."""
+def worker_options(pools, profiles: dict[str, dict], tpot_slo_s: float, catalog,
+                   hosts: dict[str, str | None] | None = None) -> list[WorkerOption]:
+    """One option per machine of each serving pool, with its pool's profiled capacity, its device's
+    catalog price and memory, and the host it runs on (``hosts``: machine → host; machines on one
+    host share its cores, so the placement counts their capacity once)."""
     options = []
     for pool in pools:
         device = catalog.device(pool.device)
@@ -220,7 +223,7 @@ def worker_options(pools, profiles: dict[str, dict], tpot_slo_s: float, catalog)
         memory = max(0, int(device.memory_gib * 2**30) - BASE_RESERVED_BYTES)
         for machine in pool.machine_names():
             options.append(WorkerOption(machine, pool.device, device.usd_per_hour, capacity(profile, tpot_slo_s),
-                                        memory, profile["lora_slots"]))
+                                        memory, profile["lora_slots"], (hosts or {}).get(machine)))
     return options
 
 
@@ -233,12 +236,15 @@ def plan_within_objectives(loads: list[AdapterLoad], workers: list[WorkerOption]
     """The placement for ``loads`` on ``workers`` whose capacities were measured as deployed
     (:func:`profile_deployed`): they already hold the objectives at that load, so the plan may load
     a worker up to all of its capacity. Raises :class:`CapacityError` when the spec's workers cannot
-    hold the load within the objectives (the plan would promise what no deployment keeps)."""
+    hold the load within the objectives (the plan would promise what no deployment keeps); workers
+    on one host count once (they share its cores)."""
     try:
         return plan_adapter_placement(loads, workers, max_utilisation=1.0)
     except InfeasibleError as exc:
-        load, have = sum(a.tokens_per_s for a in loads), sum(w.tokens_per_s for w in workers)
+        load, have = sum(a.tokens_per_s for a in loads), combined_capacity(workers)
+        shared = sum(len(members) for members in shared_hosts(workers).values())
+        sharing = f" ({shared} of them share one host's cores and count once)" if shared else ""
         raise CapacityError(
-            f"the load of {load:.1f} tokens/s needs more than the spec's {len(workers)} serving machine(s), which hold "
+            f"the load of {load:.1f} tokens/s needs more than the spec's {len(workers)} serving machine(s){sharing}, which hold "
             f"{have:.1f} tokens/s together within TTFT ≤ {ttft_slo_s:g} s and TPOT ≤ {tpot_slo_s:g} s (measured as "
             f"deployed): lower the rate or add machines; nothing was deployed ({exc})") from None

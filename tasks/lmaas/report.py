@@ -20,6 +20,17 @@ COLUMNS = ["strategy", "requests", "completion_tokens", "makespan_s", "tokens_pe
            "latency_p99_s", "ttft_p50_s", "ttft_p99_s", "tpot_median_s"]
 
 
+def replan_text(replan: dict) -> str:
+    """The surge re-plan in words: why it was needed, and what it chose or which constraints conflict."""
+    if not replan["needed"]:
+        return f"not needed; the plan's workers {replan['workers']} still hold it."
+    why = "; ".join(replan["reasons"])
+    if "infeasible" in replan:
+        return f"needed ({why}), and the spec cannot hold it: {replan['infeasible']}"
+    return (f"needed ({why}): {replan['workers_before']} → {replan['workers']}, ${replan['usd_per_hour_before']:.3f} → "
+            f"${replan['usd_per_hour']:.3f}/hour, {replan['moved_adapters']} adapters moved.")
+
+
 def slo_table(served: dict[str, list[dict]], tenants: dict) -> pd.DataFrame:
     """Per strategy and tenant: share of requests meeting the tenant's TTFT and TPOT objectives, and
     apart from those that met a cold start (:func:`tasks.lmaas.strategies.slo_rows`)."""
@@ -80,7 +91,7 @@ def markdown_report(workload: str, regime_phrase: str, details: dict, table: pd.
               f"Capacity as deployed (probes of the trace's shape over HTTP): {details['capacity_as_deployed']}", "",
               f"Placement: {details['placement']}", "", f"Serverless: {details['serverless']}", "",
               f"Isolation probe (HTTP status): {details['isolation']}", "",
-              f"Re-plan on a shifted mix: {details['replan']}", "", *[f"![{p}]({p})" for p in plots], "",
+              f"Re-plan on a shifted mix: {replan_text(details['replan'])}", "", *[f"![{p}]({p})" for p in plots], "",
               "Simulated / what this host stands in for:", *[f"- {s}" for s in SIMULATED]]
     return "\n".join(lines) + "\n"
 

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -194,14 +195,20 @@ def register(run: RunContext, trained: list[dict], owners: dict[str, str], n_ran
 def make_requests(models: list[str], shape: dict, seed: int, n_requests: int | None = None) -> list:
     """The multi-tenant trace every strategy replays (Zipf over the adapters, bursty arrivals):
     ``shape``'s requests, or ``n_requests`` of the same shape (the profile's probe, another seed)."""
+    from tasks.lmaas.trace import make_trace
+
+    return make_trace(models, list(_corpus_tokens()), n_requests=n_requests or shape["requests"], rate=shape["rate"],
+                      seed=seed, max_tokens=shape["max_tokens"])
+
+
+@functools.cache
+def _corpus_tokens() -> tuple[int, ...]:
+    """The prompts' source text, tokenized once per process (building the tokenizer takes seconds)."""
     from tasks.lm.tokenizer import build_tokenizer
     from tasks.lm.weights import load_metadata
-    from tasks.lmaas.trace import make_trace
     from tasks.moe.corpus import load_corpus
 
-    corpus = build_tokenizer(load_metadata(None)).encode(load_corpus()[:200_000])
-    return make_trace(models, corpus, n_requests=n_requests or shape["requests"], rate=shape["rate"], seed=seed,
-                      max_tokens=shape["max_tokens"])
+    return tuple(build_tokenizer(load_metadata(None)).encode(load_corpus()[:200_000]))
 
 
 # --- PROFILE and OPTIMIZE -------------------------------------------------------------------------
@@ -266,26 +273,29 @@ def profile_serving_pools(cluster: TieredCluster, serving: list[Pool], comparing
     return profiled, profiles, formats
 
 
-def place(trace: list, tenancy: Tenancy, serving: list[Pool], profiles: dict, objectives: Objectives, rate: float):
+def place(cluster: TieredCluster, trace: list, tenancy: Tenancy, serving: list[Pool], profiles: dict,
+          objectives: Objectives, rate: float):
     """OPTIMIZE: every registered adapter gets a place (the ones the trace does not use with no load),
-    within the capacities measured as deployed; returns the placement, the adapters' loads and the
-    worker options it chose from."""
+    within the capacities measured as deployed (machines on one host counted once: they share its
+    cores); returns the placement, the adapters' loads and the worker options it chose from."""
     from tasks.lmaas.profile import adapter_loads, plan_within_objectives, trace_counts, trace_seconds, worker_options
 
     counts = trace_counts(trace)
     loads = adapter_loads({m: counts.get(m, (0, 0)) for m in tenancy.models}, trace_seconds(trace, rate), tenancy.sizes)
-    workers = worker_options(serving, profiles, objectives.tpot_s, load_catalog())
+    hosts = {m: cluster.host_of(m) for p in serving for m in p.machine_names()}
+    workers = worker_options(serving, profiles, objectives.tpot_s, load_catalog(), hosts)
     plan = plan_within_objectives(loads, workers, ttft_slo_s=objectives.ttft_s, tpot_slo_s=objectives.tpot_s)
     get_run_logger().info("placement: run %s at $%.3f/hour", plan.workers, plan.usd_per_hour)
     return plan, loads, workers
 
 
-def keep_current_plan(plan: AdapterPlacement, tenancy: Tenancy, infra: str, tightest_tpot: float, profiles: dict) -> None:
+def keep_current_plan(plan: AdapterPlacement, tenancy: Tenancy, infra: str, tightest_tpot: float, profiles: dict,
+                      hosts: dict[str, str | None]) -> None:
     """What the scheduled re-plan (``lmaas-replan``) starts from: ``$TIERFLOW_HOME/lmaas/plan.json``."""
     current = tierflow_home() / "lmaas" / "plan.json"
     current.parent.mkdir(parents=True, exist_ok=True)
     current.write_text(json.dumps({**plan_dict(plan), "db": tenancy.db_url, "store": tenancy.store_url, "infra": infra,
-                                   "tpot_slo_s": tightest_tpot, "profiles": profiles}, default=str))
+                                   "tpot_slo_s": tightest_tpot, "profiles": profiles, "hosts": hosts}, default=str))
 
 
 def plan_dict(plan: AdapterPlacement) -> dict:

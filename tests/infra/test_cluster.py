@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -150,6 +151,11 @@ def test_a_released_machine_leaves_the_cluster_and_comes_back_with_its_resources
     assert embedded.start_machine("edge-orin") == address  # already running: nothing to do
     with pytest.raises(ClusterError, match=r"no machine named 'nope'"):
         embedded.start_machine("nope")
+
+
+def test_every_machine_of_an_embedded_cluster_is_on_this_host_and_an_external_ones_on_its_address(embedded):
+    """Worker processes on one host share its cores: what LMaaS's placement counts once."""
+    assert {embedded.host_of(name) for name in ("edge-orin", "cloud-t4", "released-or-not")} == {socket.gethostname()}
 
 
 def test_work_pinned_to_a_worker_by_name_runs_there_and_knows_where_it_runs(embedded):
@@ -353,6 +359,8 @@ def test_tiered_cluster_joins_external_workers_and_routes_by_tier(external_sched
                 )
 
         assert not cluster.embedded and cluster.address == external_scheduler
+        names = set(cluster.workers().values())
+        assert {cluster.host_of(name) for name in names} == {"127.0.0.1"} and cluster.host_of("nope") is None
         assert address_of_tier["edge"] != address_of_tier["cloud"]
         assert placed == {tier: [address_of_tier[tier]] * 3 for tier in EXTERNAL_WORKER_RESOURCES}
         with on(device="t4"):

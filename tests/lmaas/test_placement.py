@@ -5,6 +5,7 @@ noticed."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -21,10 +22,14 @@ def workers(n_cheap=2, n_big=1):
 
 
 def random_instance(seed: int, n_adapters: int = 5):
+    """Random loads on 2–4 worker options; every third seed puts the cheap ones on one shared host."""
     rng = random.Random(seed)
     adapters = [AdapterLoad(f"a{i}", rng.uniform(5, 250), rng.uniform(0.01, 1.5), rng.randint(4, 40) * MIB)
                 for i in range(n_adapters)]
-    return adapters, workers(rng.randint(1, 2), rng.randint(0, 1)) + [WorkerOption("cpu-x", "cpu-medium", 0.384, 1500, 256 * MIB, 8)]
+    options = workers(rng.randint(1, 2), rng.randint(0, 1)) + [WorkerOption("cpu-x", "cpu-medium", 0.384, 1500, 256 * MIB, 8)]
+    if seed % 3 == 0:
+        options = [replace(w, host="host-a") if w.device == "cpu-small" else w for w in options]
+    return adapters, options
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -68,6 +73,24 @@ def test_a_replan_that_still_fits_moves_nothing_and_an_unknown_worker_is_named()
     assert again.moved == 0 and again.assignment == first.assignment
     with pytest.raises(PlacementInputError, match=r"worker\(s\) \['gone-7'\] are not among the worker options"):
         plan_adapter_placement(adapters, options, current={"a0": "gone-7"})
+
+
+def test_workers_on_one_host_carry_together_what_one_of_them_holds():
+    """Two worker processes on one host's cores were each profiled alone: a load that needs both is
+    not held by running both; it buys a machine of its own, or is infeasible by name."""
+    adapters = [AdapterLoad(f"a{i}", 90, 0.1, 4 * MIB) for i in range(5)]  # 450 tokens/s; one cheap worker holds 280
+    apart = workers(n_cheap=2, n_big=1)
+    assert plan_adapter_placement(adapters, apart).workers == ["cpu-0", "cpu-1"]
+    shared = [replace(w, host="this-host") if w.device == "cpu-small" else w for w in apart]
+    assert plan_adapter_placement(adapters, shared).workers == ["gpu-0"]
+    with pytest.raises(InfeasibleError, match="machines on one host share its throughput"):
+        plan_adapter_placement(adapters, shared[:2])
+    light = [AdapterLoad(f"a{i}", 50, 0.1, 4 * MIB) for i in range(5)]  # 250 tokens/s: one of them holds it
+    plan = plan_adapter_placement(light, shared[:2])
+    assert len(plan.workers) == 1
+    two = replace(plan, workers=["cpu-0", "cpu-1"],  # each within its own 280, not within the host's
+                  assignment={a.name: ("cpu-0" if i % 2 else "cpu-1") for i, a in enumerate(adapters)})
+    assert needs_replan(two, adapters, shared[:2]) == ["host this-host: its workers' load over 70% of what the host holds"]
 
 
 def test_light_load_packs_onto_the_cheapest_worker_and_heavy_load_buys_a_bigger_one():

@@ -124,11 +124,13 @@ def demo(
 ) -> None:
     """Run the systems one after another on their default inputs and print the side-by-side summary."""
     from flows.table import print_summaries
+    from infra.cluster import preload_on_workers
 
     names = [n.strip() for n in only.split(",") if n.strip()] if only else list(SYSTEMS)
     chosen = [find_system(name) for name in names]
     params = {s.name: checked_params(s, scale, None, None) for s in chosen}
     url = ensure_server()
+    preload_on_workers(*(s.flow_module for s in chosen))  # the first cluster's fork server imports them all once
     out = Console()
     summaries, failed, started = [], [], time.perf_counter()
     for i, s in enumerate(chosen, 1):

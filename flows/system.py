@@ -102,7 +102,12 @@ class System:
 
         self.check_scale(scale)
         return RunContext(self.name, params, scale=scale, regime=self.regime, results_dir=results_dir, run_id=run_id,
-                          store=store, scheduler=scheduler, out=out)
+                          store=store, scheduler=scheduler, out=out, worker_modules=(self.flow_module,))
+
+    @property
+    def flow_module(self) -> str:
+        """The module of the system's flow: importing it imports every task its workers run."""
+        return self.flow.split(":")[0]
 
     def load_flow(self):
         """The Prefect flow (imports Prefect and the system's runtime)."""

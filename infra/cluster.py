@@ -17,8 +17,9 @@ Dask both honour the annotation, so the work runs on a worker with that resource
 ``with on_worker(name_or_address)`` pins work to one worker.
 
 Worker processes start by forking a server process that has already imported what every
-worker imports (Dask, Prefect, torch, numpy, pandas): a spawned worker would import them again,
-a few seconds of both cores each, before its first task (``TIERFLOW_WORKER_START=spawn`` restores
+worker imports (Dask, Prefect, torch, numpy, pandas, and the flow modules of the systems about to
+run, :func:`preload_on_workers`): a spawned worker would import them again, a few seconds of both
+cores each, before its first task (``TIERFLOW_WORKER_START=spawn`` restores
 spawning, which ``benchmarks/platform.py`` compares against).
 
 Services: :meth:`TieredCluster.start_service` runs a long-lived function (a server) on one
@@ -203,6 +204,15 @@ def worker_env() -> dict[str, str]:
 # brings dask, cloudpickle, msgpack, tornado and toolz; a module that fails to import is skipped).
 WORKER_PRELOAD = ("distributed", "numpy", "pandas", "torch", "prefect", "prefect.task_engine", "prefect_dask")
 WORKER_START_METHODS = ("forkserver", "spawn")
+_system_preload: list[str] = []  # what the systems about to run add (preload_on_workers)
+
+
+def preload_on_workers(*modules: str) -> None:
+    """Have the fork server also import ``modules`` (a system's flow module, which brings its tasks):
+    every worker it forks then starts with them instead of importing them before its first task, a
+    second or more each on these cores. Only a fork server that has not started yet takes them; after
+    that, workers import what they need as before."""
+    _system_preload.extend(m for m in modules if m not in _system_preload)
 
 
 def worker_start_method() -> str:
@@ -222,7 +232,7 @@ def _prepare_worker_start() -> None:
         from distributed.utils import get_mp_context
 
         context = get_mp_context()  # Dask sets its own preload once; ours replaces it before the server starts
-        context.set_forkserver_preload(list(WORKER_PRELOAD))
+        context.set_forkserver_preload([*WORKER_PRELOAD, *_system_preload])
         saved = dict(os.environ)
         os.environ.update(worker_env())
         try:

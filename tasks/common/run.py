@@ -22,13 +22,15 @@ import json
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import pandas as pd
 from prefect import flow
 
 from data_contracts import validate
-from infra.cluster import TieredCluster
+from infra.cluster import TieredCluster, preload_on_workers
 from infra.spec import InfraSpec
 from infra.store import open_store
 from tasks.common.params import RunParams
@@ -51,8 +53,9 @@ class RunContext:
 
     def __init__(self, system: str, params: RunParams, *, scale: str, regime: str, results_dir: str = "results",
                  run_id: str | None = None, store: str | None = None, scheduler: str | None = None,
-                 out: Path | None = None):
+                 out: Path | None = None, worker_modules: tuple[str, ...] = ()):
         self.system, self.params, self.scale = system, params, scale
+        self.worker_modules = worker_modules  # what the cluster's workers import (preloaded where they fork)
         self.run_id = run_id or new_run_id()
         self.out = Path(out) if out is not None else Path(results_dir) / system / self.run_id
         self.store, self.scheduler = store, scheduler
@@ -165,8 +168,14 @@ def run_flow(run: RunContext, stages, infra: InfraSpec, *, rerun_lost_tasks: boo
     Returns the summary as a dict (what ``tierflow run --json`` prints)."""
     from prefect_dask import DaskTaskRunner
 
-    validate(infra.pools_frame(), "infra.pools", f"infrastructure spec {infra.name!r}")
-    with TieredCluster(infra, scheduler=run.scheduler, rerun_lost_tasks=rerun_lost_tasks) as cluster:
+    # the spec's contract is checked while the cluster starts: its first check loads Great Expectations
+    # (seconds), the cluster's start is mostly waiting for worker processes; a failed check stops both
+    preload_on_workers(*run.worker_modules)
+    with ExitStack() as running:
+        checked = running.enter_context(ThreadPoolExecutor(1, thread_name_prefix="check-infra")).submit(
+            validate, infra.pools_frame(), "infra.pools", f"infrastructure spec {infra.name!r}")
+        cluster = running.enter_context(TieredCluster(infra, scheduler=run.scheduler, rerun_lost_tasks=rerun_lost_tasks))
+        checked.result()
         run.cluster = cluster
         try:
             summary = stages.with_options(task_runner=DaskTaskRunner(address=cluster.address))(run)

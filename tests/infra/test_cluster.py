@@ -223,6 +223,32 @@ def test_workers_fork_from_a_server_that_imported_torch_and_read_prefect_setting
         assert worker["omp"] == "1"
 
 
+PRELOAD_SCRIPT = """
+import sys
+from infra.cluster import TieredCluster, preload_on_workers
+from infra.spec import parse_infra_spec
+
+def seen():
+    import sys
+    return "xml.dom.minidom" in sys.modules
+
+if __name__ == "__main__":
+    preload_on_workers("xml.dom.minidom")  # a module nothing in a worker imports
+    spec = parse_infra_spec({"name": "one", "pools": [{"name": "hub-gw", "tier": "hub", "device": "cpu-small"}]})
+    with TieredCluster(spec) as cluster:
+        print(list(cluster.client.run(seen).values()), "xml.dom.minidom" in sys.modules)
+"""
+
+
+def test_a_systems_modules_given_before_the_cluster_starts_are_imported_by_the_fork_server(tmp_path):
+    """What a run's workers would import before their first task is already there when they fork."""
+    script = tmp_path / "preload.py"
+    script.write_text(PRELOAD_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2], env={**os.environ, "PYTHONPATH": "."})
+    assert done.stdout.strip().splitlines()[-1] == "[True] False", done.stderr[-2000:]
+
+
 def test_an_unknown_worker_start_method_is_refused_by_name(monkeypatch):
     monkeypatch.setenv("TIERFLOW_WORKER_START", "fork")
 

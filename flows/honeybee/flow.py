@@ -14,7 +14,7 @@ from flows.honeybee import DEFAULT_INFRA, SYSTEM, HoneyBeeParams
 from optimizers.honeybee_cost import fit_cost_model
 from tasks.common.run import RunContext, run_flow, stages_flow
 from tasks.common.summary import Summary
-from tasks.honeybee.plans import build_problem, make_deployment
+from tasks.honeybee.plans import build_problem
 from tasks.honeybee.profile import grid_for
 from tasks.honeybee.rbac import Rbac
 from tasks.honeybee.stages import deploy_and_measure, evaluate, plan_strategies, pool_slots, profile
@@ -34,10 +34,9 @@ def honeybee_stages(run: RunContext) -> Summary:
 
     problem = build_problem(Rbac.of(workload), workload.query_users, model, storage_budget=params.storage_budget,
                             name=workload.name)
-    plans = plan_strategies(problem, strategies)
-    run.write_plan(plans[SYSTEM.strategy].to_dict())
     slots = pool_slots(params.infra_spec, workload.vectors.shape[1])
-    deployments = {s: make_deployment(problem, plan, model, slots, params.near_tier) for s, plan in plans.items()}
+    plans, deployments = plan_strategies(problem, strategies, model, slots, params.near_tier)
+    run.write_plan(plans[SYSTEM.strategy].to_dict())
 
     results, built = deploy_and_measure(workload, params.workload_dir, params.infra_spec, deployments, params.k,
                                         params.recall_target, params.max_index_gib)

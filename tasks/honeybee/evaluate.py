@@ -35,6 +35,9 @@ from tasks.honeybee.serve import SearchJob, merge_results
 
 # (pool → jobs, timed passes) → pool → (D, I, seconds), one row per job
 SearchFn = Callable[[dict[str, list[SearchJob]], int], dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]
+# the same for several strategies in one go, searched in the mapping's order:
+# (strategy → pool → jobs, timed passes) → strategy → pool → (D, I, seconds)
+SearchTogetherFn = Callable[[dict[str, dict[str, list[SearchJob]]], int], dict[str, dict]]
 EFFORT_STEP = 1.5
 MAX_CALIBRATION_ROUNDS = 12
 CALIBRATION_MARGIN = 0.003  # the sample must beat the target by this much: the full query set is not the sample
@@ -68,9 +71,19 @@ class QueryRun:
                    np.concatenate([r.searches for r in runs]), sum(r.rejected_at_merge for r in runs))
 
 
-def run_queries(deployment: Deployment, query_ids: np.ndarray, users: np.ndarray, rbac: Rbac, search: SearchFn,
-                k: int, effort_scale: float = 1.0, passes: int = 1) -> QueryRun:
-    """Fan ``query_ids`` out to their users' partitions, search (timed over ``passes``), merge; time everything."""
+@dataclass
+class Routed:
+    """A chunk of queries fanned out to their partitions: the jobs per pool, and where each query's
+    answers will be (pool, row of that pool's jobs)."""
+
+    jobs: dict[str, list[SearchJob]]
+    where: list[list[tuple[str, int]]]
+    roles_of: list[frozenset[str]]
+
+
+def route_queries(deployment: Deployment, query_ids: np.ndarray, users: np.ndarray, rbac: Rbac,
+                  effort_scale: float = 1.0) -> Routed:
+    """Fan ``query_ids`` out to their users' partitions, at the efforts × ``effort_scale``."""
     jobs: dict[str, list[SearchJob]] = {}
     where: list[list[tuple[str, int]]] = []
     roles_of = [effective_roles(rbac, rbac.user_roles_of(u)) for u in users[query_ids]]
@@ -83,12 +96,18 @@ def run_queries(deployment: Deployment, query_ids: np.ndarray, users: np.ndarray
             jobs.setdefault(pool, []).append(SearchJob(int(q), roles, pid, scaled, exact))
             slots.append((pool, len(jobs[pool]) - 1))
         where.append(slots)
-    answers = search(jobs, passes)
-    found = np.full((len(query_ids), k), -1, dtype=np.int64)
-    latency = np.zeros(len(query_ids))
-    searches = np.zeros(len(query_ids), dtype=int)
+    return Routed(jobs, where, roles_of)
+
+
+def merge_queries(routed: Routed, answers: dict, rbac: Rbac, k: int) -> QueryRun:
+    """Merge each query's partition answers (re-checking permissions); its latency is its searches'
+    time plus the merge's."""
+    n = len(routed.where)
+    found = np.full((n, k), -1, dtype=np.int64)
+    latency = np.zeros(n)
+    searches = np.zeros(n, dtype=int)
     rejected = 0
-    for row, (slots, roles) in enumerate(zip(where, roles_of)):
+    for row, (slots, roles) in enumerate(zip(routed.where, routed.roles_of)):
         start = time.perf_counter()
         permitted = rbac.permitted_mask(roles)
         found[row], dropped = merge_results([answers[pool][0][j] for pool, j in slots],
@@ -98,6 +117,13 @@ def run_queries(deployment: Deployment, query_ids: np.ndarray, users: np.ndarray
         searches[row] = len(slots)
         rejected += dropped
     return QueryRun(found, latency, searches, rejected)
+
+
+def run_queries(deployment: Deployment, query_ids: np.ndarray, users: np.ndarray, rbac: Rbac, search: SearchFn,
+                k: int, effort_scale: float = 1.0, passes: int = 1) -> QueryRun:
+    """Fan ``query_ids`` out to their users' partitions, search (timed over ``passes``), merge; time everything."""
+    routed = route_queries(deployment, query_ids, users, rbac, effort_scale)
+    return merge_queries(routed, search(routed.jobs, passes), rbac, k)
 
 
 @dataclass
@@ -162,10 +188,12 @@ class Contender:
 
 def measure_interleaved(contenders: dict[str, Contender], query_ids: np.ndarray, users: np.ndarray,
                         truth: np.ndarray, rbac: Rbac, k: int, target: float, *,
-                        chunk: int = 250) -> dict[str, QueryRun]:
+                        chunk: int = 250, together: SearchTogetherFn | None = None) -> dict[str, QueryRun]:
     """Run every query for every contender, interleaved: chunk by chunk of ``query_ids``, each
     contender in turn (the order rotating), so a noisy spell on a shared machine falls on all
-    of them alike instead of on whichever ran then.
+    of them alike instead of on whichever ran then. With ``together``, a chunk's searches for every
+    contender go out in one call (one task per pool, the contenders searched there in turn, in the
+    same rotating order) instead of one call per contender.
 
     A contender whose whole-set recall falls short of ``target`` (its calibration sample
     met it) has its efforts raised and is re-run alone, at most three times; its
@@ -175,9 +203,17 @@ def measure_interleaved(contenders: dict[str, Contender], query_ids: np.ndarray,
     parts: dict[str, list[QueryRun]] = {name: [] for name in names}
     for i, start in enumerate(range(0, len(query_ids), chunk) or [0]):
         rows = query_ids[start : start + chunk]
-        for name in names[i % len(names):] + names[: i % len(names)]:
-            c = contenders[name]
-            parts[name].append(run_queries(c.deployment, rows, users, rbac, c.search, k, c.scale, TIMED_PASSES))
+        order = names[i % len(names):] + names[: i % len(names)]
+        if together is None:
+            for name in order:
+                c = contenders[name]
+                parts[name].append(run_queries(c.deployment, rows, users, rbac, c.search, k, c.scale, TIMED_PASSES))
+            continue
+        routed = {name: route_queries(contenders[name].deployment, rows, users, rbac, contenders[name].scale)
+                  for name in order}
+        answers = together({name: r.jobs for name, r in routed.items()}, TIMED_PASSES)
+        for name in order:
+            parts[name].append(merge_queries(routed[name], answers[name], rbac, k))
     runs = {name: QueryRun.concat(parts[name]) for name in names}
     for name, c in contenders.items():
         for _ in range(3):
@@ -193,10 +229,12 @@ def measure_interleaved(contenders: dict[str, Contender], query_ids: np.ndarray,
 def evaluate_strategies(deployments: dict[str, Deployment],
                         build: Callable[[str, Deployment], tuple[list[dict], SearchFn]], drop: Callable[[str], None],
                         query_ids: np.ndarray, users: np.ndarray, truth: np.ndarray, rbac: Rbac, k: int,
-                        target: float) -> dict[str, tuple[StrategyResult, QueryRun]]:
+                        target: float, together: SearchTogetherFn | None = None
+                        ) -> dict[str, tuple[StrategyResult, QueryRun]]:
     """Every strategy on the same queries, the same way: build them all (``build(name, deployment)``
     returns what was built and how to search it), calibrate each to ``target``, measure them interleaved
-    (:func:`measure_interleaved`), summarize, then ``drop`` each.
+    (:func:`measure_interleaved`; ``together`` searches a chunk for all of them in one call),
+    summarize, then ``drop`` each.
 
     All of them are built before any is measured, so their indexes are in memory together.
     """
@@ -205,7 +243,7 @@ def evaluate_strategies(deployments: dict[str, Deployment],
         built[name], search = build(name, deployment)
         scale, notes = calibrate(deployment, query_ids, users, truth, rbac, search, k, target)
         contenders[name] = Contender(deployment, search, scale, notes)
-    runs = measure_interleaved(contenders, query_ids, users, truth, rbac, k, target)
+    runs = measure_interleaved(contenders, query_ids, users, truth, rbac, k, target, together=together)
     out = {}
     for name, c in contenders.items():
         out[name] = (summarize(c.deployment, runs[name], truth, query_ids, users, rbac, target, c.scale, built[name],

@@ -23,9 +23,9 @@ from tasks.common.tasks import task
 from tasks.honeybee import report
 from tasks.common.summary import Row
 from tasks.honeybee.evaluate import StrategyResult, evaluate_strategies, ground_truth
-from tasks.honeybee.plans import Deployment, index_bytes_per_vector, index_gib, plan_all
+from tasks.honeybee.plans import Deployment, index_bytes_per_vector, index_gib, make_deployment, plan_all
 from tasks.honeybee.rbac import Rbac
-from tasks.honeybee.tasks import build_partitions, drop_partitions, profile_search, search_partitions
+from tasks.honeybee.tasks import build_partitions, drop_partitions, profile_search, search_partitions, search_partitions_of
 
 SIMULATED = [
     "every pool's worker runs on this host's CPU: latencies are this host's, one core per query; "
@@ -43,10 +43,13 @@ def profile(workload_dir: str, infra: InfraSpec, grid: str) -> pd.DataFrame:
 
 
 @task(cache_policy=NO_CACHE, task_run_name="plan every strategy")
-def plan_strategies(problem, strategies: list[str]) -> dict:
-    """OPTIMIZE: every strategy's partitioning of the same problem (HoneyBee's MILP among them), in
-    the flow's process."""
-    return plan_all(problem, tuple(strategies))
+def plan_strategies(problem, strategies: list[str], model, slots: list[PoolSlot],
+                    near_tier: str | None) -> tuple[dict, dict[str, Deployment]]:
+    """OPTIMIZE: every strategy's partitioning of the same problem (HoneyBee's MILP among them), and
+    each plan's deployment (partitions placed on the pools' ``slots``, every role's route with its
+    search efforts from ``model``), in the flow's process."""
+    plans = plan_all(problem, tuple(strategies))
+    return plans, {s: make_deployment(problem, plan, model, slots, near_tier) for s, plan in plans.items()}
 
 
 @task(cache_policy=NO_CACHE, task_run_name="exact answers of the queries")
@@ -99,6 +102,27 @@ def searcher(workload_dir: str, strategy: str, workers: dict[str, str], k: int):
     return search
 
 
+def searcher_together(workload_dir: str, workers_of: dict[str, dict[str, str]], k: int):
+    """Several strategies' search jobs at once: one task per worker, which searches every strategy's
+    jobs there in turn (the order given), the workers one after another (they share the cores)."""
+
+    def search(jobs: dict[str, dict[str, list]], passes: int) -> dict[str, dict]:
+        answers: dict[str, dict] = {strategy: {} for strategy in jobs}
+        by_worker: dict[tuple[str, str], list[str]] = {}
+        for strategy, pools in jobs.items():
+            for pool in pools:
+                by_worker.setdefault((workers_of[strategy][pool], pool), []).append(strategy)
+        for (worker, pool), strategies in by_worker.items():
+            with on_worker(worker):
+                result = search_partitions_of.submit(workload_dir, strategies,
+                                                     {s: jobs[s][pool] for s in strategies}, k, pool, passes).result()
+            for strategy, found in result.items():
+                answers[strategy][pool] = (found["D"], found["I"], found["seconds"])
+        return answers
+
+    return search
+
+
 def not_built(deployment: Deployment, reason: str) -> StrategyResult:
     plan = deployment.plan
     return StrategyResult(plan.strategy, plan.method, len(plan.partitions), plan.storage, 0.0, 0, float("nan"),
@@ -133,7 +157,8 @@ def deploy_and_measure(workload, workload_dir: str, infra: InfraSpec, deployment
             with on_worker(worker):
                 drop_partitions.submit(workload_dir, strategy, pool).result()
 
-    measured = evaluate_strategies(to_build, build, drop, query_ids, workload.query_users, truth, rbac, k, recall_target)
+    measured = evaluate_strategies(to_build, build, drop, query_ids, workload.query_users, truth, rbac, k, recall_target,
+                                   together=searcher_together(workload_dir, workers_of, k))
     results = [measured[s][0] if s in measured else skipped[s] for s in deployments]
     for r in results:
         logger.info("%s: %.0f QPS, recall %.3f, storage %.2f×", r.strategy, r.qps, r.recall, r.storage)

@@ -63,6 +63,19 @@ def search_partitions(workload_dir: str, strategy: str, jobs: list[SearchJob], k
     return {"D": D, "I": I, "seconds": seconds}
 
 
+@task(cache_policy=NO_CACHE, task_run_name="search {strategies} on {pool}")
+def search_partitions_of(workload_dir: str, strategies: list[str], jobs: dict[str, list[SearchJob]], k: int,
+                         pool: str, passes: int = 1) -> dict[str, dict]:
+    """Several strategies' search jobs against this worker's partitions, one strategy after another
+    in ``strategies``' order (each timed over ``passes`` passes, as :func:`search_partitions`)."""
+    server = server_for(workload_dir)
+    out = {}
+    for strategy in strategies:
+        D, I, seconds = server.search(strategy, jobs[strategy], k, passes=passes)
+        out[strategy] = {"D": D, "I": I, "seconds": seconds}
+    return out
+
+
 @task(cache_policy=NO_CACHE, task_run_name="drop {strategy} partitions on {pool}")
 def drop_partitions(workload_dir: str, strategy: str, pool: str) -> None:
     """Free a strategy's partitions on this worker once it has been measured."""

@@ -22,8 +22,9 @@ def tiny():
     return generate_workload(replace(SCALES["tiny"], n_queries=600), seed=2)  # three chunks of 250 queries
 
 
-def recorded_evaluation(workload, model, strategies):
-    """evaluate_strategies on a local server, with every build, search and drop recorded in order."""
+def recorded_evaluation(workload, model, strategies, *, together=False):
+    """evaluate_strategies on a local server, with every build, search and drop recorded in order
+    (``together``: the timed searches of a chunk go out in one call for every strategy)."""
     rbac = Rbac.of(workload)
     model = model.with_floor(0.9)
     problem = build_problem(rbac, workload.query_users, model, storage_budget=1.4)
@@ -44,9 +45,16 @@ def recorded_evaluation(workload, model, strategies):
         events.append(("drop", name, 0, 0))
         server.drop(name)
 
+    def search_together(jobs, passes):
+        events.append(("together", tuple(jobs), passes,
+                       min(j.query for by_pool in jobs.values() for pool_jobs in by_pool.values() for j in pool_jobs)))
+        return {name: {pool: server.search(name, pool_jobs, 10, passes=passes) for pool, pool_jobs in by_pool.items()}
+                for name, by_pool in jobs.items()}
+
     query_ids = np.arange(len(workload.queries))
     truth = ground_truth(workload.vectors, workload.queries, query_ids, workload.query_users, rbac, 10)
-    results = evaluate_strategies(deployments, build, drop, query_ids, workload.query_users, truth, rbac, 10, 0.9)
+    results = evaluate_strategies(deployments, build, drop, query_ids, workload.query_users, truth, rbac, 10, 0.9,
+                                  together=search_together if together else None)
     return results, events, server
 
 
@@ -66,6 +74,18 @@ def test_every_strategy_is_built_before_any_is_timed_and_timed_searches_interlea
     assert [e[1] for e in events if e[0] == "drop"] == list(strategies) and server.partitions == {}
     for strategy, (result, run) in results.items():
         assert result.recall >= 0.9 and run.latency_s.shape == (len(tiny.queries),) and (run.latency_s > 0).all()
+
+
+def test_searched_together_a_chunk_is_one_call_in_the_rotating_order_with_the_same_answers(tiny):
+    strategies = ("honeybee", "rls", "per_role")
+    alone, _, _ = recorded_evaluation(tiny, ALL_HNSW, strategies)
+    results, events, _ = recorded_evaluation(tiny, ALL_HNSW, strategies, together=True)
+    calls = [e for e in events if e[0] == "together"]
+    assert [e[3] for e in calls] == [0, 250, 500] and all(e[2] == TIMED_PASSES for e in calls)
+    assert not [e for e in events if e[0] == "search" and e[2] == TIMED_PASSES and e[3] in (250, 500)]
+    assert all(sorted(e[1]) == sorted(strategies) for e in calls) and {e[1][0] for e in calls} == set(strategies)
+    for strategy, (result, run) in results.items():
+        assert (run.found == alone[strategy][1].found).all() and result.recall == alone[strategy][0].recall
 
 
 def test_timed_passes_return_the_same_answers_and_one_median_time_per_search(tiny):

@@ -35,15 +35,16 @@ TARGET = 0.20
 
 
 def run_once(system: str, method: str, scale: str, results_dir: str) -> dict:
-    """One ``tierflow run`` with workers started by ``method``; its summary."""
+    """One ``tierflow run`` with workers started by ``method``; its summary, or ``{"failed": why}``
+    (the run's last error line: a failed run is recorded and the benchmark goes on)."""
     env = {**os.environ, "TIERFLOW_WORKER_START": method}
     done = subprocess.run([str(Path(sys.executable).with_name("tierflow")), "run", system, "--scale", scale, "--json",
                            "--results-dir", results_dir], env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"tierflow run {system} ({method}) failed ({done.returncode}): {done.stderr[-2000:]}")
     lines = done.stdout.strip().splitlines()
-    if not lines:
-        raise SystemExit(f"tierflow run {system} ({method}) printed no summary: {done.stderr[-2000:]}")
+    if done.returncode != 0 or not lines:
+        errors = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+        why = next((line for line in reversed(errors) if "Error" in line), errors[-1] if errors else "no output")
+        return {"failed": f"exit {done.returncode}: {why}"}
     summary = json.loads(lines[-1])
     return {key: summary[key] for key in ("wall_seconds", "task_seconds", "overhead_share", "results")}
 
@@ -68,20 +69,29 @@ def main(argv: list[str] | None = None) -> dict:
             order = METHODS if (round_ + i) % 2 == 0 else METHODS[::-1]
             for method in order:
                 console.print(f"round {round_ + 1}/{args.rounds}: {name} with workers by {method} …")
-                runs[name][method].append(run_once(name, method, args.scale, str(out / "runs")))
+                run = run_once(name, method, args.scale, str(out / "runs"))
+                if "failed" in run:
+                    console.print(f"  [red]failed[/red] {run['failed']}")
+                runs[name][method].append(run)
 
-    def mean(values: list[float]) -> float:
-        return sum(values) / len(values)
+    def mean(values: list[float]) -> float | None:
+        return sum(values) / len(values) if values else None  # None: every run of it failed
+
+    def cell(value: float | None, scale: float = 1.0, unit: str = "") -> str:
+        return "failed" if value is None else f"{scale * value:.0f}{unit}"
 
     table = Table("system", "wall s (spawn)", "overhead (spawn)", "wall s (fork)", "overhead (fork)", "< 20%")
     figures = {}
     for name in names:
-        row = {m: {"wall_seconds": mean([r["wall_seconds"] for r in runs[name][m]]),
-                   "overhead_share": mean([r["overhead_share"] for r in runs[name][m]])} for m in METHODS}
+        ok = {m: [r for r in runs[name][m] if "failed" not in r] for m in METHODS}
+        row = {m: {"wall_seconds": mean([r["wall_seconds"] for r in ok[m]]),
+                   "overhead_share": mean([r["overhead_share"] for r in ok[m]]),
+                   "failed": len(runs[name][m]) - len(ok[m])} for m in METHODS}
         figures[name] = row
-        table.add_row(name, f"{row['spawn']['wall_seconds']:.0f}", f"{100 * row['spawn']['overhead_share']:.0f}%",
-                      f"{row['forkserver']['wall_seconds']:.0f}", f"{100 * row['forkserver']['overhead_share']:.0f}%",
-                      "yes" if row["forkserver"]["overhead_share"] < TARGET else "no")
+        after = row["forkserver"]["overhead_share"]
+        table.add_row(name, cell(row["spawn"]["wall_seconds"]), cell(row["spawn"]["overhead_share"], 100, "%"),
+                      cell(row["forkserver"]["wall_seconds"]), cell(after, 100, "%"),
+                      "—" if after is None else "yes" if after < TARGET else "no")
     console.print(table)
     document = {"scale": args.scale, "rounds": args.rounds, "before": "spawn", "after": "forkserver",
                 "figures": figures, "runs": runs, "load_average": os.getloadavg()}
@@ -90,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     width = 0.38
     for k, method in enumerate(METHODS):
         ax.bar([i + (k - 0.5) * width for i in range(len(names))],
-               [100 * figures[n][method]["overhead_share"] for n in names], width, label=f"workers by {method}")
+               [100 * (figures[n][method]["overhead_share"] or 0.0) for n in names], width, label=f"workers by {method}")
     ax.axhline(100 * TARGET, color="grey", linestyle="--", linewidth=1, label="target")
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("overhead share of wall time (%)")

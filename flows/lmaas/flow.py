@@ -45,7 +45,7 @@ def lmaas_stages(run: RunContext) -> Summary:
     probe = make_requests(tenancy.models, shape, params.seed + 1, shape["probe_requests"])
     objectives = Objectives.tightest(tenancy.tenants)
     profiled, profiles, formats = profile_serving_pools(run.cluster, serving, comparing, tenancy, probe, shape["rate"],
-                                                        objectives)
+                                                        objectives, trace)
     plan, loads, workers = place(run.cluster, trace, tenancy, serving, profiles, objectives, shape["rate"])
     run.write_plan(plan_dict(plan))
     keep_current_plan(plan, tenancy, params.infra, objectives.tpot_s, profiles, {w.name: w.host for w in workers})

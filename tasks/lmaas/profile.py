@@ -82,6 +82,12 @@ def trace_seconds(trace, rate: float) -> float:
     return max(r.at_s for r in trace) + 1.0 / rate
 
 
+def planned_load(trace, rate: float) -> float:
+    """A trace's load in tokens/s as the placement counts it: every request's ``max_tokens`` (the
+    replays ignore end-of-sequence) over :func:`trace_seconds`."""
+    return sum(r.max_tokens for r in trace) / trace_seconds(trace, rate)
+
+
 def probe_load(scaler, keys: dict[str, str], trace, rate: float, factor: float, ttft_slo_s: float,
                tpot_slo_s: float) -> dict:
     """Send ``trace`` (arriving at ``rate``) to ``scaler``'s replicas compressed in time by ``factor``;
@@ -103,20 +109,26 @@ def probe_load(scaler, keys: dict[str, str], trace, rate: float, factor: float, 
 
 def profile_deployed(scaler, keys: dict[str, str], trace, rate: float, *, ttft_slo_s: float, tpot_slo_s: float,
                      target: float = PROBE_TARGET, factors_up: tuple[float, ...] = PROBE_FACTORS_UP,
-                     factors_down: tuple[float, ...] = PROBE_FACTORS_DOWN, probe=probe_load, **facts) -> dict:
+                     factors_down: tuple[float, ...] = PROBE_FACTORS_DOWN, load_tokens_per_s: float | None = None,
+                     probe=probe_load, **facts) -> dict:
     """The capacity of a deployed replica (``scaler``'s, ready): ``trace`` — the workload's shape,
-    arriving at ``rate`` — is sent at ``factors_up`` × its load while each load is held (at least
-    ``target`` of its requests within ``ttft_slo_s`` and ``tpot_slo_s``), or at ``factors_down``
-    while none is. The capacity is the highest load held (tokens/s; 0 if none was: the objectives
-    are out of reach at these loads). ``probe`` measures one load (:func:`probe_load`); ``facts``
-    (weight format, LoRA slots, …) go into the profile."""
+    arriving at ``rate`` — is sent at ``factors_up`` × the workload's load while each load is held
+    (at least ``target`` of its requests within ``ttft_slo_s`` and ``tpot_slo_s``), or at
+    ``factors_down`` while none is. The workload's load is ``load_tokens_per_s`` (the trace the
+    plan is for: the probe, another draw of its shape, is compressed or stretched in time to offer
+    exactly that at 1×) or the probe's own. The capacity is the highest load held (tokens/s; 0 if
+    none was: the objectives are out of reach at these loads). ``probe`` measures one load
+    (:func:`probe_load`); ``facts`` (weight format, LoRA slots, …) go into the profile."""
     if not 0 < target <= 1:
         raise ValueError(f"target must be in (0, 1], got {target}")
     started = time.perf_counter()
     points, held = [], []
+    # the probe's time compression that offers the workload's load (1 where the probe's own is it)
+    unit = load_tokens_per_s / planned_load(trace, rate) if load_tokens_per_s and trace else 1.0
 
     def measure(factor: float) -> bool:
-        point = probe(scaler, keys, trace, rate, factor, ttft_slo_s, tpot_slo_s)
+        point = probe(scaler, keys, trace, rate, factor * unit, ttft_slo_s, tpot_slo_s)
+        point.update(factor=factor, compression=factor * unit)
         point["held"] = point["attainment"] >= target
         points.append(point)
         if point["held"]:
@@ -131,7 +143,7 @@ def profile_deployed(scaler, keys: dict[str, str], trace, rate: float, *, ttft_s
             if measure(factor):
                 break
     return {"kind": "deployed", "objectives": {"ttft_s": ttft_slo_s, "tpot_s": tpot_slo_s}, "target_attainment": target,
-            "points": points, "capacity_tokens_per_s": max(held, default=0.0),
+            "load_tokens_per_s": load_tokens_per_s, "points": points, "capacity_tokens_per_s": max(held, default=0.0),
             "seconds": time.perf_counter() - started, **facts}
 
 

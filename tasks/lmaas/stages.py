@@ -89,11 +89,13 @@ def profile_pool(pool: str) -> dict[str, dict]:
 
 @task(cache_policy=NO_CACHE, task_run_name="profile the deployed replica on {machine}")
 def profile_replica(cluster: TieredCluster, machine: str, config, keys: dict[str, str], probe: list, rate: float,
-                    ttft_slo_s: float, tpot_slo_s: float) -> dict:
-    """The capacity of a replica of ``config`` on ``machine``, measured as deployed (over HTTP)."""
+                    ttft_slo_s: float, tpot_slo_s: float, load_tokens_per_s: float) -> dict:
+    """The capacity of a replica of ``config`` on ``machine``, measured as deployed (over HTTP), on
+    a ladder of loads around ``load_tokens_per_s`` (the trace's)."""
     from tasks.lmaas.profile import profile_machine
 
-    return profile_machine(cluster, machine, config, keys, probe, rate, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s)
+    return profile_machine(cluster, machine, config, keys, probe, rate, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s,
+                           load_tokens_per_s=load_tokens_per_s)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="replay the baselines on {pool}")
@@ -244,12 +246,12 @@ def replica_config(tenancy: Tenancy, price_per_hour: float, weight_format: str, 
 
 
 def profile_serving_pools(cluster: TieredCluster, serving: list[Pool], comparing: dict, tenancy: Tenancy, probe: list,
-                          rate: float, objectives: Objectives) -> tuple[dict, dict, dict]:
+                          rate: float, objectives: Objectives, trace: list) -> tuple[dict, dict, dict]:
     """PROFILE each serving pool: the weight format its comparison chose, then a replica in it on the
-    pool's first machine, probed over HTTP with ``probe`` (arriving at ``rate``) against
-    ``objectives``; returns every format's in-process profile, the deployed profile and the chosen
-    format, per pool."""
-    from tasks.lmaas.profile import capacity, choose_weight_format
+    pool's first machine, probed over HTTP with ``probe`` (arriving at ``rate``, sent at loads
+    around ``trace``'s) against ``objectives``; returns every format's in-process profile, the
+    deployed profile and the chosen format, per pool."""
+    from tasks.lmaas.profile import capacity, choose_weight_format, planned_load
     from tasks.lmaas.service import default_price_per_hour
 
     running = set(cluster.workers().values())
@@ -264,7 +266,7 @@ def profile_serving_pools(cluster: TieredCluster, serving: list[Pool], comparing
         # a pool without a worker per machine runs one worker, named after the pool
         machine = next(m if m in running else pool.name for m in pool.machine_names())
         profiles[pool.name] = profile_replica(cluster, machine, config, tenancy.keys, probe, rate, objectives.ttft_s,
-                                              objectives.tpot_s)
+                                              objectives.tpot_s, planned_load(trace, rate))
         get_run_logger().info(
             "%s serves in %s (in-process %s tokens/s at TPOT ≤ %.2f s); as deployed it holds %.1f tokens/s within "
             "TTFT ≤ %.1f s and TPOT ≤ %.2f s", pool.name, formats[pool.name],

@@ -10,7 +10,7 @@ from infra.catalog import load_catalog
 from infra.spec import InfraSpec
 from optimizers.lmaas import AdapterLoad, WorkerOption
 from tasks.lmaas.profile import (CapacityError, adapter_loads, capacity, choose_weight_format, plan_within_objectives,
-                                 profile_deployed, trace_counts, trace_seconds, worker_options, zipf_loads)
+                                 planned_load, profile_deployed, trace_counts, trace_seconds, worker_options, zipf_loads)
 from tasks.lmaas.trace import TraceRequest
 
 
@@ -93,6 +93,27 @@ def test_when_the_workload_itself_is_not_held_the_ladder_steps_down_until_a_load
     assert sent == pytest.approx([1.0, 2 / 3, 4 / 9]) and profile["capacity_tokens_per_s"] == 0.0
     with pytest.raises(ValueError, match="target must be in"):
         profile_deployed(None, {}, [], 1.0, ttft_slo_s=2.0, tpot_slo_s=0.2, target=1.5)
+
+
+def test_the_ladder_is_around_the_planned_traces_load_not_the_probes_own():
+    """The probe is another draw of the workload's shape: it is compressed in time so that 1× offers
+    the load the plan is for (a heavier draw would otherwise be judged at 1.5× the workload's)."""
+    from types import SimpleNamespace
+
+    probe_trace = [SimpleNamespace(at_s=float(i), max_tokens=15) for i in range(10)]  # 150 tokens over 10 s: 15/s
+    assert planned_load(probe_trace, 1.0) == pytest.approx(15.0)
+    sent = []
+
+    def probe(scaler, keys, trace, rate, compression, ttft_slo_s, tpot_slo_s):
+        sent.append(compression)
+        offered = planned_load(trace, rate) * compression
+        return {"offered_tokens_per_s": offered, "attainment": 1.0 if offered <= 12.0 else 0.5}
+
+    profile = profile_deployed(None, {}, probe_trace, 1.0, ttft_slo_s=2.0, tpot_slo_s=0.2, load_tokens_per_s=10.0,
+                               probe=probe)
+    assert sent == pytest.approx([10 / 15, 1.5 * 10 / 15])  # 10 tokens/s held, 15 not
+    assert [p["factor"] for p in profile["points"]] == [1.0, 1.5]
+    assert profile["capacity_tokens_per_s"] == pytest.approx(10.0) and profile["load_tokens_per_s"] == 10.0
 
 
 def test_a_deployed_profiles_capacity_holds_at_its_own_objectives_and_looser_ones_only():

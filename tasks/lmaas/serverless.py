@@ -62,6 +62,17 @@ class ReplicaConfig:
     log_steps: bool = False  # return the engine's step log (what each step computed, and its seconds)
 
 
+def warm_up(engine, adapters: list[str], new_tokens: int = 4) -> None:
+    """Decode a few tokens, with the base model and with each of ``adapters``, before the replica
+    says it is ready: a process's first decode pays one-time costs (kernels' first calls, buffers)
+    that would otherwise land on the first tenants' requests, in their time to first token."""
+    from tasks.lm.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    prompt = list(range(1000, 1032))
+    engine.run([engine.submit(engine.open(prompt, name), params, owns_sequence=True) for name in [None, *adapters]])
+
+
 def run_replica(service: ServiceContext, config: ReplicaConfig) -> dict:
     """A service on a worker: serve ``config`` until stopped; returns the replica's record."""
     import uvicorn
@@ -79,11 +90,15 @@ def run_replica(service: ServiceContext, config: ReplicaConfig) -> dict:
     base_load_s = time.perf_counter() - started
     registry = Registry(config.db_url, open_store(config.store_url), engine.config)
     fetched = time.perf_counter()
-    wanted = set(config.preload)
+    wanted, loaded = set(config.preload), []
     for info in registry.adapters():
         if info.model in wanted:
-            engine.add_adapter(engine_adapter_name(info), registry.fetch_adapter(info))
+            loaded.append(engine_adapter_name(info))
+            engine.add_adapter(loaded[-1], registry.fetch_adapter(info))
     adapter_fetch_s = time.perf_counter() - fetched
+    warming = time.perf_counter()
+    warm_up(engine, loaded[:1])
+    warm_up_s = time.perf_counter() - warming
     if config.log_steps:
         engine.step_log = []
     app = create_service_app(registry, engine, price_per_hour=config.price_per_hour, max_queue=config.max_queue)
@@ -108,7 +123,8 @@ def run_replica(service: ServiceContext, config: ReplicaConfig) -> dict:
     thread.join(timeout=30)
     sock.close()
     return {"replica": name, "worker": service.worker, "url": url, "base_load_s": base_load_s,
-            "adapter_fetch_s": adapter_fetch_s, "adapters_preloaded": len(wanted), "server_start_s": server_start_s,
+            "adapter_fetch_s": adapter_fetch_s, "warm_up_s": warm_up_s, "adapters_preloaded": len(wanted),
+            "server_start_s": server_start_s,
             "ready_s": ready_s, "served_for_s": time.perf_counter() - started - ready_s,
             "engine": {k: v for k, v in engine.stats.items()}, **({"steps": engine.step_log} if config.log_steps else {})}
 

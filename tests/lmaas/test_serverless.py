@@ -81,6 +81,9 @@ def test_from_zero_a_machine_and_its_replica_start_serve_every_tenant_then_both_
     record = next(r for r in records if "base_load_s" in r)
     assert record["worker"] == "serve-1" and record["adapters_preloaded"] == 1
     assert 0 < record["base_load_s"] < record["ready_s"]
+    # it decoded once, base and with its adapter, before saying it was ready: the first tenants'
+    # requests do not pay a process's first decode
+    assert 0 < record["warm_up_s"] < record["ready_s"]
 
 
 def test_a_pinned_deployment_stays_up_and_a_busy_group_scales_out_to_its_spare_machine(deployment):

@@ -133,10 +133,11 @@ def teacher_forced(engine, prompt: list[int], forced: list[int]) -> torch.Tensor
 
 
 def test_greedy_answers_are_the_same_token_for_token_with_and_without_the_fast_path(engine, fast, chat):
-    """The France question and a 128-token story, each alone (the int8 head): the same tokens. Six
-    prompts of mixed lengths decoding together (the bf16 head): the same tokens up to where the
-    op-by-op path itself all but ties (its two likeliest within 0.3: rounding in another order may
-    pick either, and the answers then go their own ways)."""
+    """The France question and a 128-token story, each alone (the int8 head), and six prompts of
+    mixed lengths decoding together (the bf16 head): the same tokens up to where the op-by-op path
+    itself all but ties (its two likeliest within 0.3: rounding in another order may pick either,
+    and the answers then go their own ways). On an AMD EPYC host the story met one such tie; the
+    France answer is the same text everywhere."""
     params = SamplingParams(temperature=0, max_tokens=128)
     france = chat("What is the capital of France?")
     story = chat("Tell me a long story about a dragon who learns to read.")
@@ -149,8 +150,8 @@ def test_greedy_answers_are_the_same_token_for_token_with_and_without_the_fast_p
     with op_by_op(engine.model):
         expected = [engine.generate([france], params)[0], engine.generate([story], params)[0],
                     *engine.generate(batch, batched)]
-    assert [a.tokens for a in answers[:2]] == [e.tokens for e in expected[:2]]
-    for prompt, answer, reference in zip(batch, answers[2:], expected[2:]):
+    assert answers[0].tokens == expected[0].tokens
+    for prompt, answer, reference in zip([france, story, *batch], answers, expected):
         diverged = next((i for i, (a, b) in enumerate(zip(answer.tokens, reference.tokens)) if a != b), None)
         if diverged is not None:
             with op_by_op(engine.model):

@@ -175,7 +175,7 @@ def plan_adapter_placement(adapters: list[AdapterLoad], workers: list[WorkerOpti
     hosts = shared_hosts(workers)
     if hosts:
         families["machines on one host share its throughput"] = Family(
-            [cp.sum(cp.hstack([load @ x[:, j] for j in members])) <= max_utilisation * host_capacity(workers, members)
+            [load @ cp.sum(x[:, members], axis=1) <= max_utilisation * host_capacity(workers, members)
              for members in hosts.values()],
             "the workers on one host carry together at most what one of them was profiled to hold alone "
             f"(hosts: {', '.join(f'{h}: {len(js)} workers' for h, js in hosts.items())})")

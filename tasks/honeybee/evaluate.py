@@ -200,18 +200,16 @@ def measure_interleaved(contenders: dict[str, Contender], query_ids: np.ndarray,
     ``scale`` and ``notes`` say so.
     """
     names = list(contenders)
+    # without ``together``, each contender's own search in turn
+    search_all = together or (lambda jobs, passes: {name: contenders[name].search(by_pool, passes)
+                                                    for name, by_pool in jobs.items()})
     parts: dict[str, list[QueryRun]] = {name: [] for name in names}
     for i, start in enumerate(range(0, len(query_ids), chunk) or [0]):
         rows = query_ids[start : start + chunk]
         order = names[i % len(names):] + names[: i % len(names)]
-        if together is None:
-            for name in order:
-                c = contenders[name]
-                parts[name].append(run_queries(c.deployment, rows, users, rbac, c.search, k, c.scale, TIMED_PASSES))
-            continue
         routed = {name: route_queries(contenders[name].deployment, rows, users, rbac, contenders[name].scale)
                   for name in order}
-        answers = together({name: r.jobs for name, r in routed.items()}, TIMED_PASSES)
+        answers = search_all({name: r.jobs for name, r in routed.items()}, TIMED_PASSES)
         for name in order:
             parts[name].append(merge_queries(routed[name], answers[name], rbac, k))
     runs = {name: QueryRun.concat(parts[name]) for name in names}

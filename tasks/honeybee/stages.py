@@ -25,7 +25,7 @@ from tasks.common.summary import Row
 from tasks.honeybee.evaluate import StrategyResult, evaluate_strategies, ground_truth
 from tasks.honeybee.plans import Deployment, index_bytes_per_vector, index_gib, make_deployment, plan_all
 from tasks.honeybee.rbac import Rbac
-from tasks.honeybee.tasks import build_partitions, drop_partitions, profile_search, search_partitions, search_partitions_of
+from tasks.honeybee.tasks import build_partitions, drop_partitions, profile_search, search_partitions
 
 SIMULATED = [
     "every pool's worker runs on this host's CPU: latencies are this host's, one core per query; "
@@ -84,27 +84,12 @@ def deploy(workload_dir: str, infra: InfraSpec, deployment: Deployment) -> tuple
     return built, workers
 
 
-def searcher(workload_dir: str, strategy: str, workers: dict[str, str], k: int):
-    """Search jobs on the workers holding the partitions, one pool after another.
-
-    Pools are measured one at a time because every worker here shares this host's cores:
-    searching all pools at once would time contention, not the partitions.
-    """
-
-    def search(jobs, passes):
-        answers = {}
-        for pool, pool_jobs in jobs.items():
-            with on_worker(workers[pool]):
-                result = search_partitions.submit(workload_dir, strategy, pool_jobs, k, pool, passes).result()
-            answers[pool] = (result["D"], result["I"], result["seconds"])
-        return answers
-
-    return search
-
-
-def searcher_together(workload_dir: str, workers_of: dict[str, dict[str, str]], k: int):
-    """Several strategies' search jobs at once: one task per worker, which searches every strategy's
-    jobs there in turn (the order given), the workers one after another (they share the cores)."""
+def searcher(workload_dir: str, workers_of: dict[str, dict[str, str]], k: int):
+    """Search jobs of one or several strategies (strategy → pool → jobs) on the workers holding their
+    partitions: one task per worker, which searches every strategy's jobs there in turn (the order
+    given), the workers one after another. Pools are measured one at a time because every worker
+    here shares this host's cores: searching all pools at once would time contention, not the
+    partitions."""
 
     def search(jobs: dict[str, dict[str, list]], passes: int) -> dict[str, dict]:
         answers: dict[str, dict] = {strategy: {} for strategy in jobs}
@@ -114,8 +99,8 @@ def searcher_together(workload_dir: str, workers_of: dict[str, dict[str, str]], 
                 by_worker.setdefault((workers_of[strategy][pool], pool), []).append(strategy)
         for (worker, pool), strategies in by_worker.items():
             with on_worker(worker):
-                result = search_partitions_of.submit(workload_dir, strategies,
-                                                     {s: jobs[s][pool] for s in strategies}, k, pool, passes).result()
+                result = search_partitions.submit(workload_dir, strategies, {s: jobs[s][pool] for s in strategies},
+                                                  k, pool, passes).result()
             for strategy, found in result.items():
                 answers[strategy][pool] = (found["D"], found["I"], found["seconds"])
         return answers
@@ -138,6 +123,7 @@ def deploy_and_measure(workload, workload_dir: str, infra: InfraSpec, deployment
     rbac = Rbac.of(workload)
     query_ids, truth = exact_answers(workload, rbac, k)
     skipped, to_build, built_all, workers_of = {}, {}, [], {}
+    search = searcher(workload_dir, workers_of, k)  # reads workers_of as the strategies are built
     for strategy, deployment in deployments.items():
         gib = index_gib(deployment.plan.storage, len(workload.vectors), workload.vectors.shape[1])
         if gib > max_index_gib:
@@ -150,7 +136,7 @@ def deploy_and_measure(workload, workload_dir: str, infra: InfraSpec, deployment
     def build(strategy: str, deployment: Deployment):
         built, workers_of[strategy] = deploy(workload_dir, infra, deployment)
         built_all.extend({**b, "strategy": strategy} for b in built)
-        return built, searcher(workload_dir, strategy, workers_of[strategy], k)
+        return built, lambda jobs, passes: search({strategy: jobs}, passes)[strategy]
 
     def drop(strategy: str):
         for pool, worker in workers_of[strategy].items():
@@ -158,7 +144,7 @@ def deploy_and_measure(workload, workload_dir: str, infra: InfraSpec, deployment
                 drop_partitions.submit(workload_dir, strategy, pool).result()
 
     measured = evaluate_strategies(to_build, build, drop, query_ids, workload.query_users, truth, rbac, k, recall_target,
-                                   together=searcher_together(workload_dir, workers_of, k))
+                                   together=search)
     results = [measured[s][0] if s in measured else skipped[s] for s in deployments]
     for r in results:
         logger.info("%s: %.0f QPS, recall %.3f, storage %.2f×", r.strategy, r.qps, r.recall, r.storage)

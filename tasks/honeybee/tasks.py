@@ -55,19 +55,11 @@ def build_partitions(workload_dir: str, strategy: str, specs: list[PartitionSpec
     return {"partitions": built, "worker": this_worker()}
 
 
-@task(cache_policy=NO_CACHE, task_run_name="search {strategy} on {pool}")
-def search_partitions(workload_dir: str, strategy: str, jobs: list[SearchJob], k: int, pool: str,
-                      passes: int = 1) -> dict:
-    """Run search jobs against this worker's partitions of a strategy (timed over ``passes`` passes)."""
-    D, I, seconds = server_for(workload_dir).search(strategy, jobs, k, passes=passes)
-    return {"D": D, "I": I, "seconds": seconds}
-
-
 @task(cache_policy=NO_CACHE, task_run_name="search {strategies} on {pool}")
-def search_partitions_of(workload_dir: str, strategies: list[str], jobs: dict[str, list[SearchJob]], k: int,
-                         pool: str, passes: int = 1) -> dict[str, dict]:
-    """Several strategies' search jobs against this worker's partitions, one strategy after another
-    in ``strategies``' order (each timed over ``passes`` passes, as :func:`search_partitions`)."""
+def search_partitions(workload_dir: str, strategies: list[str], jobs: dict[str, list[SearchJob]], k: int, pool: str,
+                      passes: int = 1) -> dict[str, dict]:
+    """Search jobs against this worker's partitions of each of ``strategies``, one strategy after
+    another in that order (each timed over ``passes`` passes)."""
     server = server_for(workload_dir)
     out = {}
     for strategy in strategies:
